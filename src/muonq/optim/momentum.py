@@ -1,0 +1,79 @@
+"""How one matrix's Muon momentum is kept between optimizer steps.
+
+A :class:`MomentumStore` is a stateless policy. Everything it persists lives as tensors in the
+optimizer's per-parameter ``state`` dict, so ``Optimizer.state_dict()``, checkpoints and the
+state-byte count all see exactly what is stored (codes, scales, factors), never a float copy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
+    return buf.lerp_(grad, 1.0 - beta) if ema else buf.mul_(beta).add_(grad)
+
+
+class MomentumStore(ABC):
+    """Reads and writes the momentum buffer B of one m x n matrix."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def init(self, state: StateDict, param: torch.Tensor) -> None:
+        """Create the stored form of a zero momentum for ``param`` inside ``state``."""
+
+    @abstractmethod
+    def load(self, state: StateDict) -> torch.Tensor:
+        """Return the stored momentum as an fp32 tensor of the parameter's shape."""
+
+    @abstractmethod
+    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+        """Encode ``momentum`` (fp32, parameter shape) into ``state``."""
+
+    def accumulate(
+        self,
+        state: StateDict,
+        grad: torch.Tensor,
+        *,
+        beta: float,
+        ema: bool,
+        renormalize: bool,
+        eps: float = 1e-12,
+    ) -> torch.Tensor:
+        """B <- beta * B_stored + grad, or the EMA B <- lerp(B_stored, grad, 1 - beta) if ``ema``;
+        then B / ||B||_F if ``renormalize``.
+
+        Stores B and returns it unquantized: Newton–Schulz runs on this step's exact momentum and
+        quantization only affects what is carried to the next step. Fused kernels override this.
+        """
+        momentum = _accumulate_into(self.load(state), grad, beta, ema)
+        if renormalize:
+            momentum.div_(momentum.norm().clamp_min(eps))
+        self.save(state, momentum)
+        return momentum
+
+
+class FullPrecisionStore(MomentumStore):
+    """Plain fp32 momentum: 4 bytes per element, the reference every codec is compared with."""
+
+    name = "fp32"
+
+    def init(self, state: StateDict, param: torch.Tensor) -> None:
+        state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    def load(self, state: StateDict) -> torch.Tensor:
+        return state["momentum_buffer"].clone()
+
+    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+        state["momentum_buffer"].copy_(momentum)
+
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
+        buf = _accumulate_into(state["momentum_buffer"], grad, beta, ema)
+        if renormalize:
+            buf.div_(buf.norm().clamp_min(eps))
+        return buf
