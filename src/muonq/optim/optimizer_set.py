@@ -1,0 +1,54 @@
+"""Several torch optimizers stepped, scheduled and checkpointed as one."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+
+class OptimizerSet:
+    """Muon for the hidden matrices and AdamW for the rest, behind one step / state_dict.
+
+    Every param group carries ``base_lr`` (its peak learning rate) so a schedule can scale all groups
+    by one multiplier with :meth:`set_lr_multiplier`.
+    """
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("OptimizerSet needs at least one optimizer")
+        self.optimizers = optimizers
+        for opt in optimizers.values():
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+
+    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
+        return iter(self.optimizers.items())
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+    def step(self) -> None:
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(
+                f"optimizer state holds {sorted(state)} but this run builds {sorted(self.optimizers)}: "
+                "the checkpoint comes from a different optimizer"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])

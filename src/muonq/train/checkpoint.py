@@ -1,0 +1,143 @@
+"""Atomic, checksummed checkpoints: one folder per step, one or more files per folder.
+
+Layout: ``<dir>/step_000100/`` holds the files that ranks wrote (``main.pt`` from rank 0, and
+``rank_00001.pt`` ... when optimizer state is sharded) and ``manifest.json`` (step, files,
+sha256 of each). Files are written into ``step_000100.partial/`` and the folder is renamed only
+after the manifest is complete, so a kill at any moment leaves either a whole checkpoint or a
+``.partial`` folder that loading ignores. Loading verifies the checksums and falls back to the
+previous checkpoint, with a warning, when one is corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save through a temp file in the same folder, fsynced, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / f"step_{step:06d}"
+
+    def partial_dir(self, step: int) -> Path:
+        return self.directory / f"step_{step:06d}.partial"
+
+    # -- writing: begin (rank 0) -> write_part (every rank) -> commit (rank 0) --------------------
+    def begin(self, step: int) -> Path:
+        partial = self.partial_dir(step)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        return partial
+
+    def write_part(self, step: int, name: str, payload: dict[str, Any]) -> None:
+        write_file(self.partial_dir(step) / name, payload)
+
+    def commit(self, step: int, *, extra: dict[str, Any] | None = None) -> Path:
+        partial, final = self.partial_dir(step), self.step_dir(step)
+        files = sorted(p.name for p in partial.iterdir() if p.suffix == ".pt")
+        manifest = {"step": step, "files": {name: _sha256(partial / name) for name in files}, **(extra or {})}
+        tmp = partial / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, partial / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.directory)
+        self._prune()
+        return final
+
+    def save(self, step: int, payload: dict[str, Any], *, name: str = "main.pt") -> Path:
+        """Single-writer save: begin, one file, commit."""
+        self.begin(step)
+        self.write_part(step, name, payload)
+        return self.commit(step)
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed checkpoint steps, oldest first (verification happens on load)."""
+        if not self.directory.is_dir():
+            return []
+        found = [_STEP_DIR.match(p.name) for p in self.directory.iterdir() if p.is_dir()]
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def verify(self, step: int) -> str | None:
+        """None if the checkpoint of ``step`` is complete and intact, else what is wrong."""
+        folder = self.step_dir(step)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            return f"unreadable manifest ({err})"
+        for name, digest in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file():
+                return f"missing file {name}"
+            if _sha256(path) != digest:
+                return f"checksum mismatch in {name}"
+        return None
+
+    def latest_valid(self) -> int | None:
+        """The newest intact checkpoint; corrupt ones are reported and skipped."""
+        for step in reversed(self.steps()):
+            problem = self.verify(step)
+            if problem is None:
+                return step
+            log.warning("checkpoint %s is corrupt (%s); trying the previous one", self.step_dir(step), problem)
+        return None
+
+    def load(self, step: int, name: str = "main.pt", map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        return torch.load(self.step_dir(step) / name, map_location=map_location, weights_only=True)
+
+    def manifest(self, step: int) -> dict[str, Any]:
+        return json.loads((self.step_dir(step) / MANIFEST).read_text())
