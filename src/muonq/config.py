@@ -7,6 +7,7 @@ with a message that names the key and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -169,8 +170,26 @@ def _check_choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
 
 
+def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
+    """Hydra's ``+key=value`` adds keys even to structured configs; catch what the schema lacks."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key; valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(known)}")
+        sub = known[key].type  # a string under `from __future__ import annotations`
+        sub_type = globals().get(sub) if isinstance(sub, str) else sub
+        if isinstance(sub_type, type) and dataclasses.is_dataclass(sub_type):
+            _reject_unknown_keys(node[key], sub_type, path + ".")
+
+
 def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     """Reject values that cannot work, before any data or device work starts."""
+    _reject_unknown_keys(cfg, RunConfig, "")
     tp, model, ds = cfg.recipe.training_params, cfg.recipe.model, cfg.recipe.dataset
     for key in ("tokens_processed", "batch_size", "context_length"):
         _check(getattr(tp, key) > 0, f"recipe.training_params.{key}", f"must be > 0, got {getattr(tp, key)}")

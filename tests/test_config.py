@@ -1,0 +1,109 @@
+"""Every recipe x optimizer composes and validates; bad input fails naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from muonq.config import OPTIMIZERS, ConfigError, register_configs, validate
+
+from .conftest import REPO
+
+RECIPES = sorted(p.stem for p in (REPO / "hydra_conf" / "recipe").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "hydra_conf")):
+        return compose("test_hydra", overrides=list(overrides))
+
+
+def test_recipe_and_optimizer_lists_are_complete() -> None:
+    expected = {"llama-tiny", "gpt-tiny", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-1.1B",
+                "gpt-small", "gpt-medium", "gpt-large"}
+    assert expected <= set(RECIPES)
+    yamls = {p.stem for p in (REPO / "hydra_conf" / "optimizer_params").glob("*.yaml")}
+    assert set(OPTIMIZERS) <= yamls
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_with_every_optimizer_composes(recipe: str) -> None:
+    for opt in OPTIMIZERS:
+        cfg = _compose(f"recipe={recipe}", f"optimizer_params={opt}", "+logging_params.wandb.project=MuonQ",
+                       "+logging_params.wandb.name=x")
+        validate(cfg)
+        assert cfg.optimizer_params.name == opt
+        assert cfg.logging_params.wandb.project == "MuonQ"
+
+
+def test_recipe_numbers_match_the_design() -> None:
+    cfg = _compose("recipe=llama-60m")
+    tp = cfg.recipe.training_params
+    assert (tp.context_length, tp.tokens_processed, tp.batch_size) == (1024, 2**19, 64)
+    assert cfg.recipe.dataset.total_tokens_B == 1.1 and cfg.recipe.dataset.tokenizer == "llama2"
+    one_b, alias = _compose("recipe=llama-1b"), _compose("recipe=llama-1.1B")
+    assert one_b.recipe == alias.recipe
+    assert one_b.recipe.training_params.tokens_processed == 2**21
+    gpt_large = _compose("recipe=gpt-large").recipe
+    assert gpt_large.training_params.context_length == 8192 == gpt_large.model.block_size
+
+
+def test_muonq_ablation_overrides() -> None:
+    cfg = _compose("optimizer_params=muonq", "optimizer_params.args.norm=false", "optimizer_params.args.rank=0",
+                   "optimizer_params.args.compand=false", "optimizer_params.args.lr=2e-3")
+    assert (cfg.optimizer_params.args.norm, cfg.optimizer_params.args.rank, cfg.optimizer_params.args.compand) == (False, 0, False)
+    assert cfg.optimizer_params.args.lr == 2e-3
+
+
+def test_unknown_key_is_rejected() -> None:
+    with pytest.raises(ConfigCompositionException, match="qbits"):
+        _compose("optimizer_params.args.qbits=4")
+    forced = _compose("+recipe.model.n_embdd=5")  # Hydra's '+' adds keys even to structured configs
+    with pytest.raises(ConfigError, match=r"recipe\.model\.n_embdd: unknown key.*n_embd"):
+        validate(forced)
+
+
+def test_missing_recipe_lists_the_valid_ones() -> None:
+    with pytest.raises(MissingConfigException) as err:
+        _compose("recipe=llama-7b")
+    assert "llama-60m" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optimizer_params.args.qbit=3", "optimizer_params.args.qbit"),
+        ("optimizer_params.args.rank=-1", "optimizer_params.args.rank"),
+        ("optimizer_params.args.lr=0", "optimizer_params.args.lr"),
+        ("optimizer_params.name=sgd", "optimizer_params.name"),
+        ("recipe.training_params.tokens_processed=1000", "recipe.training_params.tokens_processed"),
+        ("lr_schedule.name=linear", "lr_schedule.name"),
+        ("recipe.model.n_head=5", "recipe.model.n_head"),
+        ("resume=maybe", "resume"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, key: str) -> None:
+    cfg = _compose(override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_divisibility_counts_the_world_size() -> None:
+    cfg = _compose("recipe=llama-tiny")  # 2048 tokens = 16 x 128: fits 1 rank, not 3
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="world_size"):
+        validate(cfg, world_size=3)
+
+
+def test_entry_point_rejects_bad_value_with_one_line(tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run_hydra.py"), "optimizer_params.args.qbit=5", f"hydra.run.dir={tmp_path}/out"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "optimizer_params.args.qbit" in proc.stderr and "4, 8, 32" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,82 @@
+"""The fp32 Muon engine: parity with torch.optim.Muon, NS really runs, MuonEq transform, factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muonq.optim.equilibrate import Equilibrate
+from muonq.optim.muon import Muon, update_scale
+from muonq.optim.newton_schulz import zeropower_via_newtonschulz
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("scale_mode", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(64, 96), (96, 64)])
+def test_matches_torch_muon(nesterov: bool, scale_mode: str, shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen)
+    ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, momentum_form="ema", scale_mode=scale_mode)
+    ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn=scale_mode)
+    for _ in range(6):
+        g = torch.randn(*shape, generator=gen)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_newton_schulz_output_is_near_orthogonal() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 384, generator=gen) @ torch.diag(torch.logspace(-2, 0, 384))
+    sv = torch.linalg.svdvals(zeropower_via_newtonschulz(x, 5).float())
+    assert sv.min() > 0.5 and sv.max() < 1.25  # quintic band, not the input's 100x spread
+    batched = zeropower_via_newtonschulz(torch.stack([x, x.flip(0)]), 5)
+    torch.testing.assert_close(batched[0], zeropower_via_newtonschulz(x, 5))
+
+
+def test_update_is_orthogonal_like_and_decay_is_decoupled() -> None:
+    gen = torch.Generator().manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(96, 256, generator=gen))
+    before = p.detach().clone()
+    lr, wd = 0.01, 0.1
+    opt = Muon([p], lr=lr, weight_decay=wd, momentum=0.9)
+    p.grad = torch.randn(96, 256, generator=gen) * torch.logspace(-3, 0, 256)
+    opt.step()
+    delta = (before * (1 - lr * wd) - p.detach()) / (lr * update_scale(p.shape, "match_rms_adamw"))
+    sv = torch.linalg.svdvals(delta)
+    assert 0.5 < sv.min() and sv.max() < 1.3
+
+
+def test_rejects_non_matrices_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="lr"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], lr=0)
+    with pytest.raises(ValueError, match="scale_mode"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], scale_mode="rms")
+
+
+def test_zero_gradient_gives_no_nan() -> None:
+    p = torch.nn.Parameter(torch.ones(32, 32))
+    opt = Muon([p], lr=0.1, normalize=True)
+    p.grad = torch.zeros(32, 32)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
+def test_equilibrate_row_gives_unit_rows_and_rowcol_uses_one_input() -> None:
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(16, 24, generator=gen) * torch.logspace(-2, 2, 16)[:, None]
+    row = Equilibrate(mode="row", eps=0.0)(u, 0)
+    torch.testing.assert_close(row.norm(dim=1), torch.ones(16))
+    rowcol = Equilibrate(mode="rowcol", eps=0.0)(u, 0)
+    r = u.square().sum(1, keepdim=True).rsqrt()
+    c = u.square().sum(0, keepdim=True).rsqrt()
+    torch.testing.assert_close(rowcol, u * r * c)  # both scales from the same U, not sequential
+    phased = Equilibrate(mode="rowcol", phase=5)
+    assert phased.mode_at(4) == "rowcol" and phased.mode_at(5) == "row"
+    clipped = Equilibrate(mode="row", clip=2.0)(u, 0)
+    scales = clipped.norm(dim=1) / u.norm(dim=1)
+    assert scales.min() >= 0.5 - 1e-6 and scales.max() <= 2.0 + 1e-6
