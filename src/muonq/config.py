@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -150,6 +151,21 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     data_dir: Optional[str] = None  # default: $DATA_DIR, else ./data
     run_name: Optional[str] = None  # default: logging_params.wandb.name, else <recipe>_<optimizer>
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "hydra_conf"
+
+
+def optimizer_params_from_yaml(name: str, **arg_overrides: Any) -> OptimizerParams:
+    """``hydra_conf/optimizer_params/<name>.yaml`` as a typed :class:`OptimizerParams` (for
+    benchmarks and tests that build optimizers without composing a whole run)."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "optimizer_params" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    merged = OmegaConf.merge(OmegaConf.structured(OptimizerParams), OmegaConf.load(path), {"args": arg_overrides})
+    return OmegaConf.to_object(merged)
 
 
 def register_configs() -> None:

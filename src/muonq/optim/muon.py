@@ -9,6 +9,7 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore
+from muonq.optim.stores import preserve_state_dtypes
 from muonq.optim.newton_schulz import QUINTIC_COEFFS, zeropower_via_newtonschulz
 
 ScaleMode = Literal["match_rms_adamw", "original"]
@@ -92,6 +93,8 @@ class Muon(torch.optim.Optimizer):
             store = FullPrecisionStore()
         self._select_store: StoreSelector = store if not isinstance(store, MomentumStore) else (lambda _p, s=store: s)
         self._stores: dict[torch.Tensor, MomentumStore] = {}
+        # torch casts loaded state to the parameter dtype; codes and fp16 scales must stay as saved.
+        preserve_state_dtypes(self)
 
     def store_for(self, param: torch.Tensor) -> MomentumStore:
         """The momentum store that serves ``param`` (chosen once, from its shape and size)."""

@@ -1,0 +1,174 @@
+"""Quantized momentum stores: the momentum of one matrix kept as codec encodings in ``state``.
+
+State keys are ``<part>.<field>``: ``momentum.codes`` / ``momentum.scale`` for a
+:class:`QuantizedStore`; ``P.*``, ``R.*``, ``E.*`` for a :class:`DecomposedStore`.
+
+A store is bound to one parameter shape (decoding 4-bit codes needs it and the stored tensors must
+hold only momentum bytes), so a selector builds one store per parameter.
+
+torch's ``Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype, which
+would turn uint8 codes and fp16 scales into fp32. :func:`preserve_state_dtypes` undoes that
+exactly; an optimizer that holds these stores must install it (the stores refuse cast state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from muonq.optim.codecs import Codec
+from muonq.optim.codecs.base import Encoded
+from muonq.optim.momentum import MomentumStore, StateDict
+from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
+
+
+def _write(state: StateDict, part: str, encoded: Encoded) -> None:
+    for field, tensor in encoded.items():
+        key = f"{part}.{field}"
+        if key in state:
+            state[key].copy_(tensor)
+        else:
+            state[key] = tensor
+
+
+def _read(state: StateDict, part: str, codec: Codec) -> Encoded:
+    encoded = {}
+    for field, dtype in codec.dtypes().items():
+        tensor = state[f"{part}.{field}"]
+        if tensor.dtype != dtype:
+            raise ValueError(
+                f"state '{part}.{field}' is {tensor.dtype}, expected {dtype}: it was cast by "
+                "Optimizer.load_state_dict; call muonq.optim.stores.preserve_state_dtypes(optimizer) "
+                "before loading"
+            )
+        encoded[field] = tensor
+    return encoded
+
+
+class _ShapeBound(MomentumStore):
+    def __init__(self, shape: Sequence[int], generator: torch.Generator | None) -> None:
+        self.shape = torch.Size(shape)
+        self.generator = generator
+
+    def _check_param(self, param: torch.Tensor) -> None:
+        if param.shape != self.shape:
+            raise ValueError(f"{type(self).__name__} built for shape {tuple(self.shape)} got a parameter of shape {tuple(param.shape)}")
+
+
+class QuantizedStore(_ShapeBound):
+    """The momentum encoded whole with one codec (muon8bit, muon8, muon4)."""
+
+    def __init__(self, codec: Codec, shape: Sequence[int], *, generator: torch.Generator | None = None) -> None:
+        super().__init__(shape, generator)
+        self.codec = codec
+        self.name = f"quantized[{codec!r}]"
+
+    def init(self, state: StateDict, param: torch.Tensor) -> None:
+        self._check_param(param)
+        _write(state, "momentum", self.codec.zeros(self.shape, param.device))
+
+    def load(self, state: StateDict) -> torch.Tensor:
+        return self.codec.decode(_read(state, "momentum", self.codec), self.shape)
+
+    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+        _write(state, "momentum", self.codec.encode(momentum, generator=self.generator))
+
+
+class DecomposedStore(_ShapeBound):
+    """B ~ P R^T + E: a rank-k part tracked by warm-started power iteration, plus a residual.
+
+    k = min(m, n) // rank_divisor. Each save runs one power-iteration step from the stored R
+    (R starts as a Gaussian seeded by the shape), then stores P (m x k), R (n x k) with
+    ``factor_codec`` and E = B - P R^T (m x n) with ``residual_codec``. Quantization error in the
+    factors then mostly perturbs singular values instead of rotating the dominant directions.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        rank_divisor: int,
+        factor_codec: Codec,
+        residual_codec: Codec,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(shape, generator)
+        if len(self.shape) != 2:
+            raise ValueError(f"the decomposition needs a matrix, got shape {tuple(self.shape)}")
+        if rank_divisor < 1:
+            raise ValueError(f"rank_divisor must be >= 1, got {rank_divisor}")
+        rows, cols = self.shape
+        self.rank = min(rows, cols) // rank_divisor
+        if self.rank < 1:
+            raise ValueError(f"rank divisor {rank_divisor} leaves no rank for a {rows} x {cols} matrix")
+        self.factor_codec = factor_codec
+        self.residual_codec = residual_codec
+        self.seed = shape_seed(self.shape, self.rank, seed)
+        self.name = f"decomposed[k={self.rank}, factors={factor_codec!r}, residual={residual_codec!r}]"
+
+    @property
+    def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        rows, cols = self.shape
+        return (rows, self.rank), (cols, self.rank)
+
+    def init(self, state: StateDict, param: torch.Tensor) -> None:
+        self._check_param(param)
+        p_shape, _ = self.factor_shapes
+        # Encoded on the CPU with its own generator: identical on every rank and device, even with
+        # stochastic rounding, and the global RNG is left alone.
+        basis = initial_basis(self.shape[1], self.rank, seed=self.seed)
+        encoded = self.factor_codec.encode(basis, generator=torch.Generator().manual_seed(self.seed))
+        _write(state, "P", self.factor_codec.zeros(p_shape, param.device))
+        _write(state, "R", {field: tensor.to(param.device) for field, tensor in encoded.items()})
+        _write(state, "E", self.residual_codec.zeros(self.shape, param.device))
+
+    def _factor(self, state: StateDict, part: str) -> torch.Tensor:
+        p_shape, r_shape = self.factor_shapes
+        return self.factor_codec.decode(_read(state, part, self.factor_codec), p_shape if part == "P" else r_shape)
+
+    def load(self, state: StateDict) -> torch.Tensor:
+        residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape)
+        return residual.addmm_(self._factor(state, "P"), self._factor(state, "R").mT)
+
+    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+        momentum = momentum.float()
+        p, r = power_iteration_step(momentum, self._factor(state, "R"))
+        residual = momentum - p @ r.mT
+        _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
+        _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
+        _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))
+
+
+def preserve_state_dtypes(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep every state tensor's saved dtype.
+
+    torch casts each loaded state tensor (except ``step``) to its parameter's dtype. The hooks put
+    back a copy of the saved tensor itself, so codes, fp16 scales and anything else come back
+    bit-exact (also for bf16 parameters, where the cast would lose precision).
+    """
+    saved: dict[str, object] = {}
+
+    def remember(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+        saved["state"], saved["groups"] = state_dict["state"], state_dict["param_groups"]
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        params = {
+            pid: p
+            for saved_group, group in zip(saved["groups"], opt.param_groups)
+            for pid, p in zip(saved_group["params"], group["params"])
+        }
+        for pid, values in saved["state"].items():
+            param = params.get(pid)
+            if param is None or param not in opt.state:
+                continue
+            state = opt.state[param]
+            for key, value in values.items():
+                current = state.get(key)
+                if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor) and current.dtype != value.dtype:
+                    state[key] = value.to(device=current.device, copy=True)
+        saved.clear()
+
+    optimizer.register_load_state_dict_pre_hook(remember)
+    optimizer.register_load_state_dict_post_hook(restore)

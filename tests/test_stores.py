@@ -1,0 +1,342 @@
+"""Momentum stores, the store selector, state-byte counting, and the Muon engine with each store."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from muonq.optim.codecs import RawCodec, make_codec
+from muonq.optim.momentum import FullPrecisionStore
+from muonq.optim.muon import Muon, update_scale
+from muonq.optim.newton_schulz import zeropower_via_newtonschulz
+from muonq.optim.stores import DecomposedStore, QuantizedStore, preserve_state_dtypes
+from muonq.optim.subspace import initial_basis, power_iteration_step
+from muonq.optim.variants import (
+    VARIANTS,
+    bytes_per_element,
+    momentum_nbytes,
+    state_bytes,
+    store_selector,
+    variant_args,
+)
+
+QUANTIZED = [name for name in VARIANTS if name != "muon"]
+
+
+def low_rank_plus_noise(m: int, n: int, *, rank: int = 8, noise: float = 0.5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    signal = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+    signal /= signal.norm()
+    t = torch.randn(m, n, generator=g) ** 3  # heavy-tailed
+    b = signal + noise * t / t.norm()
+    return b / b.norm()
+
+
+def make_muon(name: str, params, **overrides) -> Muon:
+    args = variant_args(name, **overrides)
+    return Muon(params, lr=0.02, weight_decay=0.0, store=store_selector(args), normalize=args.norm)
+
+
+# -- exact bytes ------------------------------------------------------------------------------------
+
+
+def test_muonq_512_matrix_is_exactly_147586_bytes():
+    param = torch.nn.Parameter(torch.zeros(512, 512))
+    opt = make_muon("muonq", [param])
+    param.grad = torch.randn(512, 512)
+    opt.step()
+    state = opt.state[param]
+    parts = {key: t.nbytes for key, t in state.items() if key != "step"}
+    assert parts == {
+        "P.codes": 8192, "P.scale": 64, "R.codes": 8192, "R.scale": 64, "E.codes": 131072, "E.scale": 2,
+    }
+    report = state_bytes(opt)
+    assert report["total"] == report["quantized"] == 147_586
+    assert report["step"] == 4 and report["full_precision"] == 0
+    assert momentum_nbytes(store_selector(variant_args("muonq")), (512, 512)) == 147_586
+    assert bytes_per_element(opt) == pytest.approx(147_586 / 512**2)
+
+
+def llama_hidden_shapes(hidden: int, ffn: int, layers: int) -> list[tuple[tuple[int, int], int]]:
+    return [((hidden, hidden), 4 * layers), ((ffn, hidden), 2 * layers), ((hidden, ffn), layers)]
+
+
+RECIPES = {"llama-60m": (512, 1376, 8, 25.3e6), "llama-350m": (1024, 2736, 24, 302.4e6), "llama-1b": (2048, 5461, 24, 1207.9e6)}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_memory_ratios(recipe):
+    hidden, ffn, layers, muon_params = RECIPES[recipe]
+    shapes = llama_hidden_shapes(hidden, ffn, layers)
+    assert sum(math.prod(s) * c for s, c in shapes) == pytest.approx(muon_params, rel=2e-3)
+
+    def total(name):
+        select = store_selector(variant_args(name))
+        return sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
+
+    fp32 = total("muon")
+    assert fp32 == 4 * sum(math.prod(s) * c for s, c in shapes)
+    assert round(fp32 / total("muonq"), 2) >= 7.28  # the paper's "7.3x" (exact: 7.2775-7.2786)
+    assert fp32 / total("muon8bit") >= 3.9
+    assert fp32 / total("muon8bit-dynamic") >= 3.9
+
+
+# -- power iteration and the decomposition ---------------------------------------------------------
+
+
+def test_power_iteration_converges_to_the_top_singular_subspace():
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 200, 120, 8
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    s = torch.cat([torch.linspace(10, 5, k), torch.linspace(1, 0.01, n - k)])
+    b = (u * s) @ v.T
+    u_k = torch.linalg.svd(b, full_matrices=False).U[:, :k]
+
+    basis = initial_basis(n, k, seed=1)
+    gaps = []
+    for _ in range(6):
+        p, basis = power_iteration_step(b, basis)
+        gaps.append(torch.linalg.matrix_norm(p @ p.T - u_k @ u_k.T, ord=2).item())
+    assert gaps[-1] < 1e-3 < gaps[0]
+    assert torch.allclose(p.T @ p, torch.eye(k), atol=1e-5)
+    assert torch.allclose(torch.linalg.svdvals(basis), s[:k], rtol=1e-4)  # P R^T keeps the top-k part
+
+
+def test_power_iteration_survives_a_zero_matrix():
+    p, r = power_iteration_step(torch.zeros(10, 6), initial_basis(6, 2, seed=0))
+    assert torch.isfinite(p).all() and torch.equal(r, torch.zeros(6, 2))
+    p, r = power_iteration_step(torch.randn(10, 6), r)  # all-zero basis: still a valid step
+    assert torch.isfinite(p).all() and torch.isfinite(r).all()
+
+
+def test_starting_basis_is_fixed_by_the_shape_and_leaves_the_global_rng_alone():
+    select = store_selector(variant_args("muonq", stochastic=True))
+    param = torch.zeros(96, 160)
+    rng = torch.get_rng_state()
+    states = [{}, {}]
+    for state in states:
+        select(param).init(state, param)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    other = {}
+    select(torch.zeros(160, 96)).init(other, torch.zeros(160, 96))
+    assert not torch.equal(other["R.codes"], states[0]["R.codes"])
+
+
+def test_decomposed_store_load_reconstructs_the_momentum():
+    b = low_rank_plus_noise(256, 384)
+    exact = DecomposedStore(b.shape, rank_divisor=16, factor_codec=RawCodec(), residual_codec=RawCodec())
+    state = {}
+    exact.init(state, b)
+    assert torch.equal(exact.load(state), torch.zeros_like(b))
+    exact.save(state, b)
+    assert torch.allclose(exact.load(state), b, atol=1e-6)
+
+    def errors_after_saves(store, saves=5):
+        state = {}
+        store.init(state, b)
+        for _ in range(saves):
+            store.save(state, b)
+        b_hat, ns_ref = store.load(state), zeropower_via_newtonschulz(b, dtype=torch.float32)
+        ns_err = zeropower_via_newtonschulz(b_hat, dtype=torch.float32) - ns_ref
+        return ((b_hat - b).norm() / b.norm()).item(), (ns_err.norm() / ns_ref.norm()).item()
+
+    muonq = store_selector(variant_args("muonq"))(b)
+    naive = store_selector(variant_args("muon4"))(b)
+    assert isinstance(muonq, DecomposedStore) and muonq.rank == 16
+    (muonq_err, muonq_ns_err), (naive_err, naive_ns_err) = errors_after_saves(muonq), errors_after_saves(naive)
+    assert muonq_err < naive_err and muonq_ns_err < 0.5 * naive_ns_err
+    # the warm-started subspace captures the signal: the residual is small next to B
+    state = {}
+    muonq.init(state, b)
+    for _ in range(5):
+        muonq.save(state, b)
+    residual = muonq.residual_codec.decode({"codes": state["E.codes"], "scale": state["E.scale"]}, b.shape)
+    assert residual.norm() < 0.75 * b.norm()
+
+
+def test_stores_reject_a_parameter_of_another_shape():
+    store = QuantizedStore(make_codec(8, "linear", "block"), (64, 64))
+    with pytest.raises(ValueError, match="shape"):
+        store.init({}, torch.zeros(64, 32))
+    with pytest.raises(ValueError, match="no rank"):
+        DecomposedStore((8, 64), rank_divisor=16, factor_codec=RawCodec(), residual_codec=RawCodec())
+
+
+# -- the selector ----------------------------------------------------------------------------------
+
+
+def test_selector_picks_stores_by_size_and_config():
+    muon8bit = store_selector(variant_args("muon8bit"))
+    assert isinstance(muon8bit(torch.zeros(128, 128)), QuantizedStore)
+    assert isinstance(muon8bit(torch.zeros(32, 64)), FullPrecisionStore)  # < min_quant_numel
+    assert isinstance(muon8bit(torch.zeros(100, 101)), FullPrecisionStore)  # not a block multiple
+    assert isinstance(muon8bit(torch.zeros(8192)), FullPrecisionStore)  # not a matrix
+    assert isinstance(store_selector(variant_args("muon"))(torch.zeros(512, 512)), FullPrecisionStore)
+    muonq = store_selector(variant_args("muonq"))
+    assert isinstance(muonq(torch.zeros(100, 101)), DecomposedStore)  # residual is per tensor
+    assert isinstance(muonq(torch.zeros(8, 1024)), QuantizedStore)  # k = 8 // 16 = 0
+    grasp = store_selector(variant_args("grasp"))(torch.zeros(256, 256))
+    assert grasp.residual_codec.granularity == "grid" and grasp.factor_codec.bits == 8
+    block = store_selector(variant_args("muonq-block128"))(torch.zeros(256, 256))
+    assert block.residual_codec.granularity == "block" and block.residual_codec.block_size == 128
+    ablation = store_selector(variant_args("muonq", compand=False, rank=0))(torch.zeros(256, 256))
+    assert isinstance(ablation, QuantizedStore) and ablation.codec.granularity == "tensor"
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(qbit=3), "qbit"),
+        (dict(quant="dynamic", compand=True), "compand"),
+        (dict(qbit=4, quant="dynamic"), "8-bit"),
+        (dict(gran="diagonal"), "gran"),
+        (dict(factor_bits=2, rank=4), "factor_bits"),
+    ],
+)
+def test_selector_rejects_bad_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        store_selector(variant_args("muon8bit", **overrides))
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_args("muon2")
+
+
+# -- state bytes -----------------------------------------------------------------------------------
+
+
+def test_state_bytes_is_generic_over_optimizers():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    w, b = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8))
+    adamw = torch.optim.AdamW([{"params": [w]}, {"params": [b]}])
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    adamw.step()
+    report = state_bytes(adamw)
+    assert report["per_group"] == [2 * 4 * 128, 2 * 4 * 8] and report["total"] == 2 * 4 * 136
+    assert report["full_precision"] == report["total"] and report["step"] == 2 * 4
+    # wrapper subclasses count through their inner tensors
+    adamw.state[w]["exp_avg"] = TwoTensor(torch.zeros(128, dtype=torch.uint8), torch.zeros(128, dtype=torch.uint8))
+    report = state_bytes(adamw)
+    assert report["per_group"][0] == 4 * 128 + 2 * 128 and report["params"] == {"quantized": 1, "full_precision": 1}
+
+
+def test_state_bytes_splits_fallback_and_quantized_parameters():
+    big, small = torch.nn.Parameter(torch.randn(128, 256)), torch.nn.Parameter(torch.randn(16, 16))
+    opt = make_muon("muon8bit", [big, small])
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    report = state_bytes(opt)
+    assert report["full_precision"] == 16 * 16 * 4
+    assert report["quantized"] == 128 * 256 + 128 * 4
+    assert report["params"] == {"quantized": 1, "full_precision": 1}
+
+
+# -- the Muon engine with every store --------------------------------------------------------------
+
+
+def gradient_stream(m: int, n: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """A slowly rotating rank-8 signal plus Gaussian noise of the same norm."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(m, 8, generator=g), torch.randn(n, 8, generator=g)
+    grads = []
+    for _ in range(steps):
+        u = u + 0.3 * torch.randn(m, 8, generator=g)
+        signal, noise = u @ v.T, torch.randn(m, n, generator=g)
+        grads.append(1e-2 * (signal / signal.norm() + noise / noise.norm()))
+    return grads
+
+
+def updates(name: str, grads: list[torch.Tensor], **overrides) -> list[torch.Tensor]:
+    param = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    opt = make_muon(name, [param], **overrides)
+    out = []
+    for grad in grads:
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        opt.step()
+        out.append(param.detach() - before)
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_newton_schulz_really_runs(name):
+    grads = gradient_stream(128, 256, 4, seed=1)
+    scale = 0.02 * update_scale(torch.Size((128, 256)), "match_rms_adamw")
+    for delta in updates(name, grads)[1:]:
+        sv = torch.linalg.svdvals(delta / scale)
+        assert sv.min() > 0.5 and sv.max() < 1.5, (sv.min(), sv.max())
+
+
+def mean_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return sum(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0) for x, y in zip(a, b)).item() / len(a)
+
+
+def test_quantized_updates_follow_fp32_muon():
+    grads = gradient_stream(256, 512, 20)
+    reference = updates("muon", grads)
+    reference_normalized = updates("muon", grads, norm=True)
+    cos = {
+        name: mean_cosine(updates(name, grads), reference_normalized if variant_args(name).norm else reference)
+        for name in ("muon8bit", "muon8bit-dynamic", "muon4", "muonq", "grasp")
+    }
+    assert cos["muon8bit"] > 0.99 and cos["muon8bit-dynamic"] > 0.99, cos
+    assert cos["muonq"] > 0.95 and cos["muonq"] > cos["muon4"] + 0.2, cos
+    assert cos["grasp"] > cos["muon4"] + 0.2, cos
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+ROUND_TRIP = [(name, {}) for name in QUANTIZED] + [("muonq", {"stochastic": True}), ("muon8bit", {"stochastic": True})]
+
+
+@pytest.mark.parametrize("name,overrides", ROUND_TRIP, ids=[f"{n}{'-stochastic' if o else ''}" for n, o in ROUND_TRIP])
+def test_state_dict_round_trip_continues_bit_identically(name, overrides):
+    shapes = [(96, 128), (32, 64)]  # the second stays fp32 (< min_quant_numel)
+    grads = [[torch.randn(s, generator=torch.Generator().manual_seed(10 * i + j)) for j, s in enumerate(shapes)] for i in range(6)]
+
+    def step(opt, params, grad_list):
+        for p, g in zip(params, grad_list):
+            p.grad = g.clone()
+        opt.step()
+
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(99))) for s in shapes]
+    opt = make_muon(name, params, **overrides)
+    for i in range(3):
+        step(opt, params, grads[i])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = make_muon(name, clones, **overrides)
+    preserve_state_dtypes(resumed)
+    resumed.load_state_dict(loaded)
+    for p, q in zip(params, clones):
+        original, restored = opt.state[p], resumed.state[q]
+        assert restored.keys() == original.keys()
+        assert all(restored[k].dtype == original[k].dtype and torch.equal(restored[k], original[k]) for k in original)
+    assert state_bytes(resumed) == state_bytes(opt)
+
+    for optimizer, ps in ((opt, params), (resumed, clones)):
+        torch.manual_seed(5)  # stochastic rounding draws from the global RNG
+        for i in range(3, 6):
+            step(optimizer, ps, grads[i])
+    assert all(torch.equal(p, q) for p, q in zip(params, clones))
+
+
+def test_cast_state_is_refused_with_a_pointer_to_the_fix():
+    param = torch.nn.Parameter(torch.randn(64, 128))
+    opt = make_muon("muon8bit", [param])
+    param.grad = torch.randn_like(param)
+    opt.step()
+    # Muon installs preserve_state_dtypes; state cast by any other path is refused, not misread.
+    opt.state[param]["momentum.codes"] = opt.state[param]["momentum.codes"].float()
+    param.grad = torch.randn_like(param)
+    with pytest.raises(ValueError, match="preserve_state_dtypes"):
+        opt.step()
