@@ -17,7 +17,8 @@ def test_matches_torch_muon(nesterov: bool, scale_mode: str, shape: tuple[int, i
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=gen)
     ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
-    opt = Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, momentum_form="ema", scale_mode=scale_mode)
+    opt = Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, momentum_form="ema",
+               scale_mode=scale_mode, ns_dtype=torch.bfloat16)  # torch.optim.Muon always runs NS in bf16
     ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn=scale_mode)
     for _ in range(6):
         g = torch.randn(*shape, generator=gen)

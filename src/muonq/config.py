@@ -136,6 +136,7 @@ class LoggingParams:
     keep_last: int = 2
     load_ckpt_step: int = 0  # accepted for compatibility with the original recipes
     checkpoint_dir: Optional[str] = None  # default: checkpoints/<run name>
+    final_full_val: bool = True  # validate on the whole validation split at the end
     wandb: dict[str, Any] = field(default_factory=dict)  # passed to wandb.init (project, name, ...)
     var_tracking: dict[str, Any] = field(default_factory=dict)  # accepted for compatibility
 

@@ -57,16 +57,19 @@ def run(cfg: DictConfig) -> dict:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        try:
-            # Setup failures caused by the user's input (data, checkpoint, devices) end in one line.
-            trainer = Trainer(cfg, run_name=run_name_for(cfg), run_dir=run_dir)
-            trainer.maybe_resume()
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        # Setup failures caused by the user's input (data, checkpoint, devices) end in one line.
+        trainer = Trainer(cfg, run_name=run_name_for(cfg), run_dir=run_dir)
+        trainer.maybe_resume()
+    except (FileNotFoundError, ValueError) as err:
+        shutdown(graceful=False)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
         summary = trainer.fit()
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(graceful=False)
+        raise
+    shutdown()
     if trainer.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

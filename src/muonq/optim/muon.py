@@ -39,6 +39,8 @@ class Muon(torch.optim.Optimizer):
     ``momentum_form='sum'`` keeps B <- mu B + G (the form MuonQ and the 8-bit paper use);
     ``'ema'`` keeps B <- mu B + (1 - mu) G, the form of ``torch.optim.Muon``. ``normalize`` is MuonQ's
     pre-quantization normalisation: G and the new B are scaled to unit Frobenius norm.
+    ``ns_dtype`` None runs Newton–Schulz in bf16 on GPUs and in fp32 on CPUs, where bf16 matmuls are
+    emulated and several times slower.
     """
 
     def __init__(
@@ -51,7 +53,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = False,
         ns_steps: int = 5,
         ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFS,
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | None = None,
         eps: float = 1e-7,
         scale_mode: ScaleMode = "match_rms_adamw",
         momentum_form: MomentumForm = "sum",
@@ -138,8 +140,9 @@ class Muon(torch.optim.Optimizer):
             update = momentum
         if self.pre_ns is not None:
             update = self.pre_ns(update, step)
+        ns_dtype = self.ns_dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
         ortho = zeropower_via_newtonschulz(
-            update, group["ns_steps"], coefficients=self.ns_coefficients, eps=group["eps"], dtype=self.ns_dtype
+            update, group["ns_steps"], coefficients=self.ns_coefficients, eps=group["eps"], dtype=ns_dtype
         )
         lr = group["lr"]
         if group["weight_decay"]:

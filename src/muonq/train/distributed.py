@@ -88,6 +88,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(*, graceful: bool = True) -> None:
+    """Leave the process group. ``graceful`` waits for every rank first (a rank that tears down
+    gloo while a peer is still in a collective makes that peer abort); after an error it does not
+    wait, so the failing rank exits at once and torchrun stops the others."""
     if dist.is_initialized():
+        if graceful and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +280,8 @@ class Trainer:
         )
         flops_per_token = self.model.flops_per_token(tp.context_length)
         peak = peak_flops(self.device)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.dist.is_main, dynamic_ncols=True,
+        show_bar = self.dist.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, dynamic_ncols=True,
                    desc=self.run_name, leave=False, mininterval=2.0)
         loss_acc = torch.zeros((), device=self.device)
         acc_steps = 0
@@ -351,10 +353,11 @@ class Trainer:
                 if log_cfg.save_checkpoint and done % log_cfg.save_ckpt_step == 0:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
-            final_val = self.validate(0)
+            final_val = self.validate(0 if log_cfg.final_full_val else log_cfg.val_tokens_processed)
             metrics.log({"val/loss": final_val, "val/ppl": math.exp(min(final_val, 50.0)), "val/final_loss": final_val,
                          "train/tokens": self.state.step * tokens_per_step}, step=self.state.step)
-            log.info("final val loss %.4f ppl %.2f (full validation split)", final_val, math.exp(min(final_val, 50.0)))
+            log.info("final val loss %.4f ppl %.2f (%s)", final_val, math.exp(min(final_val, 50.0)),
+                     "full validation split" if log_cfg.final_full_val else f"{log_cfg.val_tokens_processed} tokens")
             if log_cfg.save_checkpoint and self.state.step % log_cfg.save_ckpt_step != 0:
                 self.save_checkpoint()
         finally:

@@ -1,0 +1,88 @@
+"""The trainer through its real entry point: learning, DDP equivalence, exact resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import numpy as np
+import pytest
+
+from muonq.data import TokenLoader, check_dataset, validation_batches
+
+from .conftest import TINY, losses, run_training
+
+
+def unigram_cross_entropy(data_dir) -> float:
+    """Validation loss (nats/token) of a unigram model fitted on the training split (add-one
+    smoothing): the best a model that ignores context can do."""
+    path = data_dir / "tiny_shakespeare-bpe-8192"
+    train = TokenLoader(path, "train", batch_size=64, seq_len=128)
+    vocab = check_dataset(path, seq_len=128, model_vocab_size=1 << 30).vocab_size
+    counts = np.ones(vocab)
+    for _ in range(150):  # ~1.2M of the 1.4M training tokens
+        np.add.at(counts, train.next_batch()[1].flatten().numpy(), 1)
+    log_p = np.log(counts / counts.sum())
+    val = np.concatenate([y.flatten().numpy() for _, y in validation_batches(path, batch_size=64, seq_len=128, max_tokens=0)])
+    return float(-log_p[val].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_llama_tiny_learns_below_unigram_entropy(tmp_path, shakespeare_data, optimizer) -> None:
+    proc, rows = run_training(
+        tmp_path / "out", shakespeare_data, "recipe=llama-tiny", f"optimizer_params={optimizer}",
+        "recipe.training_params.max_steps=300", "optimizer_params.args.lr=0.006", "logging_params.val_step=0",
+        "logging_params.final_full_val=false", "logging_params.val_tokens_processed=32768",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = [r["val/final_loss"] for r in rows if "val/final_loss" in r][0]
+    baseline = unigram_cross_entropy(shakespeare_data)
+    assert final < baseline - 0.7, (final, baseline)
+    assert (tmp_path / "out" / "summary.json").exists()
+    assert (tmp_path / "logs" / f"llama-tiny_{optimizer}.log").read_text().count("val loss") >= 1
+
+
+def test_two_ranks_match_one_rank(tmp_path, shakespeare_data) -> None:
+    common = (*TINY, "optimizer_params=muon", "recipe.training_params.max_steps=4")
+    one, rows1 = run_training(tmp_path / "one", shakespeare_data, *common, "run_name=one")
+    two, rows2 = run_training(tmp_path / "two", shakespeare_data, *common, "run_name=two", nproc=2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    l1, l2 = losses(rows1), losses(rows2)
+    assert len(l1) == 4 and l1.keys() == l2.keys()
+    for step in l1:
+        assert math.isclose(l1[step], l2[step], rel_tol=1e-5), (step, l1[step], l2[step])
+    # only rank 0 writes the Hydra folder and metrics
+    assert (tmp_path / "two" / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "muonq"])
+def test_resume_continues_exactly(tmp_path, shakespeare_data, optimizer) -> None:
+    ckpt = tmp_path / "ckpt"
+    common = (*TINY, f"optimizer_params={optimizer}", "recipe.training_params.max_steps=6",
+              "logging_params.save_checkpoint=true", "logging_params.save_ckpt_step=3", "logging_params.keep_last=5",
+              f"logging_params.checkpoint_dir={ckpt}")
+    full, rows_full = run_training(tmp_path / "full", shakespeare_data, *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    shutil.rmtree(ckpt / "step_000006")
+    resumed, rows_resumed = run_training(tmp_path / "resumed", shakespeare_data, *common, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(rows_full), losses(rows_resumed)
+    assert sorted(b) == [4, 5, 6]
+    assert all(a[s] == b[s] for s in b), (a, b)  # bit-identical on CPU
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["resumed_from"] == 3
+
+
+def test_resume_true_without_checkpoint_fails_clearly(tmp_path, shakespeare_data) -> None:
+    proc, _ = run_training(tmp_path / "out", shakespeare_data, *TINY, "recipe.training_params.max_steps=2",
+                           "resume=true", f"logging_params.checkpoint_dir={tmp_path / 'none'}")
+    assert proc.returncode == 2
+    assert "resume=true but no complete checkpoint" in proc.stderr
+
+
+def test_missing_dataset_names_the_command(tmp_path) -> None:
+    proc, _ = run_training(tmp_path / "out", tmp_path / "empty", *TINY, "recipe.training_params.max_steps=2")
+    assert proc.returncode == 2
+    assert "process_data.py" in proc.stderr and "Traceback" not in proc.stderr
