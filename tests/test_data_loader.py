@@ -152,7 +152,8 @@ def test_open_memory_maps_stay_bounded(tmp_path: pathlib.Path) -> None:
 
 def test_validation_batches_are_fixed_and_split_across_ranks(data: pathlib.Path) -> None:
     def run(rank: int, world: int, max_tokens: int) -> list[list[int]]:
-        return [window_ids(x) for x, _ in validation_batches(data, batch_size=2, seq_len=SEQ, max_tokens=max_tokens, rank=rank, world_size=world)]
+        batches = validation_batches(data, batch_size=2, seq_len=SEQ, max_tokens=max_tokens, rank=rank, world_size=world)
+        return [window_ids(x) for x, _ in batches]
 
     whole = run(0, 1, 0)
     assert whole == run(0, 1, 0)  # the same windows on every call
@@ -206,7 +207,9 @@ def test_check_dataset_without_val(tmp_path: pathlib.Path) -> None:
         check_dataset(folder, seq_len=SEQ, model_vocab_size=256)
 
 
-@pytest.mark.parametrize(("magic", "version", "dtype"), [(20240520, 1, np.uint16), (20240801, 7, np.uint32), (20250401, 1, np.uint16)])
+@pytest.mark.parametrize(
+    ("magic", "version", "dtype"), [(20240520, 1, np.uint16), (20240801, 7, np.uint32), (20250401, 1, np.uint16)]
+)
 def test_foreign_shards_train_without_meta(tmp_path: pathlib.Path, magic: int, version: int, dtype: type) -> None:
     """llm.c / modded-nanogpt / original MuonQ folders: EOS before each document, no meta.json."""
     folder = tmp_path / "fineweb10B-gpt2"
@@ -232,7 +235,7 @@ def test_foreign_shards_train_without_meta(tmp_path: pathlib.Path, magic: int, v
     windows = {tuple(s[w * 16 : (w + 1) * 16]) for s in train for w in range(len(s) // 16)}
     for _ in range(5):
         x, y = loader.next_batch()
-        for row_x, row_y in zip(x.numpy(), y.numpy()):
+        for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
             assert tuple(row_x) + (row_y[-1],) in windows
 
 
@@ -248,7 +251,8 @@ def test_paths(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATA_DIR")
     monkeypatch.chdir(tmp_path)
     assert resolve_data_dir() == tmp_path / "data"
-    assert creation_command(tmp_path / "data" / "my-data-bpe-4096") == "python process_data.py --name my-data --tokenizer bpe-4096"
+    command = creation_command(tmp_path / "data" / "my-data-bpe-4096")
+    assert command == "python process_data.py --name my-data --tokenizer bpe-4096"
     assert creation_command(tmp_path / "elsewhere" / "fineweb10B-gpt2").endswith(f"--data-dir {tmp_path / 'elsewhere'}")
     with pytest.raises(ValueError, match="plain name"):
         dataset_dir(None, "a/b", "gpt2")

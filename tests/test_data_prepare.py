@@ -21,7 +21,7 @@ from muonq.data import writer as writer_module
 from muonq.data.prepare import prepare
 from muonq.data.shards import list_shards, open_tokens, read_header
 from muonq.data.sources import EmbeddedShakespeare, hashed_split
-from muonq.data.tokenizers import Tokenizer, load_tokenizer
+from muonq.data.tokenizers import Tokenizer, load_tokenizer, mistral_v1_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -65,7 +65,7 @@ def decode_documents(tokens: np.ndarray, tok: Tokenizer) -> list[str]:
     assert tokens[-1] == tok.eos_id
     ends = np.flatnonzero(tokens == tok.eos_id)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+    return [tok.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
 
 
 def shard_bytes(folder: pathlib.Path) -> dict[str, bytes]:
@@ -96,7 +96,11 @@ def cli(tmp_path_factory: pytest.TempPathFactory, works: list) -> dict:
 
 
 def test_default_commands(cli: dict) -> None:
-    expected = {"default": ("tiny_shakespeare-bpe-8192", 8192), "gpt2": ("tiny_shakespeare-gpt2", 50257), "parquet": ("mydata-bpe-8192", 8192)}
+    expected = {
+        "default": ("tiny_shakespeare-bpe-8192", 8192),
+        "gpt2": ("tiny_shakespeare-gpt2", 50257),
+        "parquet": ("mydata-bpe-8192", 8192),
+    }
     for key, (folder, vocab) in expected.items():
         code, out, err = cli["results"][key]
         assert code == 0, err
@@ -148,7 +152,10 @@ def test_rerun_is_a_fast_no_op(cli: dict, capsys: pytest.CaptureFixture) -> None
 
 def test_output_does_not_depend_on_num_proc(tmp_path: pathlib.Path) -> None:
     folders = [
-        prepare("tiny_shakespeare", "gpt2", data_dir=tmp_path / str(n), num_proc=n, max_tokens=400_000, shard_tokens=100_000, progress=False)
+        prepare(
+            "tiny_shakespeare", "gpt2", data_dir=tmp_path / str(n), num_proc=n, max_tokens=400_000, shard_tokens=100_000,
+            progress=False,
+        )  # fmt: skip
         for n in (1, 2)
     ]
     one, two = (shard_bytes(f) for f in folders)
@@ -177,7 +184,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: pathlib.Path,
     folder = tmp_path / "resumed" / "docs-gpt2"
     assert "rerun the same command to resume" in capsys.readouterr().out
     assert not (folder / "meta.json").exists() and (folder / "progress.json").exists()
-    assert len(list_shards(folder, "train")) == 28 and not list(folder.glob(".*.tmp"))
+    assert len(list_shards(folder, "val")) + len(list_shards(folder, "train")) == 29 and not list(folder.glob(".*.tmp"))
     with pytest.raises(FileNotFoundError, match="interrupted"):
         check_dataset(folder, seq_len=16, model_vocab_size=50257)
     (folder / ".train_000029.bin.4242.tmp").write_bytes(b"half a shard")  # as a kill -9 would leave it
@@ -223,11 +230,15 @@ def test_vocab_above_65535_writes_uint32(cli: dict, tmp_path: pathlib.Path) -> N
     tok_dir = tmp_path / "big_tok"
     tok_dir.mkdir()
     big.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
     texts = ["To be, or not <x59999> to be.\n", "Exit <x123>, pursued by a bear <|endoftext|>."]
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text)
-    folder = prepare("big", str(tok_dir), data_dir=tmp_path / "out", input=str(tmp_path / "doc*.txt"), num_proc=1, val_fraction=0.0, progress=False)
+    folder = prepare(
+        "big", str(tok_dir), data_dir=tmp_path / "out", input=str(tmp_path / "doc*.txt"), num_proc=1, val_fraction=0.0,
+        progress=False,
+    )  # fmt: skip
     assert folder.name == "big-big_tok"
     [shard] = list_shards(folder, "train")
     header = read_header(shard)
@@ -240,14 +251,7 @@ def test_vocab_above_65535_writes_uint32(cli: dict, tmp_path: pathlib.Path) -> N
 
 @pytest.mark.parametrize("kind", ["mistral-v1", "model-file"])
 def test_sentencepiece_tokenizers(tmp_path: pathlib.Path, works: list, kind: str) -> None:
-    spec = "mistral-v1"
-    if kind == "model-file":
-        source = load_tokenizer("mistral-v1").name  # fetched into the cache
-        assert source == "mistral-v1"
-        from muonq.data import assets
-
-        cached = assets.cached_member(assets.MISTRAL_COMMON, "mistral_common/data/tokenizer.model.v1", sha256="dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055")
-        spec = str(shutil.copy(cached, tmp_path / "spm-test.model"))
+    spec = "mistral-v1" if kind == "mistral-v1" else str(shutil.copy(mistral_v1_path(), tmp_path / "spm-test.model"))
     folder = prepare("tiny_shakespeare", spec, data_dir=tmp_path, num_proc=1, max_tokens=20_000, progress=False)
     assert folder.name == ("tiny_shakespeare-mistral-v1" if kind == "mistral-v1" else "tiny_shakespeare-spm-test")
     meta = json.loads((folder / "meta.json").read_text())

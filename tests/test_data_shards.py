@@ -70,7 +70,8 @@ def test_reads_foreign_shards(tmp_path: pathlib.Path, magic: int, version: int, 
 
 
 def test_list_shards_orders_and_ignores_temp_files(tmp_path: pathlib.Path) -> None:
-    for name in ["train_000002.bin", "train_000001.bin", "val_000000.bin", ".train_000003.bin.99.tmp", "notes.txt", "train_1.bin"]:
+    names = ["train_000002.bin", "train_000001.bin", "val_000000.bin", ".train_000003.bin.99.tmp", "notes.txt", "train_1.bin"]
+    for name in names:
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in list_shards(tmp_path, "train")] == ["train_000001.bin", "train_000002.bin"]
     assert [p.name for p in list_shards(tmp_path, "val")] == ["val_000000.bin"]
