@@ -39,8 +39,9 @@ def _build_adamw(name: str, groups: list[dict[str, Any]], args: Any, device_type
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=args.adamw_eps, fused=fused or None)
 
 
-def build_muon(args: Any, params: list[torch.nn.Parameter]) -> Muon:
-    """The Muon engine configured from ``optimizer_params.args``."""
+def build_muon(args: Any, params: list[torch.nn.Parameter], *, kernels: str = "auto") -> Muon:
+    """The Muon engine configured from ``optimizer_params.args``; ``kernels`` is
+    ``optimizer_params.kernels`` (fused Triton kernels or the PyTorch reference for quantized state)."""
     from muonq.optim.variants import store_selector
 
     pre_ns = None
@@ -58,7 +59,7 @@ def build_muon(args: Any, params: list[torch.nn.Parameter]) -> Muon:
         scale_mode=args.scale_mode,
         momentum_form=args.momentum_form,
         normalize=args.norm,
-        store=store_selector(args),
+        store=store_selector(args, kernels=kernels),
         pre_ns=pre_ns,
     )
 
@@ -82,7 +83,7 @@ def build_optimizer(
     if name in MUON_FAMILY:
         optimizers: dict[str, torch.optim.Optimizer] = {}
         if hidden:
-            optimizers["muon"] = build_muon(args, hidden)
+            optimizers["muon"] = build_muon(args, hidden, kernels=getattr(opt_cfg, "kernels", "auto"))
         if others:
             optimizers["adamw"] = _build_adamw("adamw", _adamw_groups(others, args.weight_decay, adamw_lr), args, device_type)
         return OptimizerSet(optimizers)

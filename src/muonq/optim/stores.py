@@ -19,6 +19,7 @@ import torch
 
 from muonq.optim.codecs import Codec
 from muonq.optim.codecs.base import Encoded
+from muonq.optim.kernels import KernelMode, choose_kernels
 from muonq.optim.momentum import MomentumStore, StateDict
 from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
 
@@ -57,12 +58,23 @@ class _ShapeBound(MomentumStore):
 
 
 class QuantizedStore(_ShapeBound):
-    """The momentum encoded whole with one codec (muon8bit, muon8, muon4)."""
+    """The momentum encoded whole with one codec (muon8bit, muon8, muon4).
 
-    def __init__(self, codec: Codec, shape: Sequence[int], *, generator: torch.Generator | None = None) -> None:
+    ``kernels`` picks fused Triton kernels or the codec's PyTorch code (see muonq.optim.kernels).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        shape: Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        kernels: KernelMode = "auto",
+    ) -> None:
         super().__init__(shape, generator)
         self.codec = codec
         self.name = f"quantized[{codec!r}]"
+        self.kernels = choose_kernels(kernels, [codec])
 
     def init(self, state: StateDict, param: torch.Tensor) -> None:
         self._check_param(param)
@@ -73,6 +85,14 @@ class QuantizedStore(_ShapeBound):
 
     def save(self, state: StateDict, momentum: torch.Tensor) -> None:
         _write(state, "momentum", self.codec.encode(momentum, generator=self.generator))
+
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
+        if not self.kernels.applies(grad):
+            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        from muonq.optim.kernels.fused import quantized_accumulate
+
+        encoded = _read(state, "momentum", self.codec)
+        return quantized_accumulate(self.codec, encoded, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
 
 
 class DecomposedStore(_ShapeBound):
@@ -93,6 +113,7 @@ class DecomposedStore(_ShapeBound):
         residual_codec: Codec,
         seed: int = 0,
         generator: torch.Generator | None = None,
+        kernels: KernelMode = "auto",
     ) -> None:
         super().__init__(shape, generator)
         if len(self.shape) != 2:
@@ -107,6 +128,7 @@ class DecomposedStore(_ShapeBound):
         self.residual_codec = residual_codec
         self.seed = shape_seed(self.shape, self.rank, seed)
         self.name = f"decomposed[k={self.rank}, factors={factor_codec!r}, residual={residual_codec!r}]"
+        self.kernels = choose_kernels(kernels, [factor_codec, residual_codec])
 
     @property
     def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -139,6 +161,18 @@ class DecomposedStore(_ShapeBound):
         _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
         _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))
+
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
+        if not self.kernels.applies(grad):
+            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        from muonq.optim.kernels.fused import decomposed_accumulate
+
+        codecs = {"P": self.factor_codec, "R": self.factor_codec, "E": self.residual_codec}
+        parts = {part: _read(state, part, codec) for part, codec in codecs.items()}
+        return decomposed_accumulate(
+            self.factor_codec, self.residual_codec, parts, grad, self.rank,
+            beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+        )
 
 
 def preserve_state_dtypes(optimizer: torch.optim.Optimizer) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from muonq.config import OptimizerArgs, optimizer_params_from_yaml
 from muonq.optim.codecs import GRANULARITIES, VALUE_MAPS, Codec, make_codec
+from muonq.optim.kernels import KernelMode, choose_kernels
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore
 from muonq.optim.muon import StoreSelector
 from muonq.optim.stores import DecomposedStore, QuantizedStore
@@ -56,7 +57,9 @@ def _check(args: OptimizerArgs) -> None:
         raise ValueError("rank, residual_block_size and min_quant_numel must be >= 0")
 
 
-def store_selector(args: OptimizerArgs, *, generator: torch.Generator | None = None) -> StoreSelector:
+def store_selector(
+    args: OptimizerArgs, *, kernels: KernelMode = "auto", generator: torch.Generator | None = None
+) -> StoreSelector:
     """A function that picks the momentum store of each parameter.
 
     - ``qbit`` 32, a non-matrix, or fewer than ``min_quant_numel`` elements: fp32 momentum.
@@ -69,9 +72,12 @@ def store_selector(args: OptimizerArgs, *, generator: torch.Generator | None = N
 
     Values are mu-law companded if ``compand`` (or ``quant='mulaw'``), else ``quant``'s map.
     8-bit codes keep fp32 scales and 4-bit codes fp16 scales. ``stochastic`` rounding draws from
-    ``generator`` (default: the global RNG, which training checkpoints save).
+    ``generator`` (default: the global RNG, which training checkpoints save). ``kernels``
+    (``optimizer_params.kernels``) picks fused Triton kernels or the PyTorch codecs for the
+    quantized stores (see :mod:`muonq.optim.kernels`).
     """
     _check(args)
+    choose_kernels(kernels, [])  # a bad mode or kernels=triton without triton fails here, not at step 1
     value_map = _value_map(args)
 
     def codec(bits: int, granularity: str, block_size: int = args.block_size) -> Codec:
@@ -95,11 +101,12 @@ def store_selector(args: OptimizerArgs, *, generator: torch.Generator | None = N
             return full
         if args.rank > 0 and min(param.shape) // args.rank >= 1:
             return DecomposedStore(
-                param.shape, rank_divisor=args.rank, factor_codec=factor, residual_codec=residual, generator=generator
+                param.shape, rank_divisor=args.rank, factor_codec=factor, residual_codec=residual, generator=generator,
+                kernels=kernels,
             )
         if not args.grid and args.gran == "block" and param.numel() % args.block_size:
             return full
-        return QuantizedStore(plain, param.shape, generator=generator)
+        return QuantizedStore(plain, param.shape, generator=generator, kernels=kernels)
 
     return select
 

@@ -1,0 +1,186 @@
+"""Fused quantized-momentum kernels and Muon step time (issue #7).
+
+(a) The momentum update of each codec (decode, B <- beta B + G, optional renormalization,
+    requantize) on the hidden-matrix shapes of a recipe: median time, GB/s of the bytes the fused
+    launches read and write, and that rate over the device's copy bandwidth (a large
+    ``Tensor.copy_``, bytes read + written). Target on a GPU: >= 80%. "Moved" bytes count every
+    pass (two-pass codecs re-read B); "min" bytes are what any implementation must touch (codes and
+    scales read and written, G read, B written), so min GB/s is the end-to-end rate.
+(b) One Muon step over one transformer layer's hidden matrices (q, k, v, o, gate, up, down) for
+    muon8bit, muonq and grasp, divided by fp32 Muon's step. Target on a GPU: <= 1.15.
+
+On CUDA this uses ``kernels=auto`` (the Triton kernels) at llama-350m and llama-1b sizes; on a CPU
+it runs the PyTorch reference at llama-60m sizes, which says nothing about the GPU targets.
+Timing: warmup, then the median of repeats: CUDA events on a GPU; on a CPU, the process's CPU time
+with one torch thread, so that other jobs on a shared machine do not distort the ratios.
+
+    python benchmarks/bench_kernels.py [--recipes llama-350m llama-1b] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from muonq.optim.build import build_muon
+from muonq.optim.codecs import QuantCodec, make_codec
+from muonq.optim.stores import QuantizedStore
+from muonq.optim.variants import variant_args
+
+RECIPES: dict[str, tuple[int, int]] = {  # hidden, SwiGLU width
+    "llama-60m": (512, 1376),
+    "llama-350m": (1024, 2736),
+    "llama-1b": (2048, 5461),
+}
+
+# (label, codec, renormalize): the store codecs of the variants and MuonQ's / GRASP's residual codecs
+PASSES: list[tuple[str, QuantCodec, bool]] = [
+    ("muon8bit: 8-bit linear, block 256", make_codec(8, "linear", "block", block_size=256), False),
+    ("muon8bit: 8-bit dynamic, block 256", make_codec(8, "dynamic", "block", block_size=256), False),
+    ("muon8: 8-bit linear, tensor", make_codec(8, "linear", "tensor"), False),
+    ("muon4: 4-bit linear, tensor", make_codec(4, "linear", "tensor"), False),
+    ("muonq residual: 4-bit mu-law, tensor, renorm", make_codec(4, "mulaw", "tensor"), True),
+    ("muonq-block128 residual: 4-bit mu-law, block 128, renorm", make_codec(4, "mulaw", "block", block_size=128), True),
+    ("grasp residual: 4-bit linear, grid 128", make_codec(4, "linear", "grid", tile_size=128), False),
+]
+STEP_VARIANTS = ("muon", "muon8bit", "muonq", "grasp")
+
+
+def layer_shapes(hidden: int, ffn: int) -> list[tuple[int, int]]:
+    return [(hidden, hidden)] * 4 + [(ffn, hidden)] * 2 + [(hidden, ffn)]
+
+
+def seconds_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def median_seconds(fn: Callable[[], object], *, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(seconds_once(fn, device) for _ in range(repeats))
+
+
+def copy_bandwidth(device: torch.device, numel: int, repeats: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write) on fp32 tensors of ``numel`` elements."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device=device, warmup=3, repeats=repeats)
+    return 2 * src.nbytes / seconds
+
+
+def traffic(codec: QuantCodec, shape: tuple[int, int], renormalize: bool) -> tuple[int, int]:
+    """(minimal bytes, bytes the fused launches move) of one momentum update of ``shape``.
+
+    Block and grid scales requantize in the update pass unless renormalizing; otherwise a second
+    pass re-reads B (and rewrites it divided by the norm). 4-bit codes whose groups start at odd
+    elements go through a one-byte-per-code scratch buffer packed by three torch ops (4 more
+    bytes/element).
+    """
+    numel = math.prod(shape)
+    state = codec.nbytes(shape)
+    minimal = 2 * state + 4 * numel + 4 * numel  # codes+scales read and written, G read, B written
+    one_pass = codec.granularity in ("block", "grid") and not renormalize
+    moved = minimal + (0 if one_pass else 4 * numel + (4 * numel if renormalize else 0))
+    odd = {"block": codec.block_size, "grid": shape[1]}.get(codec.granularity, 2) % 2
+    if codec.bits == 4 and odd:
+        moved += 4 * numel
+    return minimal, moved
+
+
+def update_rows(recipe: str, device: torch.device, kernels: str, copy_bps: float, args) -> list[str]:
+    hidden, ffn = RECIPES[recipe]
+    rows = []
+    for label, codec, renormalize in PASSES:
+        for shape in sorted(set(layer_shapes(hidden, ffn))):
+            store = QuantizedStore(codec, shape, kernels=kernels)
+            state: dict[str, torch.Tensor] = {}
+            store.init(state, torch.empty(shape, device=device))
+            grad = torch.randn(shape, device=device)
+            fused = store.kernels.applies(grad)
+            seconds = median_seconds(
+                lambda: store.accumulate(state, grad, beta=0.95, ema=False, renormalize=renormalize),
+                device=device, warmup=args.warmup, repeats=args.repeats,
+            )
+            minimal, moved = traffic(codec, shape, renormalize)
+            moved_cell = f"{moved / seconds / 1e9:.1f} | {moved / seconds / copy_bps:.0%}" if fused else "- | -"
+            rows.append(
+                f"| {recipe} | {shape[0]}x{shape[1]} | {label} | {'triton' if fused else 'reference'} | "
+                f"{seconds * 1e6:,.0f} | {moved_cell} | {minimal / seconds / 1e9:.1f} | {minimal / seconds / copy_bps:.0%} |"
+            )
+    return rows
+
+
+def step_rows(recipe: str, device: torch.device, kernels: str, args) -> list[str]:
+    """Steps of all variants interleaved, so drifting machine load affects them alike."""
+    hidden, ffn = RECIPES[recipe]
+    shapes = layer_shapes(hidden, ffn)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=generator) * 0.02 for s in shapes]
+    grads = [torch.randn(s, generator=generator).to(device) for s in shapes]
+    optimizers = {}
+    for variant in STEP_VARIANTS:
+        params = [torch.nn.Parameter(w.to(device)) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizers[variant] = build_muon(variant_args(variant), params, kernels=kernels)
+    times: dict[str, list[float]] = {variant: [] for variant in STEP_VARIANTS}
+    for repeat in range(args.warmup + args.repeats):
+        for variant, opt in optimizers.items():
+            seconds = seconds_once(opt.step, device)
+            if repeat >= args.warmup:
+                times[variant].append(seconds)
+    median = {variant: statistics.median(t) for variant, t in times.items()}
+    return [f"| {recipe} | {v} | {median[v] * 1e3:,.2f} | {median[v] / median['muon']:.3f} |" for v in STEP_VARIANTS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=None,
+                        help="default: llama-350m llama-1b on CUDA, llama-60m on CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 20 on CUDA, 9 on CPU")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    args.recipes = args.recipes or (["llama-350m", "llama-1b"] if cuda else ["llama-60m"])
+    args.repeats = args.repeats or (20 if cuda else 9)
+    kernels = "auto"  # Triton on CUDA, the reference on CPU
+    if not cuda:
+        torch.set_num_threads(1)
+
+    name = torch.cuda.get_device_name() if cuda else "CPU, 1 thread, CPU time"
+    print(f"{datetime.date.today()} · {name} · torch {torch.__version__} · kernels={kernels}")
+    if not cuda:
+        print("\nNo GPU: the PyTorch reference path at small sizes. GPU numbers (Triton kernels, llama-350m and "
+              "llama-1b shapes, targets >= 80% of copy bandwidth and <= 1.15x fp32 Muon) are pending.")
+    copy_bps = copy_bandwidth(device, (256 if cuda else 32) * 2**20, args.repeats)
+    print(f"\ncopy bandwidth (read + write): {copy_bps / 1e9:.1f} GB/s\n")
+    print("(a) momentum update: decode, B <- 0.95 B + G, [B / ||B||], requantize\n")
+    print("| recipe | shape | codec | path | time (us) | moved GB/s | of copy | min GB/s | of copy |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for recipe in args.recipes:
+        print("\n".join(update_rows(recipe, device, kernels, copy_bps, args)))
+    print("\n(b) Muon step over one layer's hidden matrices, relative to fp32 Muon\n")
+    print("| recipe | variant | step (ms) | / muon |")
+    print("|---|---|---:|---:|")
+    for recipe in args.recipes:
+        print("\n".join(step_rows(recipe, device, kernels, args)))
+
+
+if __name__ == "__main__":
+    main()
