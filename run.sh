@@ -29,6 +29,9 @@ RUN_NAME=${RUN_NAME:-${RECIPE}_${OPT}}
 export MUONQ_RUN_DIR=${MUONQ_RUN_DIR:-outputs/$(date +%Y-%m-%d)/$(date +%H-%M-%S)_${RUN_NAME}}
 mkdir -p logs
 [[ -n "$GPUS" ]] && export CUDA_VISIBLE_DEVICES=$GPUS
+# On SIGTERM/SIGINT (preemption) the workers finish their step and save a checkpoint (exit 75);
+# torchrun SIGKILLs workers still running after this many seconds (its default is 30).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 if [[ -n "${NNODES:-}" && "${NNODES}" != 1 ]]; then
   LAUNCH=(--nnodes="$NNODES" --node-rank="${NODE_RANK:?set NODE_RANK}" --rdzv-backend=c10d
           --rdzv-endpoint="${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of node 0}" --rdzv-id="${RDZV_ID:-$RUN_NAME}")

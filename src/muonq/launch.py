@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from muonq.config import ConfigError, register_configs, validate
 
@@ -24,10 +25,17 @@ def prepare_argv(argv: list[str]) -> None:
     folder is named from ``MUONQ_RUN_DIR`` (run.sh sets it) or the rendezvous run id, which all
     ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file.
     """
-    load_dotenv(override=False)
+    # .env of the working directory (or a parent), as process_data.py reads it; never overrides
+    # the environment, and its values are never logged or copied into configs
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     register_configs()
     if "WORLD_SIZE" not in os.environ:
         return
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        # each job would tear down and re-create the process group, which hangs under torchrun
+        print("error: sweeps (-m/--multirun) run outside torchrun, one job after another: "
+              "python run_hydra.py -m ... (or loop over torchrun commands)", file=sys.stderr)
+        sys.exit(2)
     overrides = [a for a in argv[1:] if not a.startswith("-")]
     if not any(a.startswith("hydra.run.dir=") for a in overrides):
         run_dir = os.environ.get("MUONQ_RUN_DIR") or f"outputs/torchrun/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
@@ -45,15 +53,63 @@ def run_name_for(cfg: DictConfig) -> str:
     return f"{recipe}_{cfg.optimizer_params.name}"
 
 
-def run(cfg: DictConfig) -> dict:
-    from muonq.train.distributed import shutdown, world_size_from_env
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75  # = muonq.train.guard's (not imported: torch is slow)
+_preflight_done = False
 
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no model, no process group and no checkpoint: config values, the
+    device, the dataset's files and vocab, W&B credentials. Raises ValueError / FileNotFoundError."""
+    from muonq.data import check_dataset, dataset_dir, resolve_data_dir
+    from muonq.train.distributed import pick_device, world_size_from_env
+    from muonq.train.metrics import wandb_mode
+
+    validate(cfg, world_size=world_size_from_env())
+    pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    tp, ds = cfg.recipe.training_params, cfg.recipe.dataset
+    folder = dataset_dir(resolve_data_dir(cfg.data_dir), ds.name, ds.tokenizer)
     try:
-        validate(cfg, world_size=world_size_from_env())
+        check_dataset(folder, seq_len=tp.context_length, model_vocab_size=cfg.recipe.model.vocab_size)
+    except (KeyError, TypeError, AttributeError) as err:  # well-formed JSON of the wrong shape
+        raise ValueError(f"{folder}/meta.json is malformed ({type(err).__name__}: {err}); "
+                         "delete the folder and rerun process_data.py") from err
+    if wandb_mode() == "online" and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+            raise ValueError("WANDB_MODE=online needs WANDB_API_KEY (in .env or the environment) or `wandb login`; "
+                             "or set WANDB_MODE=offline")
+
+
+def _preflight_or_exit(cfg: DictConfig) -> None:
+    try:
+        preflight(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    from muonq.train.trainer import Trainer
+        sys.exit(EXIT_BAD_INPUT)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+class Preflight(Callback):
+    """Hydra callback (``hydra.callbacks.preflight`` in test_hydra.yaml): runs :func:`preflight`
+    before Hydra creates the output folder, so bad input leaves nothing on disk."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        global _preflight_done
+        _preflight_or_exit(OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"]))
+        _preflight_done = True
+
+
+def run(cfg: DictConfig) -> dict:
+    from muonq.train.distributed import shutdown
+
+    global _preflight_done
+    if not _preflight_done:  # multirun jobs, or a root config without the callback
+        _preflight_or_exit(cfg)
+    _preflight_done = False
+    from muonq.train.guard import StopRequested
+    from muonq.train.trainer import NonFiniteError, Trainer
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -63,9 +119,19 @@ def run(cfg: DictConfig) -> dict:
     except (FileNotFoundError, ValueError) as err:
         shutdown(graceful=False)
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         summary = trainer.fit()
+    except StopRequested as stop:  # every rank stopped at the same step; the checkpoint is complete
+        shutdown()
+        if trainer.dist.is_main:
+            print(str(stop), file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except NonFiniteError as err:
+        shutdown()
+        if trainer.dist.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
     except BaseException:
         shutdown(graceful=False)
         raise

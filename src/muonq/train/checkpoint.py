@@ -1,8 +1,9 @@
 """Atomic, checksummed checkpoints: one folder per step, one or more files per folder.
 
 Layout: ``<dir>/step_000100/`` holds the files that ranks wrote (``main.pt`` from rank 0, and
-``rank_00001.pt`` ... when optimizer state is sharded) and ``manifest.json`` (step, files,
-sha256 of each). Files are written into ``step_000100.partial/`` and the folder is renamed only
+``optim_rank00000.pt``, ``optim_rank00001.pt`` ...: one optimizer shard per ZeRO-1 rank, see
+:mod:`muonq.optim.zero`) and ``manifest.json`` (step, files, sha256 of each, plus what the writer
+adds: the optimizer's owner map). Files are written into ``step_000100.partial/`` and the folder is renamed only
 after the manifest is complete, so a kill at any moment leaves either a whole checkpoint or a
 ``.partial`` folder that loading ignores. Loading verifies the checksums and falls back to the
 previous checkpoint, with a warning, when one is corrupt.

@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
 from muonq.models import build_model
-from muonq.optim.build import build_optimizer
-from muonq.optim.optimizer_set import OptimizerSet
-from muonq.optim.variants import state_bytes
+from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_file
 from muonq.train import distributed as dist_utils
+from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
 from muonq.train.metrics import MetricsLogger
 from muonq.train.schedule import lr_multiplier
@@ -120,11 +119,14 @@ class Trainer:
         self.model = build_model(cfg.recipe.model)
         self.model.init_weights()
         self.model.to(self.device)
-        hidden = [p for _, p in self.model.hidden_matrices()]
-        hidden_ids = {id(p) for p in hidden}
-        others = [p for p in self.model.parameters() if id(p) not in hidden_ids]
-        self.optimizer: OptimizerSet = build_optimizer(
-            cfg.optimizer_params, hidden=hidden, others=others, device_type=self.device.type
+        named_hidden = self.model.hidden_matrices()
+        hidden_ids = {id(p) for _, p in named_hidden}
+        named_others = [(n, p) for n, p in self.model.named_parameters() if id(p) not in hidden_ids]
+        # ZeRO-1 (optimizer_params.zero; on by default under torchrun): each rank keeps the state of
+        # the parameters it owns; world size 1 is the same code with everything owned locally.
+        self.optimizer: ShardedOptimizer = build_sharded_optimizer(
+            cfg.optimizer_params, named_hidden=named_hidden, named_others=named_others,
+            rank=self.dist.rank, world_size=world, device_type=self.device.type,
         )
         self.train_model: torch.nn.Module = self.model
         if self.dist.distributed:
@@ -150,7 +152,6 @@ class Trainer:
             "step": self.state.step,
             "skipped_steps": self.state.skipped_steps,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "wandb_id": self.state.wandb_id,
@@ -159,8 +160,27 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
+        when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
+        manifest. Every rank calls this."""
+        step = self.state.step
         if self.dist.is_main:
-            path = self.checkpoints.save(self.state.step, self._checkpoint_payload())
+            self.checkpoints.begin(step)
+        dist_utils.barrier()
+        if self.dist.is_main:
+            self.checkpoints.write_part(step, "main.pt", self._checkpoint_payload())
+        if self.dist.rank == self.optimizer.rank:
+            self.checkpoints.write_part(step, shard_file(self.optimizer.rank), self.optimizer.state_dict())
+        dist_utils.barrier()
+        if self.dist.is_main:
+            partial = self.checkpoints.partial_dir(step)
+            missing = [shard_file(r) for r in range(self.optimizer.world_size) if not (partial / shard_file(r)).is_file()]
+            if missing:
+                raise RuntimeError(
+                    f"checkpoint {partial}: rank 0 does not see {', '.join(missing)} written by the other ranks; "
+                    "with several nodes, logging_params.checkpoint_dir must be on a filesystem all nodes share"
+                )
+            path = self.checkpoints.commit(step, extra={"optimizer": self.optimizer.manifest()})
             log.info("checkpoint %s", path)
         dist_utils.barrier()
 
@@ -191,7 +211,13 @@ class Trainer:
                 f"checkpoint {self.checkpoints.step_dir(step)} holds a model of another shape "
                 f"({payload['model_config']}): {str(err).splitlines()[0]}"
             ) from err
-        self.optimizer.load_state_dict(payload["optimizer"])
+        shards = self.checkpoints.manifest(step).get("optimizer")
+        if shards is None:
+            raise ValueError(f"checkpoint {self.checkpoints.step_dir(step)} has no optimizer shards (an older format)")
+        self.optimizer.load_state_dict([
+            self.checkpoints.load(step, shard_file(r), map_location=self.device)
+            for r in self.optimizer.shards_to_read(shards["owners"])
+        ])
         self.loader.load_state_dict(payload["loader"])
         set_rng_state(payload["rng"])
         self.state.step = payload["step"]
@@ -236,35 +262,58 @@ class Trainer:
             loss_sum += loss.detach()
         return loss_sum
 
-    def _first_nonfinite_group(self) -> str:
-        for name, opt in self.optimizer:
-            for i, group in enumerate(opt.param_groups):
-                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in group["params"]):
-                    return f"{name}[{i}] ({group.get('role', 'params')})"
-        return "none (the loss itself)"
-
     def log_state_bytes(self) -> dict[str, float]:
-        counts = {name: state_bytes(opt) for name, opt in self.optimizer}
-        total = sum(c["total"] for c in counts.values())
-        metrics: dict[str, float] = {"optim/state_bytes": total}
-        for name, c in counts.items():
-            metrics[f"optim/state_bytes_{name}"] = c["total"]
-        muon = counts.get("muon")
-        if muon is not None:
-            n_muon = sum(p.numel() for g in self.optimizer.optimizers["muon"].param_groups for p in g["params"])
-            per_elem = muon["total"] / max(1, n_muon)
+        """Optimizer-state bytes of every rank and in total (a collective: every rank calls it)."""
+        report = self.optimizer.state_report()
+        per_rank, total = report["per_rank"], report["total"]
+        metrics: dict[str, float] = {
+            "optim/state_bytes": total, "optim/state_bytes_total": total,
+            "optim/state_bytes_rank": per_rank[self.optimizer.rank], "optim/state_bytes_rank_max": max(per_rank),
+        }
+        for name, nbytes in report["per_optimizer"].items():
+            metrics[f"optim/state_bytes_{name}"] = nbytes
+        if len(per_rank) > 1:
+            where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(format_bytes(b) for b in per_rank)
+        else:
+            where = "replicated on every rank (optimizer_params.zero=false)" if self.dist.distributed else "one rank"
+        line = f"optimizer state: {format_bytes(total)} total, {where}"
+        if "muon" in report["per_optimizer"]:
+            muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
+            per_elem = muon / max(1, n_muon)
             metrics["optim/muon_bytes_per_param"] = per_elem
             metrics["optim/muon_ratio_vs_fp32"] = 4.0 / per_elem if per_elem else float("nan")
-            log.info(
-                "optimizer state: %s total (rank %d); Muon: %s over %d params = %.3f bytes/param, %.2fx less than fp32 Muon",
-                format_bytes(total), self.dist.rank, format_bytes(muon["total"]), n_muon, per_elem, 4.0 / per_elem,
-            )
-        else:
-            log.info("optimizer state: %s total (rank %d)", format_bytes(total), self.dist.rank)
+            line += (f"; Muon: {format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
+                     f"{4.0 / per_elem if per_elem else float('nan'):.2f}x less than fp32 Muon")
+        log.info(line)
         return metrics
 
+    def _first_nonfinite_param(self) -> str:
+        """The first parameter (model order) whose gradient is not finite, and its optimizer group."""
+        from muonq.config import MUON_FAMILY
+
+        hidden = {id(p) for _, p in self.model.hidden_matrices()}
+        muon = self.cfg.optimizer_params.name in MUON_FAMILY
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"{name}, {'Muon' if muon and id(p) in hidden else 'AdamW'} group"
+        return "the loss itself; gradients are finite"
+
+    def _poison_gradient(self) -> None:
+        """The NaN test hook (guard.NAN_HOOK_ENV): rank 0's first hidden-matrix gradient -> NaN."""
+        _, param = next(iter(self.model.hidden_matrices()))
+        if param.grad is not None:
+            param.grad.fill_(float("nan"))
+
     def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps``. SIGTERM/SIGINT stop at the next step boundary with a checkpoint
+        (:class:`~muonq.train.guard.StopRequested`); a non-finite step is skipped or stops the run
+        (``recipe.training_params.nonfinite``). Every rank takes both decisions together."""
+        with guard.StopSignals() as signals:
+            return self._fit(signals)
+
+    def _fit(self, signals: guard.StopSignals) -> dict[str, Any]:
         cfg, tp, log_cfg = self.cfg, self.cfg.recipe.training_params, self.cfg.logging_params
+        nan_steps, raise_at = guard.injected_nan_steps(), guard.injected_raise()
         metrics = MetricsLogger(
             enabled=self.dist.is_main, run_name=self.run_name, run_dir=self.run_dir,
             wandb_kwargs=OmegaConf.to_container(log_cfg.wandb), config=OmegaConf.to_container(cfg, resolve=True),
@@ -284,14 +333,28 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, dynamic_ncols=True,
                    desc=self.run_name, leave=False, mininterval=2.0)
         loss_acc = torch.zeros((), device=self.device)
-        acc_steps = 0
+        acc_steps = steps_since = 0  # applied / all steps since the last log line
         t_last, tokens_since = time.perf_counter(), 0
         t_start = time.perf_counter()
         bytes_logged = False
         last_val: float | None = None
+        saved_at = self.state.resumed_from  # newest checkpoint on disk for this run's current state
         self.train_model.train()
         params = [p for p in self.model.parameters()]
         clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
+
+        def stop_now(done: int) -> guard.StopRequested:
+            nonlocal saved_at
+            if saved_at != done:
+                self.save_checkpoint()
+                saved_at = done
+            sig = signals.received or "a signal on another rank"
+            return guard.StopRequested(
+                f"{sig}: stopped after step {done}/{self.total_steps} with a checkpoint in "
+                f"{self.checkpoints.step_dir(done)}; rerun the same command with resume=true (or resume=auto) "
+                "to continue", step=done, signal_name=sig,
+            )
+
         try:
             while self.state.step < self.total_steps:
                 step = self.state.step
@@ -300,29 +363,39 @@ class Trainer:
                                         min_lr_ratio=cfg.lr_schedule.min_lr_ratio)
                 self.optimizer.set_lr_multiplier(lr_mult)
                 loss = self._micro_steps()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-                if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):
-                    where = self._first_nonfinite_group()
-                    if tp.nonfinite == "skip":
-                        self.state.skipped_steps += 1
-                        log.warning("step %d: non-finite loss/gradient in %s; step skipped (%d so far)",
-                                    step + 1, where, self.state.skipped_steps)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.state.step += 1
-                        bar.update(1)
-                        continue
+                if step + 1 in nan_steps and self.dist.is_main:
+                    self._poison_gradient()
+                if raise_at == (step + 1, self.dist.rank):
+                    raise RuntimeError(f"{guard.RAISE_HOOK_ENV}: injected fault on rank {self.dist.rank} at step {step + 1}")
+                # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping
+                # spreads it to every parameter (same arithmetic, same bits)
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+                local_bad = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+                bad, stopping = guard.agree(local_bad, signals.received is not None, device=self.device)
+                if bad:
+                    where = guard.first_report(self._first_nonfinite_param() if local_bad else None)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.save_checkpoint()
-                    raise NonFiniteError(
-                        f"step {step + 1}: non-finite loss or gradient (first in {where}); "
-                        f"checkpoint of step {self.state.step} saved in {self.checkpoints.directory}"
-                    )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    if tp.nonfinite == "stop":
+                        if saved_at != self.state.step:
+                            self.save_checkpoint()
+                        raise NonFiniteError(
+                            f"step {step + 1}: non-finite loss or gradient (first in {where}); "
+                            f"checkpoint of step {self.state.step} saved in {self.checkpoints.step_dir(self.state.step)}; "
+                            "lower the learning rate, or resume with recipe.training_params.nonfinite=skip"
+                        )
+                    self.state.skipped_steps += 1
+                    if self.dist.is_main:
+                        log.warning("step %d: non-finite loss/gradient (first in %s); step skipped (%d so far)",
+                                    step + 1, where, self.state.skipped_steps)
+                else:
+                    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm, foreach=True)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss_acc += loss
+                    acc_steps += 1
                 self.state.step += 1
                 bar.update(1)
-                loss_acc += loss
-                acc_steps += 1
+                steps_since += 1
                 tokens_since += tokens_per_step
                 done = self.state.step
                 if not bytes_logged:
@@ -330,20 +403,25 @@ class Trainer:
                     bytes_logged = True
                 if done % log_cfg.log_step == 0 or done == self.total_steps:
                     now = time.perf_counter()
-                    train_loss = float(dist_utils.all_reduce_mean(loss_acc / acc_steps))
                     tok_s = tokens_since / (now - t_last)
-                    row = {"train/loss": train_loss, "train/grad_norm": float(grad_norm), "train/lr_mult": lr_mult,
-                           "perf/tokens_per_s": tok_s, "perf/step_time_s": (now - t_last) / acc_steps,
+                    row = {"train/grad_norm": float(grad_norm), "train/lr_mult": lr_mult,
+                           "perf/tokens_per_s": tok_s, "perf/step_time_s": (now - t_last) / steps_since,
                            "perf/peak_memory_bytes": peak_memory_bytes(self.device), "train/tokens": done * tokens_per_step}
+                    train_loss = float("nan")
+                    if acc_steps:  # the same on every rank (skips are agreed)
+                        train_loss = float(dist_utils.all_reduce_mean(loss_acc / acc_steps))
+                        row["train/loss"] = train_loss
+                    if self.state.skipped_steps:
+                        row["train/skipped_steps"] = self.state.skipped_steps
                     for name, opt in self.optimizer:
-                        row[f"train/lr_{name}"] = opt.param_groups[0]["lr"]
+                        row[f"train/lr_{name}"] = float(opt.param_groups[0]["lr"])  # torchao keeps a tensor
                     if peak:
                         row["perf/mfu"] = flops_per_token * tok_s / (peak * self.dist.world_size)
                     metrics.log(row, step=done)
                     log.info("step %d/%d | loss %.4f | lr x%.3f | grad %.3f | %s tok/s", done, self.total_steps,
                              train_loss, lr_mult, float(grad_norm), f"{tok_s:,.0f}")
                     loss_acc.zero_()
-                    acc_steps, tokens_since, t_last = 0, 0, time.perf_counter()
+                    acc_steps, steps_since, tokens_since, t_last = 0, 0, 0, time.perf_counter()
                 if log_cfg.val_step and done % log_cfg.val_step == 0 and done < self.total_steps:
                     last_val = self.validate(log_cfg.val_tokens_processed)
                     metrics.log({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50.0)),
@@ -352,13 +430,19 @@ class Trainer:
                     t_last = time.perf_counter()
                 if log_cfg.save_checkpoint and done % log_cfg.save_ckpt_step == 0:
                     self.save_checkpoint()
+                    saved_at = done
                     t_last = time.perf_counter()
+                if stopping:
+                    raise stop_now(done)
+            # a signal that came during the last step: stop before the (possibly long) final validation
+            if guard.agree(signals.received is not None, device=self.device)[0]:
+                raise stop_now(self.state.step)
             final_val = self.validate(0 if log_cfg.final_full_val else log_cfg.val_tokens_processed)
             metrics.log({"val/loss": final_val, "val/ppl": math.exp(min(final_val, 50.0)), "val/final_loss": final_val,
                          "train/tokens": self.state.step * tokens_per_step}, step=self.state.step)
             log.info("final val loss %.4f ppl %.2f (%s)", final_val, math.exp(min(final_val, 50.0)),
                      "full validation split" if log_cfg.final_full_val else f"{log_cfg.val_tokens_processed} tokens")
-            if log_cfg.save_checkpoint and self.state.step % log_cfg.save_ckpt_step != 0:
+            if log_cfg.save_checkpoint and saved_at != self.state.step:
                 self.save_checkpoint()
         finally:
             bar.close()

@@ -1,0 +1,156 @@
+"""ZeRO-1 on one machine: step time, per-rank optimizer-state bytes and the bytes the optimizer's
+parameter broadcast moves, at 1, 2 and 4 ranks, for muon and muonq side by side.
+
+Each world size runs as spawned ranks (gloo on CPU, NCCL when every rank has a GPU), one thread per
+rank as torchrun sets it, training the recipe's model with DDP and the run's optimizer sharded as
+the trainer shards it (``build_sharded_optimizer``, ZeRO-1 on) on random tokens: the global batch is
+the recipe's ``tokens_processed``, split evenly over the ranks. After ``--warmup`` steps it times
+``--steps`` steps: the whole step (forward, backward, DDP all-reduce, optimizer) and the optimizer
+step alone (owned updates + parameter broadcast), each the slowest rank's median.
+
+"Bytes received" is the payload each rank receives from the parameter broadcasts per step (the
+parameters it does not own); "ideal" is every parameter reaching every rank once, total parameter
+bytes x (world - 1) / world. Payload, not wire bytes: gloo's broadcast algorithm may send more.
+
+    python benchmarks/bench_distributed.py [--recipe llama-tiny] [--worlds 1 2 4] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from muonq.config import CONF_DIR, ModelConfig, optimizer_params_from_yaml
+from muonq.models import build_model
+from muonq.optim.zero import build_sharded_optimizer
+
+
+def _recipe(name: str, model_overrides: list[str]) -> tuple[dict, int, int]:
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.load(CONF_DIR / "recipe" / f"{name}.yaml")
+    model = OmegaConf.to_container(recipe.model)
+    for item in model_overrides:
+        key, value = item.split("=", 1)
+        model[key] = type(model.get(key, 0))(value) if model.get(key) is not None else int(value)
+    tp = recipe.training_params
+    return model, tp.tokens_processed // tp.context_length, tp.context_length
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
+    torch.set_num_threads(1)
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/rdzv_{world}", rank=rank,
+                                world_size=world)
+    model_cfg, global_batch, seq = _recipe(args.recipe, args.model)
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} does not split over {world} ranks")
+    results = []
+    for name in args.optimizers:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**model_cfg))
+        model.init_weights()
+        model.to(device)
+        hidden = model.hidden_matrices()
+        ids = {id(p) for _, p in hidden}
+        others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
+        cfg = optimizer_params_from_yaml(name)
+        cfg.zero = True
+        opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
+                                      device_type=device.type)
+        train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        gen = torch.Generator().manual_seed(1234 + rank)
+        step_times, opt_times = [], []
+        for i in range(args.warmup + args.steps):
+            tokens = torch.randint(0, model_cfg["vocab_size"], (global_batch // world, seq + 1), generator=gen).to(device)
+            if world > 1:
+                dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train(tokens[:, :-1], tokens[:, 1:]).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                step_times.append(t2 - t0)
+                opt_times.append(t2 - t1)
+        mine = torch.tensor([statistics.median(step_times), statistics.median(opt_times)], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        report, plan = opt.state_report(), opt.comm_plan()
+        received = torch.tensor([plan["bytes_received"]], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        results.append({
+            "optimizer": name, "world": world, "step_s": mine[0].item(), "opt_step_s": mine[1].item(),
+            "state_per_rank": report["per_rank"], "state_total": report["total"], "collectives": plan["collectives"],
+            "max_bytes_received": int(received.item()), "ideal_bytes_received": plan["ideal_bytes_received"],
+            "param_bytes": plan["param_bytes"], "device": str(device.type), "backend": dist.get_backend() if world > 1 else "-",
+        })  # fmt: skip
+        del train, opt, model
+    if rank == 0:
+        Path(tmp, f"world{world}.json").write_text(json.dumps(results))
+    if world > 1:
+        dist.barrier()  # no rank tears gloo down while a peer still finishes a collective
+        dist.destroy_process_group()
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="llama-tiny")
+    parser.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layer=8")
+    parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--optimizers", nargs="+", default=["muon", "muonq"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in args.worlds:
+            mp.spawn(_worker, args=(world, args, tmp), nprocs=world, join=True)
+            rows += json.loads(Path(tmp, f"world{world}.json").read_text())
+    base = {r["optimizer"]: r for r in rows if r["world"] == min(args.worlds)}
+    model_cfg, global_batch, seq = _recipe(args.recipe, args.model)
+    print(f"recipe {args.recipe} {' '.join(args.model)}: {model_cfg}; global batch {global_batch} x {seq} tokens; "
+          f"{os.cpu_count()} CPU cores, 1 thread per rank; backend {rows[-1]['backend']} on {rows[-1]['device']}\n")
+    print("| optimizer | ranks | step ms | vs 1 rank | optimizer step ms | state MiB per rank (max) | vs 1 rank "
+          "| state MiB total | broadcasts / step | MiB received / rank / step (max) | ideal MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.optimizers:
+        for r in (r for r in rows if r["optimizer"] == name):
+            b = base[name]
+            per_rank = max(r["state_per_rank"])
+            print(f"| {name} | {r['world']} | {1e3 * r['step_s']:.1f} | {r['step_s'] / b['step_s']:.2f}x "
+                  f"| {1e3 * r['opt_step_s']:.1f} | {_mib(per_rank)} | {per_rank / max(b['state_per_rank']):.3f}x "
+                  f"| {_mib(r['state_total'])} | {r['collectives']} | {_mib(r['max_bytes_received'])} "
+                  f"| {_mib(r['ideal_bytes_received'])} |")
+    print("\nper-rank state bytes:")
+    for r in rows:
+        print(f"  {r['optimizer']:6s} {r['world']} ranks: {r['state_per_rank']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""ZeRO-1 for every optimizer: each parameter's optimizer state lives on exactly one rank.
+
+How it works
+------------
+* **Ownership.** Every parameter (each Muon hidden matrix, each AdamW tensor) is owned by one rank.
+  :func:`assign_owners` packs the parameters largest-first, balancing two resources at once, each
+  normalised by its total: optimizer-state bytes (weighted double, so memory falls as 1 / world
+  size) and update work (elements for AdamW; elements plus the Newton–Schulz matmul FLOPs,
+  ~ ns_steps x (4 m^2 n + 2 m^3) for m = min dim, for Muon). It is pure arithmetic on names and
+  shapes, so every rank computes the same map; the map is also checked against rank 0's.
+* **Step.** DDP has already averaged the gradients, so every rank holds every gradient. Each rank
+  steps the inner :class:`~muonq.optim.optimizer_set.OptimizerSet` with the gradients of the
+  parameters it does not own hidden (set to None for the call), so only the owner creates state
+  for a parameter and computes its update (Newton–Schulz included). The Muon update of a matrix
+  depends only on that matrix's gradient and state, and AdamW is elementwise, so the owner computes
+  bit for bit what a single process would.
+* **Parameter exchange.** Each rank's owned parameters are flattened into buckets (per dtype and
+  device, at most ``bucket_cap_bytes``; a lone parameter is sent in place, without a copy) and each
+  bucket is broadcast from its owner with ``async_op=True``, at most ``max_in_flight`` at a time, so
+  buckets overlap while the temporary flat buffers stay bounded. Per step every rank receives
+  exactly the parameters it does not own, once: one collective per bucket, not per parameter.
+* **Checkpoints.** :meth:`ShardedOptimizer.state_dict` is this rank's shard, keyed by parameter
+  *name* (not torch's positional ids) together with the owner map; ``load_state_dict`` takes any
+  set of shards, keeps the entries of the parameters this rank owns *now*, and loads them through a
+  state dict built in the current positional order. So a checkpoint written with one world size
+  resumes on another. The trainer writes shard ``r`` to :func:`shard_file` ``(r)``.
+
+The inner OptimizerSet is built over *all* parameters on every rank: optimizer state is created
+lazily, at a parameter's first step with a gradient, so non-owned parameters cost nothing, while
+param groups, hyper-parameters and positional ids stay identical on every rank and world size, and
+no rank needs special cases for owning no parameter of some optimizer. A world size of 1 (one
+process, or ``optimizer_params.zero=false``) is the same code with every parameter owned locally
+and no communication, so there is one checkpoint format for all runs.
+
+Why not ``torch.distributed.optim.ZeroRedundancyOptimizer``: it wraps a single optimizer class
+built from one set of kwargs, while a Muon run is two optimizers (Muon for hidden matrices, AdamW
+for the rest) that must be partitioned together; it balances elements per param group, blind to
+Newton–Schulz cost and to state bytes that differ by 8x between AdamW and 4-bit Muon; and its
+checkpoints are consolidated on one rank with positional ids (the whole state on one rank, and tied
+to its partitioning), where we want each rank to write only its shard, keyed by name, re-shardable.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from muonq.optim.optimizer_set import OptimizerSet
+
+FORMAT = "muonq-zero1/1"
+DEFAULT_BUCKET_CAP_BYTES = 32 * 2**20
+# Weights of (state bytes, update work) in the owner assignment: ZeRO-1 exists to cut memory, so a
+# rank's state bytes count double; work still spreads where one big tensor bounds the memory anyway.
+COST_WEIGHTS = (2.0, 1.0)
+NamedParams = Sequence[tuple[str, torch.Tensor]]
+# (hidden params, other params) -> the inner OptimizerSet; build_optimizer with the run's config.
+BuildFn = Callable[[list[torch.Tensor], list[torch.Tensor]], OptimizerSet]
+
+
+def shard_file(rank: int) -> str:
+    """File name of rank ``rank``'s optimizer shard inside a checkpoint folder."""
+    return f"optim_rank{rank:05d}.pt"
+
+
+# -- ownership -------------------------------------------------------------------------------------
+
+
+def assign_owners(
+    costs: Mapping[str, Sequence[float]], world_size: int, weights: Sequence[float] | None = None
+) -> dict[str, int]:
+    """Owner rank of each name: greedy largest-first packing of cost vectors onto ``world_size`` ranks.
+
+    Every cost component (e.g. state bytes, update work) is normalised by its total. Items go in
+    order of their largest normalised component; each goes to the rank that keeps the weighted sum
+    over components of the most-loaded rank's load (the per-component makespans; ``weights``,
+    default all 1) smallest, ties to the least-loaded rank, then the lower rank. With one component
+    this is the classic LPT rule; with two, memory-only items (AdamW tensors) fill the ranks that
+    are not memory-bound even when another rank is work-bound. Deterministic: the same names and
+    costs give the same map on every rank.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    names = list(costs)
+    if world_size == 1 or not names:
+        return {name: 0 for name in names}
+    dims = {len(c) for c in costs.values()}
+    if len(dims) != 1:
+        raise ValueError("every cost vector must have the same length")
+    (n_dims,) = dims
+    weights = list(weights) if weights is not None else [1.0] * n_dims
+    if len(weights) != n_dims:
+        raise ValueError(f"{len(weights)} weights for {n_dims} cost components")
+    totals = [sum(float(c[k]) for c in costs.values()) for k in range(n_dims)]
+    norm = {n: [float(c[k]) / totals[k] if totals[k] > 0 else 0.0 for k in range(n_dims)] for n, c in costs.items()}
+    order = sorted(range(len(names)), key=lambda i: (-max(norm[names[i]]), -sum(norm[names[i]]), i))
+    loads = [[0.0] * n_dims for _ in range(world_size)]
+    span = [0.0] * n_dims  # the largest load of each component over ranks
+    owners: dict[str, int] = {}
+    for i in order:
+        item = norm[names[i]]
+        scores = []
+        for r in range(world_size):
+            new = [load + x for load, x in zip(loads[r], item)]
+            scores.append((sum(w * max(s, v) for w, s, v in zip(weights, span, new)), sum(new), r))
+        best = min(scores)[2]
+        loads[best] = [load + x for load, x in zip(loads[best], item)]
+        span = [max(s, v) for s, v in zip(span, loads[best])]
+        owners[names[i]] = best
+    return {name: owners[name] for name in names}
+
+
+def optimizer_costs(opt_cfg: Any, named_hidden: NamedParams, named_others: NamedParams) -> dict[str, tuple[float, float]]:
+    """(state bytes, update work) of each parameter under the optimizer ``opt_cfg`` names.
+
+    Muon matrices: the exact momentum bytes of their store (built on the meta device) and elements
+    plus Newton–Schulz FLOPs. AdamW tensors: two moments of the parameter's element size (adamw8bit:
+    of 1 byte plus a 4-byte scale per block and a 256-entry code map, for tensors of >= 4096 elements
+    that fill whole blocks, as torchao stores them) and their element count.
+    """
+    from muonq.config import MUON_FAMILY
+    from muonq.optim.variants import momentum_nbytes, store_selector
+
+    muon = opt_cfg.name in MUON_FAMILY
+    block = opt_cfg.args.block_size
+
+    def adamw(p: torch.Tensor) -> tuple[float, float]:
+        n = p.numel()
+        if opt_cfg.name == "adamw8bit" and n >= 4096 and n % block == 0:
+            return float(2 * (n + 4 * (n // block) + 4 * 256)), float(n)
+        return float(2 * n * p.element_size()), float(n)
+
+    costs: dict[str, tuple[float, float]] = {}
+    select = store_selector(opt_cfg.args, kernels="reference") if muon and named_hidden else None
+    for name, p in named_hidden:
+        if select is None:
+            costs[name] = adamw(p)
+            continue
+        m, n = sorted(p.shape[-2:])
+        ns_flops = opt_cfg.args.ns_steps * (4 * m * m * n + 2 * m**3)
+        costs[name] = (float(momentum_nbytes(select, p.shape)), float(p.numel() + ns_flops))
+    for name, p in named_others:
+        costs[name] = adamw(p)
+    return costs
+
+
+# -- the sharded optimizer -------------------------------------------------------------------------
+
+
+@dataclass
+class _Bucket:
+    owner: int
+    params: list[torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    @property
+    def in_place(self) -> bool:
+        """A lone contiguous parameter is broadcast as itself, with no flat copy."""
+        return len(self.params) == 1 and self.params[0].is_contiguous()
+
+
+def _make_buckets(owned: Sequence[tuple[int, torch.Tensor]], world_size: int, cap_bytes: int) -> list[_Bucket]:
+    """Per owner (in rank order), its parameters in model order, split by dtype/device and size cap."""
+    buckets: list[_Bucket] = []
+    for rank in range(world_size):
+        open_buckets: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
+        for owner, p in owned:
+            if owner != rank:
+                continue
+            key = (p.dtype, p.device)
+            bucket = open_buckets.get(key)
+            size = p.numel() * p.element_size()
+            if bucket is None or bucket.nbytes + size > cap_bytes:
+                bucket = open_buckets[key] = _Bucket(rank, [])
+                buckets.append(bucket)
+            bucket.params.append(p)
+    return buckets
+
+
+class ShardedOptimizer:
+    """ZeRO-1 around an :class:`OptimizerSet`; the same surface the trainer uses on OptimizerSet.
+
+    ``build_fn(hidden, others)`` builds the inner OptimizerSet (see the module docstring for why
+    over all parameters). ``named_hidden`` / ``named_others`` are ``(name, parameter)`` pairs in
+    model order; names key the checkpoint. ``costs`` maps names to (state bytes, update work) for
+    :func:`assign_owners`, as :func:`optimizer_costs` gives them (default: bytes and elements of
+    each parameter). ``rank`` and ``world_size`` are this process's place in the default process
+    group, or ``0, 1`` for an unsharded optimizer (then nothing is communicated).
+    """
+
+    def __init__(
+        self,
+        build_fn: BuildFn,
+        named_hidden: NamedParams,
+        named_others: NamedParams,
+        *,
+        rank: int,
+        world_size: int,
+        costs: Mapping[str, Sequence[float]] | None = None,
+        bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+        max_in_flight: int = 4,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
+            raise ValueError(f"a ShardedOptimizer over {world_size} ranks needs a process group of that size")
+        if bucket_cap_bytes < 1 or max_in_flight < 1:
+            raise ValueError("bucket_cap_bytes and max_in_flight must be >= 1")
+        named = [*named_hidden, *named_others]
+        self.rank, self.world_size = rank, world_size
+        self.max_in_flight = max_in_flight
+        self._names: dict[torch.Tensor, str] = {}
+        for name, p in named:
+            if p in self._names or name in self._names.values():
+                raise ValueError(f"parameter {name!r} is given twice")
+            self._names[p] = name
+        if costs is None:
+            costs = {name: (float(p.numel() * p.element_size()), float(p.numel())) for name, p in named}
+        missing = [name for name, _ in named if name not in costs]
+        if missing:
+            raise ValueError(f"no cost for parameters {missing[:3]}")
+        self.owners: dict[str, int] = assign_owners({name: costs[name] for name, _ in named}, world_size, COST_WEIGHTS)
+        self._check_same_owners()
+        self.inner = build_fn([p for _, p in named_hidden], [p for _, p in named_others])
+        self._foreign = [p for name, p in named if self.owners[name] != rank]
+        self._buckets = _make_buckets([(self.owners[name], p) for name, p in named], world_size, bucket_cap_bytes)
+        self._device = named[0][1].device if named else torch.device("cpu")
+
+    def _check_same_owners(self) -> None:
+        if self.world_size == 1:
+            return
+        digest = hashlib.sha256(json.dumps(self.owners, sort_keys=True).encode()).hexdigest()
+        holder = [digest]
+        dist.broadcast_object_list(holder, src=0)
+        if holder[0] != digest:
+            raise RuntimeError(
+                f"rank {self.rank} assigned parameter owners differently from rank 0: the ranks built "
+                "different models or optimizer configs"
+            )
+
+    # -- the OptimizerSet surface ------------------------------------------------------------------
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.inner.optimizers
+
+    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
+        return iter(self.inner)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        self.inner.set_lr_multiplier(multiplier)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)  # the inner set holds every parameter
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the owned parameters, then broadcast every parameter from its owner."""
+        hidden = [(p, p.grad) for p in self._foreign if p.grad is not None]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self.inner.step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+        self._broadcast_params()
+
+    def _broadcast_params(self) -> None:
+        if self.world_size == 1:
+            return
+        pending: collections.deque = collections.deque()
+        for bucket in self._buckets:
+            mine = bucket.owner == self.rank
+            if bucket.in_place:
+                flat = bucket.params[0].detach()
+            elif mine:
+                flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
+            else:
+                p0 = bucket.params[0]
+                flat = torch.empty(bucket.numel, dtype=p0.dtype, device=p0.device)
+            work = dist.broadcast(flat, src=bucket.owner, async_op=True)
+            pending.append((bucket, flat, work))
+            if len(pending) >= self.max_in_flight:
+                self._finish(*pending.popleft())
+        while pending:
+            self._finish(*pending.popleft())
+
+    def _finish(self, bucket: _Bucket, flat: torch.Tensor, work: Any) -> None:
+        work.wait()
+        if bucket.owner == self.rank or bucket.in_place:
+            return
+        offset = 0
+        for p in bucket.params:
+            p.detach().copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def owned_names(self) -> list[str]:
+        return [name for name, owner in self.owners.items() if owner == self.rank]
+
+    def comm_plan(self) -> dict[str, int]:
+        """What :meth:`step` moves per step: collectives, payload bytes this rank sends (its own
+        buckets, once each) and receives (everyone else's), and the ideal receive volume (every
+        parameter byte reaches every rank once: total x (world - 1) / world)."""
+        total = sum(b.nbytes for b in self._buckets)
+        sent = sum(b.nbytes for b in self._buckets if b.owner == self.rank)
+        if self.world_size == 1:
+            return {"collectives": 0, "bytes_sent": 0, "bytes_received": 0, "ideal_bytes_received": 0, "param_bytes": total}
+        return {
+            "collectives": len(self._buckets), "bytes_sent": sent, "bytes_received": total - sent,
+            "ideal_bytes_received": total * (self.world_size - 1) // self.world_size, "param_bytes": total,
+        }  # fmt: skip
+
+    def state_report(self) -> dict[str, Any]:
+        """Optimizer-state bytes of every rank (one all-gather of a few numbers).
+
+        ``per_rank``: total bytes per rank; ``total``: their sum; ``per_optimizer`` and ``numel``
+        (elements of the parameters with state) per inner optimizer, summed over ranks.
+        """
+        from muonq.optim.variants import state_bytes
+
+        names = [name for name, _ in self.inner]
+        local = {name: state_bytes(opt) for name, opt in self.inner}
+        row = [float(sum(c["total"] for c in local.values()))]
+        row += [float(local[n]["total"]) for n in names] + [float(local[n]["numel"]) for n in names]
+        rows = [row]
+        if self.world_size > 1:
+            mine = torch.tensor(row, dtype=torch.float64, device=self._device)
+            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine)
+            rows = [t.tolist() for t in gathered]
+        k = len(names)
+        return {
+            "per_rank": [int(r[0]) for r in rows],
+            "total": int(sum(r[0] for r in rows)),
+            "per_optimizer": {n: int(sum(r[1 + i] for r in rows)) for i, n in enumerate(names)},
+            "numel": {n: int(sum(r[1 + k + i] for r in rows)) for i, n in enumerate(names)},
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """What a checkpoint's manifest records about the shards: format, world size, owner map."""
+        return {"format": FORMAT, "world_size": self.world_size, "owners": dict(self.owners)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: per inner optimizer, its param groups (hyper-parameters, parameter
+        names) and the state of the parameters this rank owns, keyed by name."""
+        optimizers = {}
+        for opt_name, opt in self.inner:
+            sd = opt.state_dict()
+            by_id: dict[int, str] = {}
+            groups = []
+            for saved, live in zip(sd["param_groups"], opt.param_groups):
+                names = [self._names[p] for p in live["params"]]
+                by_id.update(zip(saved["params"], names))
+                groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
+            state = {by_id[pid]: value for pid, value in sd["state"].items() if self.owners[by_id[pid]] == self.rank}
+            optimizers[opt_name] = {"param_groups": groups, "state": state}
+        return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
+
+    def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
+        """The ranks of a checkpoint (written with owner map ``owners``) whose shards hold the
+        state of the parameters this rank owns now (shard 0 alone, for the hyper-parameters, when
+        it owns none)."""
+        unknown = [name for name in self.owned_names() if name not in owners]
+        if unknown:
+            raise ValueError(f"the checkpoint's optimizer shards do not know parameters {unknown[:3]}: another model")
+        return sorted({int(owners[name]) for name in self.owned_names()}) or [0]
+
+    def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+        """Load the entries of the parameters this rank owns from one shard or several (any world
+        size). The shards must include every shard that holds one of them (:meth:`shards_to_read`)."""
+        shards = [shards] if isinstance(shards, Mapping) else list(shards)
+        merged: dict[str, dict[str, Any]] = {}
+        given: set[int] = set()
+        owners_then: Mapping[str, int] | None = None
+        for shard in shards:
+            if shard.get("format") != FORMAT:
+                raise ValueError(f"not an optimizer shard of format {FORMAT} (got {shard.get('format')!r})")
+            given.add(int(shard["rank"]))
+            owners_then = shard["owners"]
+            for opt_name, part in shard["optimizers"].items():
+                entry = merged.setdefault(opt_name, {"param_groups": part["param_groups"], "state": {}})
+                entry["state"].update(part["state"])
+        if owners_then is not None:
+            if set(owners_then) != set(self.owners):
+                raise ValueError("the checkpoint's optimizer state is for other parameters (another model)")
+            absent = sorted({owners_then[n] for n in self.owned_names()} - given)
+            if absent:
+                raise ValueError(f"optimizer shards {[shard_file(r) for r in absent]} were not given")
+        if set(merged) != set(self.inner.optimizers):
+            raise ValueError(
+                f"optimizer state holds {sorted(merged)} but this run builds {sorted(self.inner.optimizers)}: "
+                "the checkpoint comes from a different optimizer"
+            )
+        for opt_name, opt in self.inner:
+            saved = merged[opt_name]
+            current = opt.state_dict()
+            if len(saved["param_groups"]) != len(current["param_groups"]):
+                raise ValueError(f"checkpoint's {opt_name} has {len(saved['param_groups'])} param groups, this run "
+                                 f"{len(current['param_groups'])}")
+            ids: dict[str, int] = {}
+            groups = []
+            for group_saved, group_now, live in zip(saved["param_groups"], current["param_groups"], opt.param_groups):
+                names = [self._names[p] for p in live["params"]]
+                if list(group_saved["params"]) != names:
+                    raise ValueError(f"checkpoint's {opt_name} param groups hold other parameters than this run's")
+                ids.update(zip(names, group_now["params"]))
+                groups.append({**group_saved, "params": group_now["params"]})
+            state = {ids[name]: value for name, value in saved["state"].items() if self.owners[name] == self.rank}
+            opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def build_sharded_optimizer(
+    opt_cfg: Any,
+    *,
+    named_hidden: NamedParams,
+    named_others: NamedParams,
+    rank: int,
+    world_size: int,
+    device_type: str = "cpu",
+) -> ShardedOptimizer:
+    """The run's optimizer: ``opt_cfg`` built by :func:`~muonq.optim.build.build_optimizer`, sharded
+    over ``world_size`` ranks when ``opt_cfg.zero`` is true, or None and ``world_size`` > 1."""
+    from muonq.optim.build import build_optimizer
+
+    zero = getattr(opt_cfg, "zero", None)
+    if zero is None:
+        zero = world_size > 1
+    if not zero:
+        rank, world_size = 0, 1
+
+    def build(hidden: list[torch.Tensor], others: list[torch.Tensor]) -> OptimizerSet:
+        return build_optimizer(opt_cfg, hidden=hidden, others=others, device_type=device_type)
+
+    return ShardedOptimizer(
+        build, named_hidden, named_others, rank=rank, world_size=world_size,
+        costs=optimizer_costs(opt_cfg, named_hidden, named_others) if world_size > 1 else None,
+    )  # fmt: skip

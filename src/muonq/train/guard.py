@@ -1,0 +1,125 @@
+"""What keeps a run safe to stop: preemption signals, rank agreement, and the NaN test hook.
+
+* :class:`StopSignals` turns SIGTERM / SIGINT into a flag that the training loop reads at the
+  next optimizer-step boundary, where it saves a checkpoint and stops with :data:`EXIT_PREEMPTED`.
+  A repeat of the signal more than :data:`REPEAT_GRACE_S` after the first exits at once (no
+  checkpoint); a repeat within that window is the same event delivered twice (a terminal's
+  Ctrl-C reaches torchrun and its workers, then torchrun forwards it) and is ignored.
+* :func:`agree` makes every rank take the same decision (skip a non-finite step, stop) with one
+  small all-reduce per step, so no rank waits in a collective that its peers never enter.
+* Test hooks, read only here (never set them in real runs):
+  ``MUONQ_INJECT_NAN_STEP=3`` or ``3,5`` (:func:`injected_nan_steps`): at those 1-based optimizer
+  steps rank 0 overwrites the gradient of the model's first hidden matrix with NaN, as an
+  overflow would. ``MUONQ_INJECT_RAISE=STEP:RANK`` (:func:`injected_raise`): that rank raises
+  a RuntimeError during that step, as a crashing rank would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+EXIT_BAD_INPUT = 2  # config, data, device, environment or checkpoint problems found before training
+EXIT_NONFINITE = 3  # recipe.training_params.nonfinite=stop met a NaN/Inf (a checkpoint was saved)
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun with resume=true (EX_TEMPFAIL)
+REPEAT_GRACE_S = 1.0
+NAN_HOOK_ENV = "MUONQ_INJECT_NAN_STEP"
+RAISE_HOOK_ENV = "MUONQ_INJECT_RAISE"
+
+
+class StopRequested(Exception):
+    """The run stopped at a step boundary after a signal; a checkpoint of ``step`` was saved."""
+
+    def __init__(self, message: str, *, step: int, signal_name: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signal_name = signal_name
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM and SIGINT set :attr:`received` instead of killing.
+
+    Handlers can only be installed from the main thread; elsewhere this is a no-op.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._first_at = name, now
+            # os.write: safe inside a signal handler (logging may hold its lock right now)
+            os.write(2, f"\n{name} received: saving a checkpoint at the end of this step, then stopping "
+                        f"(send it again to exit at once without one)\n".encode())
+        elif now - self._first_at > REPEAT_GRACE_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agree(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag ORed over all ranks (one all-reduce of a few numbers; local in one process)."""
+    if not _distributed():
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def first_report(local: str | None) -> str | None:
+    """The first non-None ``local`` over ranks, prefixed by its rank when distributed."""
+    if not _distributed():
+        return local
+    reports: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, local)
+    return next((f"rank {r}: {rep}" for r, rep in enumerate(reports) if rep is not None), None)
+
+
+def injected_nan_steps() -> frozenset[int]:
+    """The optimizer steps (1-based) at which ``MUONQ_INJECT_NAN_STEP`` asks for a NaN gradient."""
+    raw = os.environ.get(NAN_HOOK_ENV, "").strip()
+    if not raw:
+        return frozenset()
+    try:
+        return frozenset(int(s) for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"{NAN_HOOK_ENV}={raw!r}: expected comma-separated step numbers") from None
+
+
+def injected_raise() -> tuple[int, int] | None:
+    """(step, rank) from ``MUONQ_INJECT_RAISE=STEP:RANK``, or None."""
+    raw = os.environ.get(RAISE_HOOK_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        step, rank = (int(v) for v in raw.split(":"))
+    except ValueError:
+        raise ValueError(f"{RAISE_HOOK_ENV}={raw!r}: expected STEP:RANK") from None
+    return step, rank
