@@ -166,10 +166,6 @@ META_FIELDS = [("format_version",), ("vocab_size",), ("eos_id",), ("tokenizer",)
                ("splits", "val", "tokens"), ("splits", "train", "shards")]
 
 
-@pytest.mark.xfail(raises=(KeyError, TypeError), strict=False,
-                   reason="muonq.data.loader._read_meta lets KeyError/TypeError through for well-formed JSON of the "
-                          "wrong shape (e.g. splits={} or null); owned by the data code. The entry point already "
-                          "turns it into one clean line (launch.preflight).")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           report_multiple_bugs=False)
 @given(field=st.sampled_from(META_FIELDS), value=JSON_VALUES)

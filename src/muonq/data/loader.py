@@ -82,10 +82,17 @@ def _split_headers(path: pathlib.Path, split: str) -> list[ShardHeader]:
 def _read_meta(meta_path: pathlib.Path, headers: dict[str, list[ShardHeader]]) -> DatasetMeta:
     try:
         meta = json.loads(meta_path.read_text())
-        version, splits = meta["format_version"], meta["splits"]
-        vocab_size, eos_id, tokenizer = meta["vocab_size"], meta["eos_id"], meta["tokenizer"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{meta_path}: not a MuonQ meta.json ({err!r})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    try:
+        return _meta_from_json(meta_path, meta, headers)
+    except (KeyError, TypeError, AttributeError) as err:  # valid JSON of the wrong shape
+        raise ValueError(f"{meta_path}: not a MuonQ meta.json (missing or malformed {err!r})") from err
+
+
+def _meta_from_json(meta_path: pathlib.Path, meta: dict, headers: dict[str, list[ShardHeader]]) -> DatasetMeta:
+    version, splits = meta["format_version"], meta["splits"]
+    vocab_size, eos_id, tokenizer = meta["vocab_size"], meta["eos_id"], meta["tokenizer"]
     if version != VERSION:
         raise ValueError(f"{meta_path}: format_version {version} is not supported (expected {VERSION})")
     for split, found in headers.items():
@@ -98,6 +105,8 @@ def _read_meta(meta_path: pathlib.Path, headers: dict[str, list[ShardHeader]]) -
         for h in found:
             if h.vocab_size is not None and h.vocab_size != vocab_size:
                 raise ValueError(f"{h.path}: header vocab {h.vocab_size} differs from meta.json's {vocab_size}")
+    if not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"{meta_path}: vocab_size must be a positive integer, got {vocab_size!r}")
     return DatasetMeta(
         vocab_size=vocab_size, eos_id=eos_id, tokenizer=tokenizer, train_tokens=splits["train"]["tokens"],
         val_tokens=splits["val"]["tokens"], bos_id=meta.get("bos_id"), format="muonq",
