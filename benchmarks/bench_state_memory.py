@@ -5,6 +5,14 @@ matrix shape, ``init`` allocates its state on the meta device, and the state ten
 summed and multiplied by how many matrices have that shape. AdamW state (embeddings, head, norms)
 and step counters are not counted.
 
+AdamW rows, for comparison, put the same matrices under AdamW: ``adamw`` keeps two fp32 states
+(8 bytes per element); ``adamw8bit`` is torchao's AdamW8bit, whose state is measured, not assumed:
+a real llama-tiny's hidden matrices are stepped once with AdamW8bit built by
+``muonq.optim.build.build_optimizer`` and its tensor-subclass state (``OptimState8bit``: uint8
+codes, one fp32 scale per 256 elements, a 256-entry fp32 code map per state) is counted by
+``muonq.optim.variants.state_bytes``; the per-tensor rule that reproduces that count exactly is
+then applied to the recipes' shapes.
+
     python benchmarks/bench_state_memory.py
 """
 
@@ -13,7 +21,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from muonq.optim.variants import momentum_nbytes, store_selector, variant_args
+import torch
+
+from muonq.optim.variants import VARIANTS, momentum_nbytes, state_bytes, store_selector, variant_args
 
 # hidden, SwiGLU width, layers (DESIGN.md section 4)
 RECIPES: dict[str, tuple[int, int, int]] = {
@@ -31,8 +41,43 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon4 (per-tensor 4-bit)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
     ("muonq + residual block 128", "muonq-block128", {}),
+    ("muonq rank/32 + residual block 256", "muonq", {"rank": 32, "residual_block_size": 256}),
     ("grasp-like (8-bit factors, grid 128)", "grasp", {}),
+    ("muoneq (fp32 momentum, as muon)", "muoneq", {}),
 ]
+ADAMW_BLOCK = 256
+
+
+def adamw_bytes(shape: tuple[int, int]) -> int:
+    """torch AdamW: exp_avg and exp_avg_sq in fp32."""
+    return 2 * 4 * math.prod(shape)
+
+
+def adamw8bit_bytes(shape: tuple[int, int], block: int = ADAMW_BLOCK) -> int:
+    """torchao AdamW8bit: per state, uint8 codes + one fp32 scale per block + the 256-entry fp32 code
+    map, if the tensor has >= 4096 elements divisible by the block; else plain fp32 states."""
+    numel = math.prod(shape)
+    if numel >= 4096 and numel % block == 0:
+        return 2 * (numel + 4 * (numel // block) + 4 * 256)
+    return adamw_bytes(shape)
+
+
+def measured_adamw8bit() -> tuple[int, int, int]:
+    """(bytes counted by state_bytes, bytes by :func:`adamw8bit_bytes`, elements) for AdamW8bit over a
+    real llama-tiny's hidden matrices after one step."""
+    from muonq.config import ModelConfig, optimizer_params_from_yaml
+    from muonq.models import build_model
+    from muonq.optim.build import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_embd=128, n_layer=4, n_head=4, intermediate_size=352))
+    hidden = [p for _, p in model.hidden_matrices()]
+    opt = build_optimizer(optimizer_params_from_yaml("adamw8bit"), hidden=hidden, others=[]).optimizers["adamw"]
+    for p in hidden:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    counted = state_bytes(opt)["total"]
+    return counted, sum(adamw8bit_bytes(tuple(p.shape)) for p in hidden), sum(p.numel() for p in hidden)
 
 
 def hidden_shapes(hidden: int, ffn: int, layers: int) -> list[tuple[tuple[int, int], int]]:
@@ -41,15 +86,30 @@ def hidden_shapes(hidden: int, ffn: int, layers: int) -> list[tuple[tuple[int, i
 
 
 def recipe_bytes(variant: str, overrides: dict, shapes: list[tuple[tuple[int, int], int]]) -> int:
-    select = store_selector(variant_args(variant, **overrides))
+    if variant == "adamw":
+        return sum(adamw_bytes(shape) * count for shape, count in shapes)
+    if variant == "adamw8bit":
+        return sum(adamw8bit_bytes(shape) * count for shape, count in shapes)
+    if variant in VARIANTS:
+        args = variant_args(variant, **overrides)
+    else:  # an optimizer YAML that is no named variant (muoneq)
+        from muonq.config import optimizer_params_from_yaml
+
+        args = optimizer_params_from_yaml(variant, **overrides).args
+    select = store_selector(args)
     return sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
+
+
+def one_matrix(variant: str, overrides: dict, shape: tuple[int, int]) -> int:
+    return recipe_bytes(variant, overrides, [(shape, 1)])
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     shapes = {name: hidden_shapes(*dims) for name, dims in RECIPES.items()}
     numel = {name: sum(math.prod(s) * c for s, c in shape_list) for name, shape_list in shapes.items()}
-    table = {label: {name: recipe_bytes(v, o, shapes[name]) for name in RECIPES} for label, v, o in ROWS}
+    rows = ROWS + [("adamw (2 x fp32 states)", "adamw", {}), ("adamw8bit (torchao, block 256)", "adamw8bit", {})]
+    table = {label: {name: recipe_bytes(v, o, shapes[name]) for name in RECIPES} for label, v, o in rows}
     fp32 = table[ROWS[0][0]]
 
     print("Muon matrices: " + ", ".join(f"{name} {numel[name] / 1e6:.1f}M elements" for name in RECIPES))
@@ -62,8 +122,15 @@ def main() -> None:
     print()
     print("| variant | one 512 x 512 matrix, bytes |")
     print("|---|---:|")
-    for label, variant, overrides in ROWS:
-        print(f"| {label} | {momentum_nbytes(store_selector(variant_args(variant, **overrides)), (512, 512)):,} |")
+    for label, variant, overrides in rows:
+        print(f"| {label} | {one_matrix(variant, overrides, (512, 512)):,} |")
+    counted, predicted, numel = measured_adamw8bit()
+    print()
+    print(f"adamw8bit measured on a real llama-tiny (hidden matrices, {numel:,} elements, one step): state_bytes "
+          f"counts {counted:,} bytes = {counted / numel:.4f} bytes/element; the per-tensor rule gives {predicted:,} "
+          f"({'exact' if counted == predicted else 'MISMATCH'})")
+    if counted != predicted:
+        raise SystemExit("the AdamW8bit byte rule does not match the counted state")
 
 
 if __name__ == "__main__":

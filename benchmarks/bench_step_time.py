@@ -1,0 +1,106 @@
+"""Optimizer step time on CPU of every Muon variant, relative to fp32 Muon, on the same matrices.
+
+The matrices are the hidden matrices of one llama-60m layer (q, k, v, o: 512 x 512; gate, up:
+1376 x 512; down: 512 x 1376; 3.16M elements). Each optimizer is built the way training builds it
+(``muonq.optim.build.build_optimizer`` from its YAML in hydra_conf/optimizer_params/), over its own
+copy of the weights, with fixed random gradients. After warm-up steps, the optimizers are stepped
+in rounds, one step of each per round in a shuffled order (so load changes on a shared machine hit
+all of them alike), and the median step time of each is reported with its ratio to fp32 Muon's
+median: wall-clock time, and the process's CPU time, which other jobs on a shared machine inflate
+far less (with one torch thread, the default, CPU time is the step's compute time).
+Newton–Schulz runs in fp32 on CPUs (bf16 matmuls are emulated there). AdamW rows are for reference
+(they run no Newton–Schulz).
+
+    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+from muonq.config import optimizer_params_from_yaml
+from muonq.optim.build import build_optimizer
+from muonq.optim.variants import VARIANTS
+
+# (label, optimizer YAML, overrides)
+ROWS: list[tuple[str, str, dict]] = [
+    ("muon (fp32)", "muon", {}),
+    ("muon8bit linear b256", "muon8bit", {}),
+    ("muon8bit dynamic b256", "muon8bit", {"quant": "dynamic"}),
+    ("muon8 (per-tensor 8-bit)", "muon8", {}),
+    ("muon4 (per-tensor 4-bit)", "muon4", {}),
+    ("muonq (default)", "muonq", {}),
+    ("muonq + residual b128", *VARIANTS["muonq-block128"]),
+    ("grasp", "grasp", {}),
+    ("muoneq (row, fp32 momentum)", "muoneq", {}),
+    ("adamw (reference)", "adamw", {}),
+    ("adamw8bit, torchao (reference)", "adamw8bit", {}),
+]
+
+LAYER = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
+
+
+def make(yaml_name: str, overrides: dict, weights: list[torch.Tensor], grads: list[torch.Tensor]):
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = build_optimizer(optimizer_params_from_yaml(yaml_name, **overrides), hidden=params, others=[])
+    return opt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps of each optimizer")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each optimizer first")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = [torch.randn(shape, generator=gen) * 0.02 for shape in LAYER]
+    grads = [torch.randn(shape, generator=gen) * 1e-3 for shape in LAYER]
+    opts = {label: make(yaml_name, overrides, weights, grads) for label, yaml_name, overrides in ROWS}
+    for opt in opts.values():
+        for _ in range(args.warmup):
+            opt.step()
+    times: dict[str, list[float]] = {label: [] for label in opts}
+    cpu: dict[str, list[float]] = {label: [] for label in opts}
+    order = list(opts)
+    rng = random.Random(args.seed)
+    t0 = time.perf_counter()
+    for _ in range(args.rounds):
+        rng.shuffle(order)
+        for label in order:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            opts[label].step()
+            times[label].append(time.perf_counter() - start)
+            cpu[label].append(time.process_time() - start_cpu)
+    wall = time.perf_counter() - t0
+
+    numel = sum(w.numel() for w in weights)
+    try:
+        load = " · load average %.1f %.1f %.1f" % tuple(__import__("os").getloadavg())
+    except OSError:
+        load = ""
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}{load}")
+    print(f"one llama-60m layer: {len(LAYER)} matrices, {numel / 1e6:.2f}M elements; {args.rounds} rounds after "
+          f"{args.warmup} warm-up steps, shuffled order per round; {wall:.0f} s\n")
+    base = statistics.median(times[ROWS[0][0]])
+    base_cpu = statistics.median(cpu[ROWS[0][0]])
+    print("| optimizer | wall ms (median) | wall min-max | vs fp32 Muon (wall) | CPU ms (median) | vs fp32 Muon (CPU) | CPU overhead ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label in times:
+        t, c = times[label], cpu[label]
+        med, med_cpu = statistics.median(t), statistics.median(c)
+        print(f"| {label} | {1e3 * med:.1f} | {1e3 * min(t):.0f}-{1e3 * max(t):.0f} | {med / base:.2f}x "
+              f"| {1e3 * med_cpu:.1f} | {med_cpu / base_cpu:.2f}x | {1e3 * (med_cpu - base_cpu):+.1f} |")
+
+if __name__ == "__main__":
+    main()
