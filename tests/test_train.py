@@ -34,6 +34,7 @@ def test_llama_tiny_learns_below_unigram_entropy(tmp_path, shakespeare_data, opt
         tmp_path / "out", shakespeare_data, "recipe=llama-tiny", f"optimizer_params={optimizer}",
         "recipe.training_params.max_steps=300", "optimizer_params.args.lr=0.006", "logging_params.val_step=0",
         "logging_params.final_full_val=false", "logging_params.val_tokens_processed=32768",
+        timeout=1800,  # ~1 min on two idle cores; generous for loaded CI machines
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [r["val/final_loss"] for r in rows if "val/final_loss" in r][0]
