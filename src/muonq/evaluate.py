@@ -147,7 +147,7 @@ def _recorded_layout(ckpt: Any) -> tuple[int | None, int | None, str]:
     tp = (run.get("recipe") or {}).get("training_params") or {}
     seq_len = tp.get("context_length") or (ckpt.payload.get("loader") or {}).get("seq_len")
     batch = tp.get("batch_size")
-    world = run.get("world_size") or 1
+    world = ckpt.payload.get("world_size") or run.get("world_size") or 1
     return seq_len, (batch * world if batch else None), "run config" if tp else "loader state"
 
 

@@ -157,6 +157,8 @@ class Trainer:
             "wandb_id": self.state.wandb_id,
             "optimizer_name": self.cfg.optimizer_params.name,
             "model_config": OmegaConf.to_container(self.cfg.recipe.model),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),  # for evaluate / export
+            "world_size": self.dist.world_size,
         }
 
     def save_checkpoint(self) -> None:
