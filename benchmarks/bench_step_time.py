@@ -37,6 +37,8 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon4 (per-tensor 4-bit)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
     ("muonq + residual b128", *VARIANTS["muonq-block128"]),
+    ("muonq mu 15 + residual b128", "muonq", {"mu": 15.0, "residual_block_size": 128}),
+    ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
     ("grasp", "grasp", {}),
     ("muoneq (row, fp32 momentum)", "muoneq", {}),
     ("adamw (reference)", "adamw", {}),
