@@ -1,13 +1,17 @@
 """Fused quantized-momentum kernels and Muon step time (issue #7).
 
-(a) The momentum update of each codec (decode, B <- beta B + G, optional renormalization,
-    requantize) on the hidden-matrix shapes of a recipe: median time, GB/s of the bytes the fused
-    launches read and write, and that rate over the device's copy bandwidth (a large
-    ``Tensor.copy_``, bytes read + written). Target on a GPU: >= 80%. "Moved" bytes count every
-    pass (two-pass codecs re-read B); "min" bytes are what any implementation must touch (codes and
-    scales read and written, G read, B written), so min GB/s is the end-to-end rate.
+(a) The momentum update of each codec as a Muon step runs it (``store.ns_input``: decode,
+    B <- beta B + G, optional renormalization, requantize, and Newton–Schulz's input U written in
+    NS's dtype, bf16 on a GPU) on the hidden-matrix shapes of a recipe: median time, GB/s of the
+    bytes the fused launches read and write, and that rate over the device's copy bandwidth (a
+    large ``Tensor.copy_``, bytes read + written). Target on a GPU: >= 80%. "Moved" bytes count
+    every pass (two-pass codecs write and re-read the fp32 B); "min" bytes are what any
+    implementation must touch (codes and scales read and written, G read, U written), so min GB/s
+    is the end-to-end rate.
 (b) One Muon step over one transformer layer's hidden matrices (q, k, v, o, gate, up, down) for
-    muon8bit, muonq and grasp, divided by fp32 Muon's step. Target on a GPU: <= 1.15.
+    muon8bit, muonq and grasp, divided by fp32 Muon's step. Target on a GPU: <= 1.15. The rows
+    "ns batch 4" stack the four attention matrices (and gate/up) into batched NS calls
+    (``optimizer_params.args.ns_batch_size``), to decide where batching pays.
 
 On CUDA this uses ``kernels=auto`` (the Triton kernels) at llama-350m and llama-1b sizes; on a CPU
 it runs the PyTorch reference at llama-60m sizes, which says nothing about the GPU targets.
@@ -49,7 +53,9 @@ PASSES: list[tuple[str, QuantCodec, bool]] = [
     ("muonq-block128 residual: 4-bit mu-law, block 128, renorm", make_codec(4, "mulaw", "block", block_size=128), True),
     ("grasp residual: 4-bit linear, grid 128", make_codec(4, "linear", "grid", tile_size=128), False),
 ]
-STEP_VARIANTS = ("muon", "muon8bit", "muonq", "grasp")
+# (label, variant, ns_batch_size)
+STEP_VARIANTS = [("muon", "muon", 1), ("muon8bit", "muon8bit", 1), ("muonq", "muonq", 1), ("grasp", "grasp", 1),
+                 ("muon, ns batch 4", "muon", 4), ("muonq, ns batch 4", "muonq", 4)]
 
 
 def layer_shapes(hidden: int, ffn: int) -> list[tuple[int, int]]:
@@ -83,19 +89,26 @@ def copy_bandwidth(device: torch.device, numel: int, repeats: int) -> float:
     return 2 * src.nbytes / seconds
 
 
-def traffic(codec: QuantCodec, shape: tuple[int, int], renormalize: bool) -> tuple[int, int]:
-    """(minimal bytes, bytes the fused launches move) of one momentum update of ``shape``.
+def traffic(codec: QuantCodec, shape: tuple[int, int], renormalize: bool, ns_bytes: int) -> tuple[int, int]:
+    """(minimal bytes, bytes the fused launches move) of one momentum update of ``shape`` whose NS
+    input has ``ns_bytes`` per element.
 
-    Block and grid scales requantize in the update pass unless renormalizing; otherwise a second
-    pass re-reads B (and rewrites it divided by the norm). 4-bit codes whose groups start at odd
-    elements go through a one-byte-per-code scratch buffer packed by three torch ops (4 more
-    bytes/element).
+    Block and grid scales requantize in the update pass, which writes only U, unless renormalizing;
+    otherwise the update pass writes the fp32 B and a second pass re-reads it, requantizes and
+    writes U (for an fp32 U without renormalization, U is that B: no second write). 4-bit codes
+    whose groups start at odd elements go through a one-byte-per-code scratch buffer packed by three
+    torch ops (4 more bytes/element).
     """
     numel = math.prod(shape)
     state = codec.nbytes(shape)
-    minimal = 2 * state + 4 * numel + 4 * numel  # codes+scales read and written, G read, B written
+    minimal = 2 * state + 4 * numel + ns_bytes * numel  # codes+scales read and written, G read, U written
     one_pass = codec.granularity in ("block", "grid") and not renormalize
-    moved = minimal + (0 if one_pass else 4 * numel + (4 * numel if renormalize else 0))
+    if one_pass:
+        moved = minimal
+    elif ns_bytes == 4 and not renormalize:
+        moved = minimal + 4 * numel  # B re-read
+    else:
+        moved = minimal + 8 * numel  # B written, then re-read
     odd = {"block": codec.block_size, "grid": shape[1]}.get(codec.granularity, 2) % 2
     if codec.bits == 4 and odd:
         moved += 4 * numel
@@ -112,11 +125,13 @@ def update_rows(recipe: str, device: torch.device, kernels: str, copy_bps: float
             store.init(state, torch.empty(shape, device=device))
             grad = torch.randn(shape, device=device)
             fused = store.kernels.applies(grad)
+            ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as Muon picks it
             seconds = median_seconds(
-                lambda: store.accumulate(state, grad, beta=0.95, ema=False, renormalize=renormalize),
+                lambda: store.ns_input(state, grad, beta=0.95, ema=False, renormalize=renormalize, nesterov=False,
+                                       dtype=ns_dtype),
                 device=device, warmup=args.warmup, repeats=args.repeats,
             )
-            minimal, moved = traffic(codec, shape, renormalize)
+            minimal, moved = traffic(codec, shape, renormalize, ns_dtype.itemsize)
             moved_cell = f"{moved / seconds / 1e9:.1f} | {moved / seconds / copy_bps:.0%}" if fused else "- | -"
             rows.append(
                 f"| {recipe} | {shape[0]}x{shape[1]} | {label} | {'triton' if fused else 'reference'} | "
@@ -133,19 +148,20 @@ def step_rows(recipe: str, device: torch.device, kernels: str, args) -> list[str
     weights = [torch.randn(s, generator=generator) * 0.02 for s in shapes]
     grads = [torch.randn(s, generator=generator).to(device) for s in shapes]
     optimizers = {}
-    for variant in STEP_VARIANTS:
+    for label, variant, ns_batch_size in STEP_VARIANTS:
         params = [torch.nn.Parameter(w.to(device)) for w in weights]
         for p, g in zip(params, grads):
             p.grad = g
-        optimizers[variant] = build_muon(variant_args(variant), params, kernels=kernels)
-    times: dict[str, list[float]] = {variant: [] for variant in STEP_VARIANTS}
+        optimizers[label] = build_muon(variant_args(variant, ns_batch_size=ns_batch_size), params, kernels=kernels)
+    times: dict[str, list[float]] = {label: [] for label in optimizers}
     for repeat in range(args.warmup + args.repeats):
-        for variant, opt in optimizers.items():
+        for label, opt in optimizers.items():
             seconds = seconds_once(opt.step, device)
             if repeat >= args.warmup:
-                times[variant].append(seconds)
-    median = {variant: statistics.median(t) for variant, t in times.items()}
-    return [f"| {recipe} | {v} | {median[v] * 1e3:,.2f} | {median[v] / median['muon']:.3f} |" for v in STEP_VARIANTS]
+                times[label].append(seconds)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    return [f"| {recipe} | {label} | {median[label] * 1e3:,.2f} | {median[label] / median['muon']:.3f} |"
+            for label in optimizers]
 
 
 def main() -> None:
@@ -170,7 +186,7 @@ def main() -> None:
               "llama-1b shapes, targets >= 80% of copy bandwidth and <= 1.15x fp32 Muon) are pending.")
     copy_bps = copy_bandwidth(device, (256 if cuda else 32) * 2**20, args.repeats)
     print(f"\ncopy bandwidth (read + write): {copy_bps / 1e9:.1f} GB/s\n")
-    print("(a) momentum update: decode, B <- 0.95 B + G, [B / ||B||], requantize\n")
+    print("(a) momentum update: decode, B <- 0.95 B + G, [B / ||B||], requantize, U in NS's dtype\n")
     print("| recipe | shape | codec | path | time (us) | moved GB/s | of copy | min GB/s | of copy |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for recipe in args.recipes:

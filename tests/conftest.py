@@ -60,3 +60,30 @@ def run_training(out_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1,
 
 def losses(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+# The training-quality runs shared by test_variants (each variant against its full-precision
+# reference) and test_train (Muon and AdamW learn beyond a unigram model): llama-tiny, 150 steps,
+# lr 0.006, seed 0, two runs at a time with one torch thread each (~7 min on two idle cores).
+SLOW_STEPS = 150
+SLOW_RUN = ("recipe=llama-tiny", f"recipe.training_params.max_steps={SLOW_STEPS}", "optimizer_params.args.lr=0.006",
+            "logging_params.val_step=0", "logging_params.final_full_val=false",
+            "logging_params.val_tokens_processed=32768", "logging_params.log_step=50")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, shakespeare_data) -> dict[str, dict]:
+    """Every optimizer trained once with SLOW_RUN: name -> {"loss": final val loss, "out": run dir}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from muonq.config import OPTIMIZERS
+
+    def train(name: str) -> tuple[str, dict]:
+        out = tmp_path_factory.mktemp(name) / "out"
+        proc, rows = run_training(out, shakespeare_data, *SLOW_RUN, f"optimizer_params={name}", timeout=1800,
+                                  env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return name, {"loss": [r["val/final_loss"] for r in rows if "val/final_loss" in r][0], "out": out}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(train, OPTIMIZERS))

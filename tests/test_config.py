@@ -79,6 +79,7 @@ def test_missing_recipe_lists_the_valid_ones() -> None:
         ("optimizer_params.args.qbit=3", "optimizer_params.args.qbit"),
         ("optimizer_params.args.rank=-1", "optimizer_params.args.rank"),
         ("optimizer_params.args.lr=0", "optimizer_params.args.lr"),
+        ("optimizer_params.args.ns_batch_size=0", "optimizer_params.args.ns_batch_size"),
         ("optimizer_params.name=sgd", "optimizer_params.name"),
         ("recipe.training_params.tokens_processed=1000", "recipe.training_params.tokens_processed"),
         ("lr_schedule.name=linear", "lr_schedule.name"),

@@ -206,6 +206,65 @@ def test_other_layouts_accumulate_like_the_reference(device, codec, shape):
                            shape, exact_codes=exact)
 
 
+NS_INPUT_CASES = [  # (codec, renormalize, nesterov): one-pass (block) and two-pass (tensor) layouts
+    (make_codec(8, "linear", "block", block_size=256), False, True),
+    (make_codec(8, "linear", "block", block_size=256), False, False),
+    (make_codec(4, "linear", "grid", tile_size=32), False, True),
+    (make_codec(4, "mulaw", "tensor"), True, True),
+    (make_codec(4, "mulaw", "tensor"), True, False),
+    (make_codec(8, "linear", "tensor"), False, True),
+]
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["sum", "ema"])
+@pytest.mark.parametrize("codec,renormalize,nesterov", NS_INPUT_CASES,
+                         ids=["block-nesterov", "block", "grid-nesterov", "tensor-renorm-nesterov", "tensor-renorm",
+                              "tensor-nesterov"])
+def test_fused_ns_input_in_bf16_matches_the_reference(device, codec, renormalize, nesterov, ema):
+    """The kernels write Newton–Schulz's bf16 input (momentum or its Nesterov form) as a by-product
+    of the update; it equals the reference's fp32 result cast to bf16 up to one bf16 rounding step,
+    and the stored codes are those of the plain update."""
+    shape = (64, 96)
+    stores = {mode: QuantizedStore(codec, shape, kernels=mode) for mode in ("triton", "reference")}
+    states = {mode: {} for mode in stores}
+    for mode, store in stores.items():
+        store.init(states[mode], torch.empty(shape, device=device))
+    for step in range(3):
+        grad = heavy(shape, step, device)
+        grad.view(-1)[:512] = 0.0
+        kwargs = dict(beta=0.9, ema=ema, renormalize=renormalize, nesterov=nesterov, dtype=torch.bfloat16)
+        got = stores["triton"].ns_input(states["triton"], grad, **kwargs)
+        ref = stores["reference"].ns_input(states["reference"], grad, **kwargs)
+        assert got.dtype == torch.bfloat16 and got.shape == shape
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-6 * ref.float().abs().max().item())
+    exact = not ema and not renormalize and not isinstance(codec.value_map, MuLawMap)
+    for key in states["reference"]:
+        if key.endswith(".codes"):
+            assert_codes_match(states["reference"][key], states["triton"][key], codec.bits, math.prod(shape), exact=exact)
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+@pytest.mark.parametrize("name", ["muonq", "grasp"])
+def test_decomposed_ns_input_in_bf16_matches_the_reference(device, name, nesterov):
+    """MuonQ (renormalized: the division pass writes the bf16 input) and GRASP (the update pass does)."""
+    shape = (64, 96)
+    args = variant_args(name, min_quant_numel=0, tile_size=32)
+    stores = {mode: store_selector(args, kernels=mode)(torch.empty(shape)) for mode in ("triton", "reference")}
+    states = {mode: {} for mode in stores}
+    for mode, store in stores.items():
+        assert isinstance(store, DecomposedStore)
+        store.init(states[mode], torch.empty(shape, device=device))
+    for step in range(3):
+        grad = heavy(shape, step, device)
+        if args.norm:
+            grad = grad / grad.norm()
+        kwargs = dict(beta=0.95, ema=False, renormalize=args.norm, nesterov=nesterov, dtype=torch.bfloat16)
+        got = stores["triton"].ns_input(states["triton"], grad, **kwargs)
+        ref = stores["reference"].ns_input(states["reference"], grad, **kwargs)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-6 * ref.float().abs().max().item())
+
+
 @pytest.mark.parametrize("name", QUANTIZED_VARIANTS)
 def test_muon_runs_each_variant_on_the_kernels(device, name):
     """A few Muon steps on fused kernels land where the reference path lands."""
@@ -372,7 +431,14 @@ def test_kernel_configurations_compile_for_cuda_without_a_gpu(monkeypatch):
     qk.quantize_into(spec, x, enc, absmax=torch.ones(8))
     spec, enc, x, shape = setup(make_codec(4, "linear", "block", block_size=128, scale_dtype=torch.bfloat16), (64, 64))
     qk.quantize_into(spec, x, enc, divisor=torch.ones(1))
-    assert len(compiled) == 8
+    # Newton–Schulz input in bf16 as a by-product: one-pass (Nesterov, EMA) and quantize pass (sum)
+    ns = torch.empty(64, 64, dtype=torch.bfloat16)
+    spec, enc, x, shape = setup(make_codec(8, "linear", "block"), (64, 64))
+    qk.decode_update(spec, enc, shape, grad=x, ema=True, requantize=True, write_out=False, ns_out=ns, nesterov=True)
+    spec, enc, x, shape = setup(make_codec(4, "mulaw", "tensor"), (64, 64))
+    qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1), overwrite=False, ns_out=ns, grad=x,
+                     beta=0.9, nesterov=qk.UPDATE_SUM)
+    assert len(compiled) == 10
 
 
 @parent_only

@@ -81,3 +81,61 @@ def test_equilibrate_row_gives_unit_rows_and_rowcol_uses_one_input() -> None:
     clipped = Equilibrate(mode="row", clip=2.0)(u, 0)
     scales = clipped.norm(dim=1) / u.norm(dim=1)
     assert scales.min() >= 0.5 - 1e-6 and scales.max() <= 2.0 + 1e-6
+
+
+def _steps(opt: Muon, params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("variant", ["muon", "muonq", "muon8bit"])
+def test_batched_newton_schulz_groups_same_shapes_and_changes_nothing(monkeypatch, variant: str) -> None:
+    """ns_batch_size stacks same-shape matrices (in chunks) into one NS call; the updates equal the
+    per-matrix ones (fp32 on the CPU: the batched matmul computes each slice like the single one)."""
+    from muonq.optim import muon as muon_module
+    from muonq.optim.variants import store_selector, variant_args
+
+    shapes = [(32, 48), (48, 32), (32, 48), (32, 48), (16, 16), (48, 32), (32, 48)]
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    calls: list[tuple[int, ...]] = []
+    real = muon_module.zeropower_via_newtonschulz
+    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda u, *a, **k: calls.append(tuple(u.shape)) or real(u, *a, **k))
+    args = variant_args(variant, min_quant_numel=0)
+    finals = {}
+    for batch in (1, 3):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=True, normalize=args.norm, ns_batch_size=batch,
+                   store=store_selector(args, kernels="reference"))
+        calls.clear()
+        _steps(opt, params, grads)
+        finals[batch] = [p.detach().clone() for p in params]
+        per_step = calls[: len(calls) // 3]
+        if batch == 1:
+            assert per_step == [s for s in shapes]
+        else:  # four 32 x 48 -> a batch of 3 and a single; two 48 x 32 -> one batch of 2
+            assert sorted(per_step) == sorted([(3, 32, 48), (32, 48), (2, 48, 32), (16, 16)])
+    for got, ref in zip(finals[3], finals[1]):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_store_ns_input_is_the_momentum_or_its_nesterov_form_in_the_ns_dtype(ema: bool, nesterov: bool) -> None:
+    from muonq.optim.momentum import FullPrecisionStore
+
+    gen = torch.Generator().manual_seed(4)
+    store, state, param = FullPrecisionStore(), {}, torch.empty(8, 12)
+    store.init(state, param)
+    momentum = torch.zeros(8, 12)
+    for _ in range(3):
+        g = torch.randn(8, 12, generator=gen)
+        u = store.ns_input(state, g, beta=0.9, ema=ema, renormalize=False, nesterov=nesterov, dtype=torch.bfloat16)
+        momentum = momentum.lerp(g, 0.1) if ema else momentum * 0.9 + g
+        want = (g.lerp(momentum, 0.9) if ema else g + 0.9 * momentum) if nesterov else momentum
+        assert u.dtype == torch.bfloat16
+        torch.testing.assert_close(u, want.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(state["momentum_buffer"], momentum, rtol=1e-6, atol=1e-6)

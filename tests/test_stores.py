@@ -106,6 +106,23 @@ def test_power_iteration_converges_to_the_top_singular_subspace():
     assert torch.allclose(torch.linalg.svdvals(basis), s[:k], rtol=1e-4)  # P R^T keeps the top-k part
 
 
+def test_power_iteration_in_bf16_tracks_the_fp32_subspace():
+    """bf16 matmuls (the GPU default), from a warm basis as in training: P stays orthonormal, the
+    subspace moves by bf16 rounding only, and the residual B - P R^T grows by well under 1%."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(96, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(96, 64, generator=g)
+    basis = initial_basis(64, 8, seed=2)
+    for _ in range(3):
+        _, basis = power_iteration_step(b, basis, matmul_dtype=torch.float32)
+    p32, r32 = power_iteration_step(b, basis, matmul_dtype=torch.float32)
+    p16, r16 = power_iteration_step(b, basis, matmul_dtype=torch.bfloat16)
+    assert p16.dtype == r16.dtype == torch.float32
+    assert torch.allclose(p16.T @ p16, torch.eye(8), atol=1e-5)
+    assert torch.linalg.matrix_norm(p16 @ p16.T - p32 @ p32.T, ord=2) < 1e-2
+    assert (b - p16 @ r16.T).norm() < 1.01 * (b - p32 @ r32.T).norm()
+    assert power_iteration_step(b, basis)[0].equal(p32)  # CPU default: fp32
+
+
 def test_power_iteration_survives_a_zero_matrix():
     p, r = power_iteration_step(torch.zeros(10, 6), initial_basis(6, 2, seed=0))
     assert torch.isfinite(p).all() and torch.equal(r, torch.zeros(6, 2))

@@ -28,20 +28,18 @@ def unigram_cross_entropy(data_dir) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_llama_tiny_learns_below_unigram_entropy(tmp_path, shakespeare_data, optimizer) -> None:
-    proc, rows = run_training(
-        tmp_path / "out", shakespeare_data, "recipe=llama-tiny", f"optimizer_params={optimizer}",
-        "recipe.training_params.max_steps=300", "optimizer_params.args.lr=0.006", "logging_params.val_step=0",
-        "logging_params.final_full_val=false", "logging_params.val_tokens_processed=32768",
-        timeout=1800,  # ~1 min on two idle cores; generous for loaded CI machines
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    final = [r["val/final_loss"] for r in rows if "val/final_loss" in r][0]
+def test_llama_tiny_learns_below_unigram_entropy(shakespeare_data, tiny_runs) -> None:
+    """150 steps of llama-tiny (the shared runs of conftest.tiny_runs): both optimizers use context,
+    ending well below the best context-free (unigram) loss, and Muon below AdamW. Measured
+    2026-11-23: unigram 6.611, AdamW 6.069, Muon 5.551 nats/token."""
     baseline = unigram_cross_entropy(shakespeare_data)
-    assert final < baseline - 0.7, (final, baseline)
-    assert (tmp_path / "out" / "summary.json").exists()
-    assert (tmp_path / "logs" / f"llama-tiny_{optimizer}.log").read_text().count("val loss") >= 1
+    adamw, muon = tiny_runs["adamw"], tiny_runs["muon"]
+    assert adamw["loss"] < baseline - 0.4, (adamw["loss"], baseline)
+    assert muon["loss"] < baseline - 0.8, (muon["loss"], baseline)
+    assert muon["loss"] < adamw["loss"] - 0.2
+    for name, run in (("adamw", adamw), ("muon", muon)):
+        assert (run["out"] / "summary.json").exists()
+        assert (run["out"].parent / "logs" / f"llama-tiny_{name}.log").read_text().count("val loss") >= 1
 
 
 def test_two_ranks_match_one_rank(tmp_path, shakespeare_data) -> None:

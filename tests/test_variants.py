@@ -28,7 +28,6 @@ from muonq.optim.newton_schulz import zeropower_via_newtonschulz
 from muonq.optim.stores import DecomposedStore
 from muonq.optim.variants import state_bytes, store_selector, variant_args
 
-from .conftest import run_training
 
 # -- every YAML builds and steps ---------------------------------------------------------------------
 
@@ -228,41 +227,15 @@ MARGINS = {
     "muoneq": 0.02,
 }
 REFERENCE = {name: ("adamw" if name == "adamw8bit" else "muon") for name in MARGINS}
-# 300 steps (the llama-tiny budget) would take ~15 min for the nine runs on two idle cores; 150
-# steps, two runs at a time with one thread each, take ~7 min (13 CPU-minutes; 13.6 min of wall time
-# measured on the shared 2-core machine at load ~4, where all seven tests passed with the numbers above).
-SLOW_STEPS = 150
-COMMON = ("recipe=llama-tiny", f"recipe.training_params.max_steps={SLOW_STEPS}", "optimizer_params.args.lr=0.006",
-          "logging_params.val_step=0", "logging_params.final_full_val=false",
-          "logging_params.val_tokens_processed=32768", "logging_params.log_step=50")
-
-
-@pytest.fixture(scope="module")
-def final_losses(tmp_path_factory, shakespeare_data) -> dict[str, float]:
-    """Final validation loss of every variant and reference, trained two at a time (one torch thread
-    each: the same arithmetic as the measurements above, and no oversubscription of two cores)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    names = ["muon", "adamw", *MARGINS]
-
-    def train(name: str) -> tuple[str, float]:
-        out = tmp_path_factory.mktemp(name) / "out"
-        proc, rows = run_training(out, shakespeare_data, *COMMON, f"optimizer_params={name}", timeout=1800,
-                                  env={"OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return name, [r["val/final_loss"] for r in rows if "val/final_loss" in r][0]
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(train, names))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(MARGINS))
-def test_variant_trains_close_to_full_precision(optimizer, final_losses):
+def test_variant_trains_close_to_full_precision(optimizer, tiny_runs):
     """llama-tiny, 150 steps, lr 0.006, seed 0: final validation loss at most 1 % (muon8bit, muon8,
     adamw8bit), 2 % (muoneq) or 3 % (muon4, muonq, grasp) above the full-precision reference (fp32
     Muon; fp32 AdamW for adamw8bit). Margins from the measured gaps (comment above MARGINS)."""
-    reference = final_losses[REFERENCE[optimizer]]
-    loss = final_losses[optimizer]
+    reference = tiny_runs[REFERENCE[optimizer]]["loss"]
+    loss = tiny_runs[optimizer]["loss"]
     print(f"{optimizer}: {loss:.4f} vs {REFERENCE[optimizer]} {reference:.4f} ({100 * (loss / reference - 1):+.2f} %)")
     assert loss <= reference * (1 + MARGINS[optimizer]), (optimizer, loss, reference)

@@ -80,6 +80,7 @@ class OptimizerArgs:
     momentum: float = 0.95
     nesterov: bool = False
     ns_steps: int = 5
+    ns_batch_size: int = 1  # same-shape matrices stacked into one batched Newton–Schulz call (1 = per matrix)
     polar_method: str = "Keller"  # Newton–Schulz quintic (the only one implemented)
     scale_mode: str = "match_rms_adamw"  # or "original"
     momentum_form: str = "sum"  # or "ema" (torch.optim.Muon's form)
@@ -252,6 +253,7 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(args.weight_decay >= 0, "optimizer_params.args.weight_decay", f"must be >= 0, got {args.weight_decay}")
     _check(0 <= args.momentum < 1, "optimizer_params.args.momentum", f"must be in [0, 1), got {args.momentum}")
     _check(args.ns_steps >= 1, "optimizer_params.args.ns_steps", f"must be >= 1, got {args.ns_steps}")
+    _check(args.ns_batch_size >= 1, "optimizer_params.args.ns_batch_size", f"must be >= 1, got {args.ns_batch_size}")
     _check(args.polar_method == "Keller", "optimizer_params.args.polar_method", f"got {args.polar_method!r}, expected Keller")
     _check_choice(args.scale_mode, "optimizer_params.args.scale_mode", ("match_rms_adamw", "original"))
     _check_choice(args.momentum_form, "optimizer_params.args.momentum_form", ("sum", "ema"))

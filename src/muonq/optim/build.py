@@ -56,6 +56,7 @@ def build_muon(args: Any, params: list[torch.nn.Parameter], *, kernels: str = "a
         momentum=args.momentum,
         nesterov=args.nesterov,
         ns_steps=args.ns_steps,
+        ns_batch_size=args.ns_batch_size,
         scale_mode=args.scale_mode,
         momentum_form=args.momentum_form,
         normalize=args.norm,

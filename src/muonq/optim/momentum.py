@@ -57,6 +57,29 @@ class MomentumStore(ABC):
         self.save(state, momentum)
         return momentum
 
+    def ns_input(
+        self,
+        state: StateDict,
+        grad: torch.Tensor,
+        *,
+        beta: float,
+        ema: bool,
+        renormalize: bool,
+        nesterov: bool,
+        dtype: torch.dtype,
+        eps: float = 1e-12,
+    ) -> torch.Tensor:
+        """:meth:`accumulate`, then Newton–Schulz's input U in ``dtype``: the new momentum B, or
+        with ``nesterov`` grad + beta B (EMA form: lerp(grad, B, beta)).
+
+        U may alias the stored buffer: callers must not write into it. Fused kernels override this
+        to produce U in the same pass as the update.
+        """
+        momentum = self.accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        if nesterov:
+            momentum = grad.lerp(momentum, beta) if ema else grad.add(momentum, alpha=beta)
+        return momentum.to(dtype)
+
 
 class FullPrecisionStore(MomentumStore):
     """Plain fp32 momentum: 4 bytes per element, the reference every codec is compared with."""

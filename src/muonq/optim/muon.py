@@ -40,7 +40,10 @@ class Muon(torch.optim.Optimizer):
     ``'ema'`` keeps B <- mu B + (1 - mu) G, the form of ``torch.optim.Muon``. ``normalize`` is MuonQ's
     pre-quantization normalisation: G and the new B are scaled to unit Frobenius norm.
     ``ns_dtype`` None runs Newton–Schulz in bf16 on GPUs and in fp32 on CPUs, where bf16 matmuls are
-    emulated and several times slower.
+    emulated and several times slower. The store hands NS its input already in that dtype (fused
+    kernels write it in the same pass as the momentum update).
+    ``ns_batch_size`` > 1 stacks up to that many same-shape matrices of a group into one batched NS
+    call (fewer, larger matmuls: it pays where small matrices leave a GPU idle); 1 runs NS per matrix.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFS,
         ns_dtype: torch.dtype | None = None,
+        ns_batch_size: int = 1,
         eps: float = 1e-7,
         scale_mode: ScaleMode = "match_rms_adamw",
         momentum_form: MomentumForm = "sum",
@@ -69,6 +73,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon weight_decay must be >= 0, got {weight_decay}")
         if ns_steps < 1:
             raise ValueError(f"Muon ns_steps must be >= 1, got {ns_steps}")
+        if ns_batch_size < 1:
+            raise ValueError(f"Muon ns_batch_size must be >= 1, got {ns_batch_size}")
         if momentum_form not in ("sum", "ema"):
             raise ValueError(f"Muon momentum_form must be 'sum' or 'ema', got {momentum_form!r}")
         update_scale(torch.Size((1, 1)), scale_mode)  # validates the name
@@ -88,6 +94,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)}")
         self.ns_coefficients = ns_coefficients
         self.ns_dtype = ns_dtype
+        self.ns_batch_size = ns_batch_size
         self.momentum_form = momentum_form
         self.normalize = normalize
         self.pre_ns = pre_ns
@@ -111,41 +118,60 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ema = self.momentum_form == "ema"
         for group in self.param_groups:
-            beta = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._update_param(p, group, beta=beta, ema=ema)
+            for batch in self._ns_batches(group):
+                updates = [self._ns_input(p, group) for p in batch]
+                if len(batch) == 1:
+                    orthos = [self._orthogonalize(updates[0], group)]
+                else:
+                    orthos = self._orthogonalize(torch.stack(updates), group).unbind(0)
+                del updates
+                for p, ortho in zip(batch, orthos):
+                    self._apply(p, ortho, group)
         return loss
 
-    def _update_param(self, p: torch.Tensor, group: dict, *, beta: float, ema: bool) -> None:
+    def _ns_batches(self, group: dict) -> list[list[torch.Tensor]]:
+        """The group's parameters with a gradient, in order, as lists that share one NS call:
+        singletons, or up to ``ns_batch_size`` matrices of the same shape, dtype and device."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if self.ns_batch_size == 1:
+            return [[p] for p in params]
+        same: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            same.setdefault((p.shape, p.dtype, p.device), []).append(p)
+        return [ps[i : i + self.ns_batch_size] for ps in same.values() for i in range(0, len(ps), self.ns_batch_size)]
+
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        return self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    def _ns_input(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Update ``p``'s stored momentum and return Newton–Schulz's input for it."""
         state = self.state[p]
         store = self.store_for(p)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             store.init(state, p)
-        step = int(state["step"].item())
         grad = p.grad.float()
         if self.normalize:
             grad = grad / grad.norm().clamp_min(group["eps"])
-        momentum = store.accumulate(
-            state, grad, beta=beta, ema=ema, renormalize=self.normalize
+        ns_dtype = self._ns_dtype(grad.device)
+        update = store.ns_input(
+            state, grad, beta=group["momentum"], ema=self.momentum_form == "ema", renormalize=self.normalize,
+            nesterov=group["nesterov"], dtype=ns_dtype if self.pre_ns is None else torch.float32,
         )
-        # ``momentum`` may alias the stored buffer: derive U without writing into it.
-        if group["nesterov"]:
-            update = grad.lerp(momentum, beta) if ema else grad.add(momentum, alpha=beta)
-        else:
-            update = momentum
         if self.pre_ns is not None:
-            update = self.pre_ns(update, step)
-        ns_dtype = self.ns_dtype or (torch.bfloat16 if update.is_cuda else torch.float32)
-        ortho = zeropower_via_newtonschulz(
-            update, group["ns_steps"], coefficients=self.ns_coefficients, eps=group["eps"], dtype=ns_dtype
+            update = self.pre_ns(update, int(state["step"].item())).to(ns_dtype)
+        return update
+
+    def _orthogonalize(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        return zeropower_via_newtonschulz(
+            update, group["ns_steps"], coefficients=self.ns_coefficients, eps=group["eps"],
+            dtype=self._ns_dtype(update.device),
         )
+
+    def _apply(self, p: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:
         lr = group["lr"]
         if group["weight_decay"]:
             p.mul_(1.0 - lr * group["weight_decay"])
         p.add_(ortho.to(p.dtype), alpha=-lr * update_scale(p.shape, group["scale_mode"]))
-        state["step"] += 1
+        self.state[p]["step"] += 1

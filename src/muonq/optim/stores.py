@@ -19,7 +19,7 @@ import torch
 
 from muonq.optim.codecs import Codec
 from muonq.optim.codecs.base import Encoded
-from muonq.optim.kernels import KernelMode, choose_kernels
+from muonq.optim.kernels import KernelChoice, KernelMode, choose_kernels
 from muonq.optim.momentum import MomentumStore, StateDict
 from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
 
@@ -48,9 +48,31 @@ def _read(state: StateDict, part: str, codec: Codec) -> Encoded:
 
 
 class _ShapeBound(MomentumStore):
+    """A store for one parameter shape whose update runs on fused kernels when ``self.kernels``
+    applies (subclasses set it and implement :meth:`_fused`), else on the PyTorch reference."""
+
+    kernels: KernelChoice
+
     def __init__(self, shape: Sequence[int], generator: torch.Generator | None) -> None:
         self.shape = torch.Size(shape)
         self.generator = generator
+
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
+        if not self.kernels.applies(grad):
+            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+
+    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12):
+        if not self.kernels.applies(grad):
+            return super().ns_input(
+                state, grad, beta=beta, ema=ema, renormalize=renormalize, nesterov=nesterov, dtype=dtype, eps=eps
+            )
+        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps, nesterov=nesterov,
+                           dtype=dtype)
+
+    def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The fused update (kwargs of :meth:`ns_input`); returns NS's input."""
+        raise NotImplementedError
 
     def _check_param(self, param: torch.Tensor) -> None:
         if param.shape != self.shape:
@@ -86,13 +108,10 @@ class QuantizedStore(_ShapeBound):
     def save(self, state: StateDict, momentum: torch.Tensor) -> None:
         _write(state, "momentum", self.codec.encode(momentum, generator=self.generator))
 
-    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
-        if not self.kernels.applies(grad):
-            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
-        from muonq.optim.kernels.fused import quantized_accumulate
+    def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+        from muonq.optim.kernels.fused import quantized_update
 
-        encoded = _read(state, "momentum", self.codec)
-        return quantized_accumulate(self.codec, encoded, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        return quantized_update(self.codec, _read(state, "momentum", self.codec), grad, **kwargs)
 
 
 class DecomposedStore(_ShapeBound):
@@ -162,17 +181,12 @@ class DecomposedStore(_ShapeBound):
         _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))
 
-    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
-        if not self.kernels.applies(grad):
-            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
-        from muonq.optim.kernels.fused import decomposed_accumulate
+    def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+        from muonq.optim.kernels.fused import decomposed_update
 
         codecs = {"P": self.factor_codec, "R": self.factor_codec, "E": self.residual_codec}
         parts = {part: _read(state, part, codec) for part, codec in codecs.items()}
-        return decomposed_accumulate(
-            self.factor_codec, self.residual_codec, parts, grad, self.rank,
-            beta=beta, ema=ema, renormalize=renormalize, eps=eps,
-        )
+        return decomposed_update(self.factor_codec, self.residual_codec, parts, grad, self.rank, **kwargs)
 
 
 def preserve_state_dtypes(optimizer: torch.optim.Optimizer) -> None:

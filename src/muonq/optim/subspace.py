@@ -29,17 +29,38 @@ def initial_basis(cols: int, k: int, *, seed: int, device: torch.device | str = 
     return torch.randn(cols, k, generator=generator, dtype=torch.float32).to(device)
 
 
+def matmul_dtype_for(matrix: torch.Tensor) -> torch.dtype:
+    """The power iteration's default matmul dtype: bf16 on GPUs, fp32 elsewhere (as Newton–Schulz)."""
+    return torch.bfloat16 if matrix.is_cuda else torch.float32
+
+
 def power_iteration_step(
-    matrix: torch.Tensor, basis: torch.Tensor, *, eps: float = 1e-30
+    matrix: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    eps: float = 1e-30,
+    matmul_dtype: torch.dtype | None = None,
+    cast: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of subspace iteration on ``matrix`` (m x n, fp32) from ``basis`` (n x k).
 
     Q = basis with unit-norm columns (a zero column stays zero), P = Q factor of the reduced QR of
-    matrix @ Q, R = matrix^T @ P. Returns (P, R): P (m x k) has orthonormal columns, P R^T is the
-    projection of ``matrix`` onto span(P), and the singular values of R estimate the top-k singular values of ``matrix``.
+    matrix @ Q, R = matrix^T @ P. Returns fp32 (P, R): P (m x k) has orthonormal columns, P R^T is
+    the projection of ``matrix`` onto span(P), and the singular values of R estimate the top-k
+    singular values of ``matrix``.
+
+    The two thin matmuls run in ``matmul_dtype`` (None: bf16 on GPUs, fp32 elsewhere) and the QR in
+    fp32. bf16 only moves the split between P R^T and the residual a little (callers form the
+    residual as matrix - P R^T from the returned factors, so the sum stays exact), far below the
+    4-bit error the parts are then stored with. ``cast`` is ``matrix`` already in ``matmul_dtype``
+    (a fused kernel's by-product), which saves the cast.
     """
     if matrix.ndim != 2 or basis.ndim != 2 or basis.shape[0] != matrix.shape[1]:
         raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a matrix of shape {tuple(matrix.shape)}")
+    dtype = matmul_dtype or matmul_dtype_for(matrix)
+    if cast is not None and (cast.dtype != dtype or cast.shape != matrix.shape):
+        raise ValueError(f"cast must be the matrix in {dtype}, got {cast.dtype} of shape {tuple(cast.shape)}")
     q = basis / basis.norm(dim=0, keepdim=True).clamp_min(eps)
-    p, _ = torch.linalg.qr(matrix @ q, mode="reduced")
-    return p, matrix.mT @ p
+    low = matrix.to(dtype) if cast is None else cast
+    p, _ = torch.linalg.qr((low @ q.to(dtype)).float(), mode="reduced")
+    return p, (low.mT @ p.to(dtype)).float()

@@ -1,6 +1,7 @@
 """The Triton kernel behind every fused path. One program per tile of a tensor, in one pass:
 decode stored codes (or read a dense fp32 tensor), optionally apply the momentum update and a
-division by a norm, write the fp32 result, emit partial statistics, and requantize.
+division by a norm, write the fp32 result, write Newton–Schulz's input (the momentum, or its
+Nesterov combination with the gradient) in NS's dtype, emit partial statistics, and requantize.
 
 The tensor is seen as a row-major 2-D *view* chosen so that scale groups are tile-local:
 
@@ -46,6 +47,7 @@ _ROUND = tl.constexpr(ROUND)
 _CODES = tl.constexpr(SOURCE_CODES)
 _SUM = tl.constexpr(UPDATE_SUM)
 _EMA = tl.constexpr(UPDATE_EMA)
+_NONE = tl.constexpr(UPDATE_NONE)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
@@ -146,10 +148,11 @@ def _encode(y, bounds_ptr, RULE: tl.constexpr, LEVELS: tl.constexpr, OFFSET: tl.
 @triton.jit
 def _kernel(
     codes_ptr, codes_out_ptr, scale_ptr, col_scale_ptr, table_ptr, bounds_ptr,
-    src_ptr, grad_ptr, out_ptr, stats_ptr, absmax_ptr, divisor_ptr,
+    src_ptr, grad_ptr, out_ptr, ns_ptr, stats_ptr, absmax_ptr, divisor_ptr,
     numel, view_rows, view_cols, ncols, tile_cols, beta, weight,
     SOURCE: tl.constexpr, ADDEND: tl.constexpr, UPDATE: tl.constexpr, DIVIDE: tl.constexpr,
-    WRITE_OUT: tl.constexpr, STATS: tl.constexpr, QUANTIZE: tl.constexpr,
+    WRITE_OUT: tl.constexpr, WRITE_NS: tl.constexpr, NESTEROV: tl.constexpr, STATS: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     BITS: tl.constexpr, PAIRED: tl.constexpr, GRAN: tl.constexpr, RULE: tl.constexpr, LEVELS: tl.constexpr,
     OFFSET: tl.constexpr, FIRST_CODE: tl.constexpr, STEPS: tl.constexpr,
     TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
@@ -189,6 +192,19 @@ def _kernel(
     x = tl.where(mask, x, 0.0)
     if WRITE_OUT:
         tl.store(out_ptr + idx, x, mask=mask)
+    if WRITE_NS:
+        # NS input: x, or Nesterov's grad + beta x (EMA: torch.lerp(grad, x, beta))
+        if NESTEROV == _NONE:
+            u = x
+        else:
+            g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            if NESTEROV == _SUM:
+                u = x * beta + g
+            elif beta < 0.5:
+                u = tl.fma(x - g, beta, g)
+            else:
+                u = tl.fma(x - g, beta - 1.0, x)
+        tl.store(ns_ptr + idx, u.to(ns_ptr.dtype.element_ty), mask=mask)
 
     # what the codec quantizes: NaN -> 0, +-inf -> +-fp32 max (torch.nan_to_num)
     clean = tl.where(x != x, 0.0, tl.minimum(tl.maximum(x, -_FP32_MAX), _FP32_MAX))
@@ -261,15 +277,23 @@ def _launch(
     source: int = SOURCE_CODES,
     addend: bool = False,
     grad: torch.Tensor | None = None,
+    update: int = UPDATE_NONE,
     beta: float = 1.0,
-    ema: bool = False,
     out: torch.Tensor | None = None,
+    ns_out: torch.Tensor | None = None,
+    nesterov: int = UPDATE_NONE,
     stats: bool = False,
     quantize: bool = False,
     absmax: torch.Tensor | None = None,
     divisor: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """One kernel launch; returns the (programs, 2) partial statistics if ``stats``."""
+    """One kernel launch; returns the (programs, 2) partial statistics if ``stats``.
+
+    ``update`` applies the momentum update with ``grad``; ``ns_out`` receives NS's input, which
+    with ``nesterov`` (UPDATE_SUM / UPDATE_EMA) combines the final x with ``grad``.
+    """
+    if (update != UPDATE_NONE or nesterov != UPDATE_NONE) and grad is None:
+        raise ValueError("a momentum update or a Nesterov NS input needs the gradient")
     layout = _layout(spec, shape)
     grid = layout.pop("grid")
     codes = encoded["codes"]
@@ -283,18 +307,22 @@ def _launch(
     _kernel[grid](
         codes, codes_out, scale, encoded.get("col_scale", scale), table, bounds,
         unused if src is None else src, unused if grad is None else grad, unused if out is None else out,
-        unused if partials is None else partials, unused if absmax is None else absmax,
-        unused if divisor is None else divisor,
+        unused if ns_out is None else ns_out, unused if partials is None else partials,
+        unused if absmax is None else absmax, unused if divisor is None else divisor,
         beta=float(beta), weight=float(1.0 - beta),
-        SOURCE=source, ADDEND=addend, UPDATE=UPDATE_NONE if grad is None else (UPDATE_EMA if ema else UPDATE_SUM),
-        DIVIDE=divisor is not None,
-        WRITE_OUT=out is not None, STATS=stats, QUANTIZE=quantize, BITS=spec.bits, GRAN=spec.granularity,
+        SOURCE=source, ADDEND=addend, UPDATE=update, DIVIDE=divisor is not None,
+        WRITE_OUT=out is not None, WRITE_NS=ns_out is not None, NESTEROV=nesterov, STATS=stats, QUANTIZE=quantize, BITS=spec.bits, GRAN=spec.granularity,
         RULE=spec.rule, LEVELS=spec.levels, OFFSET=spec.offset, FIRST_CODE=spec.first_code, STEPS=spec.steps,
         enable_fp_fusion=False, num_warps=min(16, max(4, layout["ROWS"] * layout["COLS"] // 1024)), **layout,
     )
     if scratch:
         codes.copy_(pack(codes_out, 4))
     return partials
+
+
+def nesterov_mode(nesterov: bool, ema: bool) -> int:
+    """The kernel's NESTEROV constant for a momentum of the given form."""
+    return (UPDATE_EMA if ema else UPDATE_SUM) if nesterov else UPDATE_NONE
 
 
 def decode_update(
@@ -308,18 +336,24 @@ def decode_update(
     ema: bool = False,
     requantize: bool = False,
     stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    write_out: bool = True,
+    ns_out: torch.Tensor | None = None,
+    nesterov: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """x = decode(encoded) (+ ``addend``); with ``grad``, x <- beta x + grad (EMA: lerp(x, grad,
-    1 - beta)). Returns (x as fp32, partial (sum of squares, absmax) per program or None).
+    1 - beta)). Returns (x as fp32 or None without ``write_out``, partial (sum of squares, absmax)
+    per program or None).
 
     ``requantize`` writes x back into ``encoded`` in the same pass (block and grid scales only).
+    ``ns_out`` (any float dtype) receives x, or with ``nesterov`` the Nesterov input from ``grad``.
     """
     if requantize and spec.granularity not in (BLOCK, GRID):
         raise ValueError("in-pass requantization needs block or grid scales")
-    out = torch.empty(shape, dtype=torch.float32, device=encoded["codes"].device)
+    out = torch.empty(shape, dtype=torch.float32, device=encoded["codes"].device) if write_out else None
+    update = UPDATE_NONE if grad is None else (UPDATE_EMA if ema else UPDATE_SUM)
     partials = _launch(
-        spec, shape, encoded, src=addend, addend=addend is not None, grad=grad, beta=beta, ema=ema, out=out,
-        stats=stats, quantize=requantize,
+        spec, shape, encoded, src=addend, addend=addend is not None, grad=grad, update=update, beta=beta, out=out,
+        ns_out=ns_out, nesterov=nesterov_mode(nesterov, ema), stats=stats, quantize=requantize,
     )
     return out, partials
 
@@ -330,6 +364,23 @@ def dense_stats(spec: KernelSpec, x: torch.Tensor) -> torch.Tensor:
     return _launch(spec, x.shape, encoded, src=x, source=SOURCE_DENSE, stats=True)
 
 
+def divide(
+    spec: KernelSpec,
+    x: torch.Tensor,
+    divisor: torch.Tensor,
+    *,
+    ns_out: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    beta: float = 1.0,
+    nesterov: int = UPDATE_NONE,
+) -> None:
+    """x <- x / ``divisor`` (one value) in place; ``ns_out`` receives the result in its dtype, or with
+    ``nesterov`` its combination with ``grad`` (see :func:`nesterov_mode`), from the same pass."""
+    encoded = {"codes": x.new_empty(1, dtype=torch.uint8), "scale": x.new_empty(1)}
+    _launch(spec, x.shape, encoded, src=x, source=SOURCE_DENSE, out=x, divisor=divisor, ns_out=ns_out, grad=grad,
+            beta=beta, nesterov=nesterov)
+
+
 def quantize_into(
     spec: KernelSpec,
     x: torch.Tensor,
@@ -337,16 +388,22 @@ def quantize_into(
     *,
     absmax: torch.Tensor | None = None,
     divisor: torch.Tensor | None = None,
+    overwrite: bool = True,
+    ns_out: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    beta: float = 1.0,
+    nesterov: int = UPDATE_NONE,
 ) -> None:
     """Encode fp32 ``x`` into the tensors of ``encoded``, in place.
 
     Tensor and column scales need ``absmax`` (of x, one value or one per column); block and grid
-    scales are computed in the tile. With ``divisor`` (one value), x / divisor is encoded and x is
-    overwritten with it in the same pass.
+    scales are computed in the tile. With ``divisor`` (one value), x / divisor is encoded, and x is
+    overwritten with it in the same pass if ``overwrite``. ``ns_out`` receives the encoded values
+    (x / divisor), or with ``nesterov`` (see :func:`nesterov_mode`) their combination with ``grad``.
     """
     if spec.granularity in (TENSOR, COLUMN) and absmax is None:
         raise ValueError("tensor and column scales need the absmax from an earlier reduction")
     _launch(
-        spec, x.shape, encoded, src=x, source=SOURCE_DENSE, out=x if divisor is not None else None, quantize=True,
-        absmax=absmax, divisor=divisor,
+        spec, x.shape, encoded, src=x, source=SOURCE_DENSE, out=x if divisor is not None and overwrite else None,
+        quantize=True, absmax=absmax, divisor=divisor, ns_out=ns_out, grad=grad, beta=beta, nesterov=nesterov,
     )

@@ -1,0 +1,43 @@
+"""The end-to-end benchmark script runs the real trainer on its synthetic shards (a pipeline check:
+the numbers are measured on a GPU, see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_synthetic_llmc_shards_load_like_any_dataset(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_train import write_synthetic_dataset
+    finally:
+        sys.path.pop(0)
+    from muonq.data import TokenLoader, check_dataset
+
+    folder = write_synthetic_dataset(tmp_path, vocab_size=1000, train_tokens=4097, val_tokens=1025, seed=1)
+    meta = check_dataset(folder, seq_len=64, model_vocab_size=1000)
+    assert meta.format == "llm.c" and meta.train_tokens == 4097 and meta.vocab_size <= 1000
+    x, y = TokenLoader(folder, "train", batch_size=2, seq_len=64, rank=0, world_size=1, seed=0).next_batch()
+    assert x.shape == (2, 64) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_bench_train_runs_the_trainer_and_reports(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--recipes", "llama-tiny",
+           "--optimizers", "muon", "muonq", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+           "--context-length", "32", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["optimizer"] for r in results] == ["muon", "muonq"]
+    for r in results:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["windows"] == 2 and r["peak_memory_bytes"] > 0
+    muon, muonq = results
+    assert 0 < muonq["state_bytes"] < muon["state_bytes"]
+    assert "muonq / muon tokens/s" in proc.stdout
