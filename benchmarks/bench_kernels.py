@@ -34,6 +34,7 @@ import torch
 
 from muonq.optim.build import build_muon
 from muonq.optim.codecs import QuantCodec, make_codec
+from muonq.optim.newton_schulz import fast_matmul_dtype
 from muonq.optim.stores import QuantizedStore
 from muonq.optim.variants import variant_args
 
@@ -125,7 +126,7 @@ def update_rows(recipe: str, device: torch.device, kernels: str, copy_bps: float
             store.init(state, torch.empty(shape, device=device))
             grad = torch.randn(shape, device=device)
             fused = store.kernels.applies(grad)
-            ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as Muon picks it
+            ns_dtype = fast_matmul_dtype(device)  # as Muon picks it
             seconds = median_seconds(
                 lambda: store.ns_input(state, grad, beta=0.95, ema=False, renormalize=renormalize, nesterov=False,
                                        dtype=ns_dtype),

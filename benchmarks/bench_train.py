@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from muonq.compare import compose_config
+from muonq.data.shards import HEADER_INTS
 from muonq.train.trainer import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET, TOKENIZER = "synthetic", "bench"  # the data folder is "synthetic-bench"
-LLMC_MAGIC, LLMC_VERSION, HEADER_INTS = 20240520, 1, 256
+LLMC_MAGIC, LLMC_VERSION = 20240520, 1
 
 
 def write_llmc_shard(path: Path, tokens: np.ndarray) -> None:

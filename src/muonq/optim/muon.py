@@ -10,7 +10,7 @@ import torch
 
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore
 from muonq.optim.stores import preserve_state_dtypes
-from muonq.optim.newton_schulz import QUINTIC_COEFFS, zeropower_via_newtonschulz
+from muonq.optim.newton_schulz import QUINTIC_COEFFS, fast_matmul_dtype, zeropower_via_newtonschulz
 
 ScaleMode = Literal["match_rms_adamw", "original"]
 MomentumForm = Literal["sum", "ema"]
@@ -142,7 +142,7 @@ class Muon(torch.optim.Optimizer):
         return [ps[i : i + self.ns_batch_size] for ps in same.values() for i in range(0, len(ps), self.ns_batch_size)]
 
     def _ns_dtype(self, device: torch.device) -> torch.dtype:
-        return self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return self.ns_dtype or fast_matmul_dtype(device)
 
     def _ns_input(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Update ``p``'s stored momentum and return Newton–Schulz's input for it."""

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from muonq.optim.newton_schulz import fast_matmul_dtype
+
 
 def shape_seed(shape: Sequence[int], k: int, base_seed: int = 0) -> int:
     """A seed that depends only on the matrix shape, k and ``base_seed`` (so every rank, every
@@ -27,11 +29,6 @@ def initial_basis(cols: int, k: int, *, seed: int, device: torch.device | str = 
         raise ValueError(f"need 1 <= k <= cols for a basis, got k={k}, cols={cols}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(cols, k, generator=generator, dtype=torch.float32).to(device)
-
-
-def matmul_dtype_for(matrix: torch.Tensor) -> torch.dtype:
-    """The power iteration's default matmul dtype: bf16 on GPUs, fp32 elsewhere (as Newton–Schulz)."""
-    return torch.bfloat16 if matrix.is_cuda else torch.float32
 
 
 def power_iteration_step(
@@ -57,7 +54,7 @@ def power_iteration_step(
     """
     if matrix.ndim != 2 or basis.ndim != 2 or basis.shape[0] != matrix.shape[1]:
         raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a matrix of shape {tuple(matrix.shape)}")
-    dtype = matmul_dtype or matmul_dtype_for(matrix)
+    dtype = matmul_dtype or fast_matmul_dtype(matrix.device)
     if cast is not None and (cast.dtype != dtype or cast.shape != matrix.shape):
         raise ValueError(f"cast must be the matrix in {dtype}, got {cast.dtype} of shape {tuple(cast.shape)}")
     q = basis / basis.norm(dim=0, keepdim=True).clamp_min(eps)

@@ -10,7 +10,8 @@ import torch
 from muonq.optim.codecs import Encoded, QuantCodec
 from muonq.optim.kernels import quant_update as qk
 from muonq.optim.kernels.spec import BLOCK, GRID, TENSOR, KernelSpec, kernel_spec
-from muonq.optim.subspace import matmul_dtype_for, power_iteration_step
+from muonq.optim.newton_schulz import fast_matmul_dtype
+from muonq.optim.subspace import power_iteration_step
 
 
 def _norm(partials: torch.Tensor, eps: float) -> torch.Tensor:
@@ -110,7 +111,7 @@ def decomposed_update(
     if renormalize:
         qk.divide(e_spec, momentum, _norm(partials, eps), ns_out=ns_input, grad=grad, beta=beta,
                   nesterov=qk.nesterov_mode(nesterov, ema))
-    matmul_dtype = matmul_dtype_for(momentum)
+    matmul_dtype = fast_matmul_dtype(momentum.device)
     cast = ns_input if ns_input is not None and not nesterov and dtype == matmul_dtype else None
     p, r = power_iteration_step(momentum, r_hat, matmul_dtype=matmul_dtype, cast=cast)
     encode_into(factor_codec, p.contiguous(), parts["P"])
