@@ -403,18 +403,21 @@ def test_rank_that_raises_ends_the_job_on_every_rank(tmp_path: Path, shakespeare
 
 # -- preemption ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice", "SIGTERM, nonfinite=abort"])
 def test_preemption_saves_a_checkpoint_and_exits_75(tmp_path: Path, shakespeare_data: Path, matrix, how: str) -> None:
     """No periodic checkpoints configured: the signal alone makes one, at the next step boundary.
-    A second Ctrl-C right after the first (a terminal reaches torchrun and its workers) is the same event."""
+    A second Ctrl-C right after the first (a terminal reaches torchrun and its workers) is the same event.
+    With nonfinite=abort (verdicts read a step late) the stop and the losses are the same."""
     ref = reference(matrix)
     ckpt = tmp_path / "ckpt"
-    cmd = command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muonq", f"logging_params.checkpoint_dir={ckpt}")
+    late = ("recipe.training_params.nonfinite=abort",) if "abort" in how else ()
+    cmd = command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muonq", f"logging_params.checkpoint_dir={ckpt}",
+                  *late)
     proc = Proc(cmd, tmp_path)
     try:
         wait_for(lambda: 1 in losses(tmp_path / "out"), proc, "step 1")
         t0 = time.monotonic()
-        if how == "SIGTERM":
+        if how.startswith("SIGTERM"):
             proc.p.send_signal(signal.SIGTERM)
         else:
             proc.p.send_signal(signal.SIGINT)
@@ -434,7 +437,7 @@ def test_preemption_saves_a_checkpoint_and_exits_75(tmp_path: Path, shakespeare_
     stopped = int(match.group(2))
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [stopped] and mgr.verify(stopped) is None
-    if how != "SIGTERM":
+    if how == "SIGINT twice":
         return
     code, output = run([*cmd, "resume=true"], tmp_path)
     assert code == 0, output[-4000:]
@@ -496,6 +499,27 @@ def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path,
                      r"checkpoint of step 2 saved", output), output[-3000:]
     # torchrun reports every rank's exit: the first with the non-finite code; the other rank exits
     # the same way, unless torchrun's monitor saw the first exit and sent it SIGTERM a moment before
+    others, _, root = output.rpartition("Root Cause (first observed failure)")
+    assert re.search(rf"exitcode\s*: {guard.EXIT_NONFINITE} ", root), output[-3000:]
+    codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+) ", others)]
+    assert len(codes) <= 1 and set(codes) <= {guard.EXIT_NONFINITE, -signal.SIGTERM}, output[-3000:]
+    mgr = CheckpointManager(ckpt)
+    assert mgr.steps() == [2] and mgr.verify(2) is None
+
+
+def test_nonfinite_abort_on_one_rank_stops_both_without_saving_the_damage(tmp_path: Path, shakespeare_data: Path) -> None:
+    """nonfinite=abort reads each step's verdict a step later (no host sync in the step). The NaN
+    (rank 0 only, step 3) is applied, found when step 4 reads step 3's verdict, and both ranks stop
+    with exit 3; the checkpoint of step 2 is the newest, and nothing after it is written."""
+    ckpt = tmp_path / "ckpt"
+    code, output = run(command(tmp_path / "out", shakespeare_data, *CKPT, "optimizer_params=muonq",
+                               "recipe.training_params.nonfinite=abort", "logging_params.log_step=100",
+                               f"logging_params.checkpoint_dir={ckpt}", nproc=2), tmp_path,
+                       env={guard.NAN_HOOK_ENV: "3"}, timeout=BOUND_S + 120)
+    assert code != 0
+    assert re.search(r"error: step 3: non-finite loss or gradient \(rank 0: loss [\d.]+, gradient norm nan\); with "
+                     r"recipe\.training_params\.nonfinite=abort .* the newest checkpoint is step 2 in \S+step_000002 "
+                     r"\(rerun with resume=true\)", output), output[-3000:]
     others, _, root = output.rpartition("Root Cause (first observed failure)")
     assert re.search(rf"exitcode\s*: {guard.EXIT_NONFINITE} ", root), output[-3000:]
     codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+) ", others)]

@@ -23,7 +23,7 @@ QUANT_SCHEMES = ("linear", "dynamic", "mulaw")
 GRANULARITIES = ("tensor", "block")
 EQUILIBRATE_MODES = ("none", "row", "col", "rowcol")
 KERNEL_MODES = ("auto", "triton", "reference")
-NONFINITE_POLICIES = ("skip", "stop")
+NONFINITE_POLICIES = ("skip", "stop", "abort")
 
 
 @dataclass
@@ -39,7 +39,10 @@ class TrainingParams:
     num_epochs: int = 1  # accepted for compatibility with the original recipes; the budget decides
     tensorcore_precision: str = "high"  # torch.set_float32_matmul_precision on CUDA
     val_tokens_processed: Optional[int] = None  # original recipes set it here; logging_params wins
-    nonfinite: str = "stop"  # what a non-finite loss/grad does: skip the step, or stop with a checkpoint
+    # what a non-finite loss/grad does: skip the step, or stop with a checkpoint of the last good
+    # step (both read a verdict before the optimizer: one host sync per step); abort: the verdict is
+    # read a step late (no sync in the step) and the run stops without saving the damaged state
+    nonfinite: str = "stop"
 
 
 @dataclass

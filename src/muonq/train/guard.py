@@ -6,7 +6,11 @@
   checkpoint); a repeat within that window is the same event delivered twice (a terminal's
   Ctrl-C reaches torchrun and its workers, then torchrun forwards it) and is ignored.
 * :func:`agree` makes every rank take the same decision (skip a non-finite step, stop) with one
-  small all-reduce per step, so no rank waits in a collective that its peers never enter.
+  small all-reduce per step, so no rank waits in a collective that its peers never enter. It reads
+  the verdict before the optimizer runs: one host synchronisation per step.
+* :class:`LateVerdict` is the same agreement read one step late (``nonfinite=abort``): the flags
+  travel to the host in the background and are read when the device is long past them, so the step
+  never waits for the device; a non-finite step is then found after the optimizer applied it.
 * Test hooks, read only here (never set them in real runs):
   ``MUONQ_INJECT_NAN_STEP=3`` or ``3,5`` (:func:`injected_nan_steps`): at those 1-based optimizer
   steps rank 0 overwrites the gradient of the model's first hidden matrix with NaN, as an
@@ -27,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_BAD_INPUT = 2  # config, data, device, environment or checkpoint problems found before training
-EXIT_NONFINITE = 3  # recipe.training_params.nonfinite=stop met a NaN/Inf (a checkpoint was saved)
+EXIT_NONFINITE = 3  # recipe.training_params.nonfinite=stop|abort met a NaN/Inf
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun with resume=true (EX_TEMPFAIL)
 REPEAT_GRACE_S = 1.0
 NAN_HOOK_ENV = "MUONQ_INJECT_NAN_STEP"
@@ -91,6 +95,41 @@ def agree(*flags: bool, device: torch.device) -> tuple[bool, ...]:
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in t.tolist())
+
+
+class LateVerdict:
+    """One step's verdict (is its loss or gradient norm non-finite on any rank, has any rank been
+    asked to stop), started without waiting and read later with :meth:`read`.
+
+    The flags are ORed over ranks by an all-reduce and copied to pinned host memory behind the
+    step's work on the device stream; :meth:`read` waits for that copy only, which has long
+    finished when it is called a step later.
+    """
+
+    def __init__(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> None:
+        self.step = step
+        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        bad = (~torch.isfinite(values)).any().float()
+        flags = torch.stack([bad, torch.full_like(bad, float(stop))])
+        if _distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # queued on the device, not waited for
+        payload = torch.cat([flags, bad.reshape(1), values])
+        self._event: torch.cuda.Event | None = None
+        if payload.is_cuda:
+            self._host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            self._host.copy_(payload, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = payload
+
+    def read(self) -> tuple[bool, bool, str | None]:
+        """(non-finite on some rank, stop requested on some rank, this rank's loss and gradient
+        norm when they are the non-finite ones, else None)."""
+        if self._event is not None:
+            self._event.synchronize()
+        bad, stop, local_bad, loss, grad_norm = self._host.tolist()
+        return bad > 0, stop > 0, f"loss {loss:.4g}, gradient norm {grad_norm:.4g}" if local_bad > 0 else None
 
 
 def first_report(local: str | None) -> str | None:

@@ -35,7 +35,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class NonFiniteError(RuntimeError):
-    """Raised when the loss or a gradient is not finite and the policy is ``stop``."""
+    """Raised when the loss or a gradient is not finite and the policy is ``stop`` or ``abort``."""
 
 
 @dataclass
@@ -309,7 +309,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``. SIGTERM/SIGINT stop at the next step boundary with a checkpoint
         (:class:`~muonq.train.guard.StopRequested`); a non-finite step is skipped or stops the run
-        (``recipe.training_params.nonfinite``). Every rank takes both decisions together."""
+        (``recipe.training_params.nonfinite``; with ``abort`` both decisions are read a step late,
+        so the step never waits for the device). Every rank takes both decisions together."""
         with guard.StopSignals() as signals:
             return self._fit(signals)
 
@@ -344,6 +345,28 @@ class Trainer:
         self.train_model.train()
         params = [p for p in self.model.parameters()]
         clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
+        # nonfinite=abort: each step's verdict is read a step late (no host synchronisation in the step)
+        late = tp.nonfinite == "abort"
+        pending: guard.LateVerdict | None = None
+
+        def settle() -> bool:
+            """Read the pending late verdict, if any: raise if its step was non-finite, else return
+            whether a stop was requested."""
+            nonlocal pending
+            if pending is None:
+                return False
+            verdict, pending = pending, None
+            bad, stop, local = verdict.read()
+            if bad:
+                where = guard.first_report(local)
+                resume = (f"the newest checkpoint is step {saved_at} in {self.checkpoints.step_dir(saved_at)} "
+                          "(rerun with resume=true)" if saved_at is not None else "no checkpoint was saved")
+                raise NonFiniteError(
+                    f"step {verdict.step}: non-finite loss or gradient ({where}); with "
+                    f"recipe.training_params.nonfinite=abort the optimizer had already applied it, so this state "
+                    f"is not saved; {resume}; lower the learning rate, or use nonfinite=stop or skip"
+                )
+            return stop
 
         def stop_now(done: int) -> guard.StopRequested:
             nonlocal saved_at
@@ -372,8 +395,15 @@ class Trainer:
                 # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping
                 # spreads it to every parameter (same arithmetic, same bits)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-                local_bad = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
-                bad, stopping = guard.agree(local_bad, signals.received is not None, device=self.device)
+                if late:
+                    # the previous step's verdict: the device finished it while this step's forward
+                    # and backward were being queued, so reading it does not wait
+                    stopping = settle()
+                    pending = guard.LateVerdict(step + 1, loss, grad_norm, signals.received is not None)
+                    bad = False
+                else:
+                    local_bad = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+                    bad, stopping = guard.agree(local_bad, signals.received is not None, device=self.device)
                 if bad:
                     where = guard.first_report(self._first_nonfinite_param() if local_bad else None)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -404,6 +434,7 @@ class Trainer:
                     metrics.log(self.log_state_bytes(), step=done)
                     bytes_logged = True
                 if done % log_cfg.log_step == 0 or done == self.total_steps:
+                    stopping |= settle()  # the row reads the loss and gradient norm anyway
                     now = time.perf_counter()
                     tok_s = tokens_since / (now - t_last)
                     row = {"train/grad_norm": float(grad_norm), "train/lr_mult": lr_mult,
@@ -425,17 +456,21 @@ class Trainer:
                     loss_acc.zero_()
                     acc_steps, steps_since, tokens_since, t_last = 0, 0, 0, time.perf_counter()
                 if log_cfg.val_step and done % log_cfg.val_step == 0 and done < self.total_steps:
+                    stopping |= settle()
                     last_val = self.validate(log_cfg.val_tokens_processed)
                     metrics.log({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50.0)),
                                  "train/tokens": done * tokens_per_step}, step=done)
                     log.info("step %d val loss %.4f ppl %.2f", done, last_val, math.exp(min(last_val, 50.0)))
                     t_last = time.perf_counter()
                 if log_cfg.save_checkpoint and done % log_cfg.save_ckpt_step == 0:
+                    stopping |= settle()  # never write a checkpoint of state that took a non-finite step
                     self.save_checkpoint()
                     saved_at = done
                     t_last = time.perf_counter()
                 if stopping:
+                    settle()
                     raise stop_now(done)
+            settle()
             # a signal that came during the last step: stop before the (possibly long) final validation
             if guard.agree(signals.received is not None, device=self.device)[0]:
                 raise stop_now(self.state.step)
