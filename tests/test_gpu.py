@@ -1,7 +1,7 @@
 """Short training runs of every optimizer on a GPU through the real entry point: bf16 autocast,
 fused AdamW, the Triton kernels (``kernels=triton``, so a missing kernel fails instead of falling
-back) and ``torch.compile``. Skipped without CUDA; the kernel-level comparisons on CUDA are in
-test_kernels.py."""
+back) and ``torch.compile``; and a training step that never waits for the GPU. Skipped without
+CUDA; the kernel-level comparisons on CUDA are in test_kernels.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import math
 import pytest
 import torch
 
+from muonq.compare import compose_config
 from muonq.config import MUON_FAMILY, OPTIMIZERS
+from muonq.models import build_model
+from muonq.optim.zero import build_sharded_optimizer
+from muonq.train import guard
 
 from .conftest import TINY, losses, run_training
 
@@ -43,3 +47,44 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, shakespeare_data):
     assert a.keys() == b.keys()
     for step in a:  # bf16 autocast: compiled kernels round differently, the trajectories stay close
         assert abs(a[step] - b[step]) < 0.05 * a[step], (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o != "adamw8bit"])  # torchao's step is not ours
+def test_training_step_never_waits_for_the_gpu(optimizer):
+    """The trainer's step with nonfinite=abort (forward, backward, gradient norm, the late verdict,
+    clipping, the optimizer with its fused kernels) under ``set_sync_debug_mode("error")``: any
+    host synchronisation raises. Two warm-up steps first create the state and the kernels' tables."""
+    cfg = compose_config(["recipe=llama-tiny", f"optimizer_params={optimizer}", "device=cuda"])
+    torch.manual_seed(0)
+    model = build_model(cfg.recipe.model)
+    model.init_weights()
+    model.cuda()
+    hidden = model.hidden_matrices()
+    hidden_ids = {id(p) for _, p in hidden}
+    others = [(n, p) for n, p in model.named_parameters() if id(p) not in hidden_ids]
+    optimizer_set = build_sharded_optimizer(cfg.optimizer_params, named_hidden=hidden, named_others=others,
+                                            rank=0, world_size=1, device_type="cuda")
+    params = list(model.parameters())
+    tokens = torch.randint(0, cfg.recipe.model.vocab_size, (4, 129), device="cuda")
+
+    def step() -> guard.LateVerdict:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        verdict = guard.LateVerdict(1, loss, norm, stop=False)
+        torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm, foreach=True)
+        optimizer_set.step()
+        optimizer_set.zero_grad(set_to_none=True)
+        return verdict
+
+    for _ in range(2):
+        step().read()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        verdict = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    bad, stop, _ = verdict.read()
+    assert not bad and not stop
