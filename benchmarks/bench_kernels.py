@@ -12,6 +12,12 @@
     muon8bit, muonq and grasp, divided by fp32 Muon's step. Target on a GPU: <= 1.15. The rows
     "ns batch 4" stack the four attention matrices (and gate/up) into batched NS calls
     (``optimizer_params.args.ns_batch_size``), to decide where batching pays.
+(c) Where MuonQ's extra step time goes: its power iteration over the same layer (two thin matmuls
+    and a thin QR of each m x k product, k = min(m, n) // rank), the thin QR alone
+    (``torch.linalg.qr``), and a candidate replacement timed on the same inputs: Cholesky-QR2
+    (Gram matrix, Cholesky in fp64, triangular solve; twice), per matrix and batched by shape,
+    with its worst orthogonality error max|P^T P - I|. Times are also given over fp32 Muon's step
+    from (b), to show whether the QR is what stands between MuonQ and the 1.15 target.
 
 On CUDA this uses ``kernels=auto`` (the Triton kernels) at llama-350m and llama-1b sizes; on a CPU
 it runs the PyTorch reference at llama-60m sizes, which says nothing about the GPU targets.
@@ -36,6 +42,7 @@ from muonq.optim.build import build_muon
 from muonq.optim.codecs import QuantCodec, make_codec
 from muonq.optim.newton_schulz import fast_matmul_dtype
 from muonq.optim.stores import QuantizedStore
+from muonq.optim.subspace import power_iteration_step
 from muonq.optim.variants import variant_args
 
 RECIPES: dict[str, tuple[int, int]] = {  # hidden, SwiGLU width
@@ -162,7 +169,48 @@ def step_rows(recipe: str, device: torch.device, kernels: str, args) -> list[str
                 times[label].append(seconds)
     median = {label: statistics.median(t) for label, t in times.items()}
     return [f"| {recipe} | {label} | {median[label] * 1e3:,.2f} | {median[label] / median['muon']:.3f} |"
-            for label in optimizers]
+            for label in optimizers], median["muon"]
+
+
+def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning those of ``y`` (..., m, k): Cholesky-QR twice, the k x k Cholesky
+    in fp64 without an error check (no host sync). A candidate for the power iteration's thin QR; to
+    replace it, a rank-deficient y (a zero momentum) would need a shift of the Gram matrix, which
+    Householder QR does not."""
+    y = y / y.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    for _ in range(2):
+        factor = torch.linalg.cholesky_ex((y.mT @ y).double()).L.to(y.dtype)
+        y = torch.linalg.solve_triangular(factor, y.mT, upper=False).mT
+    return y
+
+
+def subspace_rows(recipe: str, device: torch.device, muon_step_s: float, args) -> list[str]:
+    hidden, ffn = RECIPES[recipe]
+    shapes = layer_shapes(hidden, ffn)
+    rank_divisor = variant_args("muonq").rank
+    generator = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(s, generator=generator).to(device) for s in shapes]
+    bases = [torch.randn(s[1], min(s) // rank_divisor, generator=generator).to(device) for s in shapes]
+    products = [(m.to(fast_matmul_dtype(device)) @ b.to(fast_matmul_dtype(device))).float()
+                for m, b in zip(matrices, bases)]
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for y in products:
+        by_shape.setdefault(tuple(y.shape), []).append(y)
+    stacks = [torch.stack(ys) for ys in by_shape.values()]
+    error = max((q.mT @ q - torch.eye(q.shape[-1], device=device)).abs().max().item()
+                for q in (cholesky_qr2(y) for y in stacks))
+    timed = {
+        "power iteration (2 matmuls + QR)": lambda: [power_iteration_step(m, b) for m, b in zip(matrices, bases)],
+        "thin QR alone (torch.linalg.qr)": lambda: [torch.linalg.qr(y, mode="reduced") for y in products],
+        "Cholesky-QR2, per matrix": lambda: [cholesky_qr2(y) for y in products],
+        "Cholesky-QR2, batched by shape": lambda: [cholesky_qr2(y) for y in stacks],
+    }
+    rows = []
+    for label, fn in timed.items():
+        seconds = median_seconds(fn, device=device, warmup=args.warmup, repeats=args.repeats)
+        note = f" (max abs P^T P - I: {error:.1e})" if label.startswith("Cholesky") else ""
+        rows.append(f"| {recipe} | {label}{note} | {seconds * 1e3:,.3f} | {seconds / muon_step_s:.3f} |")
+    return rows
 
 
 def main() -> None:
@@ -195,8 +243,16 @@ def main() -> None:
     print("\n(b) Muon step over one layer's hidden matrices, relative to fp32 Muon\n")
     print("| recipe | variant | step (ms) | / muon |")
     print("|---|---|---:|---:|")
+    muon_step_s = {}
     for recipe in args.recipes:
-        print("\n".join(step_rows(recipe, device, kernels, args)))
+        rows, muon_step_s[recipe] = step_rows(recipe, device, kernels, args)
+        print("\n".join(rows))
+    print(f"\n(c) MuonQ's power iteration over one layer (rank min(m, n) // {variant_args('muonq').rank}), "
+          "relative to fp32 Muon's step in (b)\n")
+    print("| recipe | work | time (ms) | / muon step |")
+    print("|---|---|---:|---:|")
+    for recipe in args.recipes:
+        print("\n".join(subspace_rows(recipe, device, muon_step_s[recipe], args)))
 
 
 if __name__ == "__main__":

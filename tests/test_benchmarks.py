@@ -1,5 +1,6 @@
 """The end-to-end benchmark script runs the real trainer on its synthetic shards (a pipeline check:
-the numbers are measured on a GPU, see docs/benchmarks.md)."""
+the numbers are measured on a GPU, see docs/benchmarks.md); the kernel benchmark's QR candidate
+computes what the thin QR computes."""
 
 from __future__ import annotations
 
@@ -11,12 +12,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_synthetic_llmc_shards_load_like_any_dataset(tmp_path):
+def bench_module(name: str):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from bench_train import write_synthetic_dataset
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_cholesky_qr2_candidate_spans_what_householder_qr_spans():
+    """Orthonormal columns with the same span as torch.linalg.qr's, batched or not, for inputs whose
+    singular values span three decades (one Cholesky-QR pass leaves ~1e-2 of orthogonality error
+    there; the second removes it) and whose scale would underflow a Gram matrix in fp32."""
+    import torch
+
+    cholesky_qr2 = bench_module("bench_kernels").cholesky_qr2
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(3, 300, 20, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(3, 20, 20, generator=g, dtype=torch.float64))
+    y = ((u * torch.logspace(0, -3, 20, dtype=torch.float64)) @ v.mT * 1e-25).float()
+    q = cholesky_qr2(y)
+    assert (q.mT @ q - torch.eye(20)).abs().max() < 1e-5
+    householder, _ = torch.linalg.qr(y, mode="reduced")
+    projector = householder @ householder.mT
+    assert (projector @ q - q).abs().max() < 1e-4  # same column space
+    assert torch.allclose(cholesky_qr2(y[1]), q[1], atol=1e-5)
+
+
+def test_synthetic_llmc_shards_load_like_any_dataset(tmp_path):
+    write_synthetic_dataset = bench_module("bench_train").write_synthetic_dataset
     from muonq.data import TokenLoader, check_dataset
 
     folder = write_synthetic_dataset(tmp_path, vocab_size=1000, train_tokens=4097, val_tokens=1025, seed=1)
