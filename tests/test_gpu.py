@@ -15,6 +15,7 @@ from muonq.config import MUON_FAMILY, OPTIMIZERS
 from muonq.models import build_model
 from muonq.optim.zero import build_sharded_optimizer
 from muonq.train import guard
+from muonq.train.trainer import to_device
 
 from .conftest import TINY, losses, run_training
 
@@ -51,9 +52,10 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, shakespeare_data):
 
 @pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o != "adamw8bit"])  # torchao's step is not ours
 def test_training_step_never_waits_for_the_gpu(optimizer):
-    """The trainer's step with nonfinite=abort (forward, backward, gradient norm, the late verdict,
-    clipping, the optimizer with its fused kernels) under ``set_sync_debug_mode("error")``: any
-    host synchronisation raises. Two warm-up steps first create the state and the kernels' tables."""
+    """The trainer's step with nonfinite=abort (the batch's copy to the GPU, forward, backward,
+    gradient norm, the late verdict, clipping, the optimizer with its fused kernels) under
+    ``set_sync_debug_mode("error")``: any host synchronisation raises. Two warm-up steps first
+    create the state and the kernels' tables."""
     cfg = compose_config(["recipe=llama-tiny", f"optimizer_params={optimizer}", "device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg.recipe.model)
@@ -65,11 +67,13 @@ def test_training_step_never_waits_for_the_gpu(optimizer):
     optimizer_set = build_sharded_optimizer(cfg.optimizer_params, named_hidden=hidden, named_others=others,
                                             rank=0, world_size=1, device_type="cuda")
     params = list(model.parameters())
-    tokens = torch.randint(0, cfg.recipe.model.vocab_size, (4, 129), device="cuda")
+    tokens = torch.randint(0, cfg.recipe.model.vocab_size, (4, 129))  # a host batch, as the loader gives
+    device = torch.device("cuda")
 
     def step() -> guard.LateVerdict:
+        x, y = to_device(tokens[:, :-1], device), to_device(tokens[:, 1:], device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss = model(x, y)
         loss.backward()
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         verdict = guard.LateVerdict(1, loss, norm, stop=False)

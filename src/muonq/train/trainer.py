@@ -59,6 +59,14 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device`` without making the host wait: a copy from pageable memory to a
+    GPU first waits for all work queued on the stream, one from pinned memory does not."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()  # the caching host allocator keeps it until the copy is done
+    return batch.to(device, non_blocking=True)
+
+
 def total_steps(cfg: DictConfig) -> int:
     tp, ds = cfg.recipe.training_params, cfg.recipe.dataset
     steps = max(1, int(ds.total_tokens_B * 1e9) // tp.tokens_processed)
@@ -254,7 +262,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             last = micro == self.grad_accum - 1
             sync = self.train_model.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()
             with sync, self.autocast:
