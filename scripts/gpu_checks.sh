@@ -26,8 +26,9 @@ $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "gpu_che
 { date -u; nvidia-smi -L; $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } \
   | tee "$RESULTS/$stage-env.txt"
 case $stage in
-  tests)
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_no_host_sync.py "$@" \
+  tests)  # four test processes share the GPU when pytest-xdist is there (the runs are small)
+    parallel=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4" || true)
+    $PY -m pytest -q -p no:cacheprovider $parallel tests/test_gpu.py tests/test_kernels.py tests/test_no_host_sync.py "$@" \
       2>&1 | tee "$RESULTS/tests.log" ;;
   kernels)
     $PY benchmarks/bench_kernels.py "$@" 2>&1 | tee "$RESULTS/kernels.log" ;;
