@@ -79,6 +79,19 @@ def test_forward_shapes_and_loss(cfg: ModelConfig) -> None:
 
 
 @TINY
+def test_model_traces_into_one_graph(cfg: ModelConfig) -> None:
+    """torch.compile sees the whole forward (loss included) as one graph: a graph break would
+    split it and leave the GPU idle between the pieces (recipe.training_params.compile)."""
+    import torch._dynamo
+
+    model = perturbed(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(idx, idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@TINY
 def test_causal(cfg: ModelConfig) -> None:
     model = perturbed(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
