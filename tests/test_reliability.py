@@ -475,6 +475,15 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_with_a_checkpoint(tmp_p
 
 # -- non-finite steps -------------------------------------------------------------------------------
 
+def assert_torchrun_nonfinite_exit(output: str) -> None:
+    """torchrun reports every rank's exit: the first with the non-finite code; the other rank exits
+    the same way, unless torchrun's monitor saw the first exit and sent it SIGTERM a moment before."""
+    others, _, root = output.rpartition("Root Cause (first observed failure)")
+    assert re.search(rf"exitcode\s*: {guard.EXIT_NONFINITE} ", root), output[-3000:]
+    codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+) ", others)]
+    assert len(codes) <= 1 and set(codes) <= {guard.EXIT_NONFINITE, -signal.SIGTERM}, output[-3000:]
+
+
 def test_nonfinite_skip_counts_the_step_and_goes_on(tmp_path: Path, shakespeare_data: Path, matrix) -> None:
     ref = reference(matrix)
     code, output = run(command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muonq",
@@ -497,12 +506,7 @@ def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path,
     assert code != 0
     assert re.search(r"error: step 3: non-finite loss or gradient \(first in rank 0: \S*layers\.0\.\S+, AdamW group\); "
                      r"checkpoint of step 2 saved", output), output[-3000:]
-    # torchrun reports every rank's exit: the first with the non-finite code; the other rank exits
-    # the same way, unless torchrun's monitor saw the first exit and sent it SIGTERM a moment before
-    others, _, root = output.rpartition("Root Cause (first observed failure)")
-    assert re.search(rf"exitcode\s*: {guard.EXIT_NONFINITE} ", root), output[-3000:]
-    codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+) ", others)]
-    assert len(codes) <= 1 and set(codes) <= {guard.EXIT_NONFINITE, -signal.SIGTERM}, output[-3000:]
+    assert_torchrun_nonfinite_exit(output)
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [2] and mgr.verify(2) is None
 
@@ -520,10 +524,7 @@ def test_nonfinite_abort_on_one_rank_stops_both_without_saving_the_damage(tmp_pa
     assert re.search(r"error: step 3: non-finite loss or gradient \(rank 0: loss [\d.]+, gradient norm nan\); with "
                      r"recipe\.training_params\.nonfinite=abort .* the newest checkpoint is step 2 in \S+step_000002 "
                      r"\(rerun with resume=true\)", output), output[-3000:]
-    others, _, root = output.rpartition("Root Cause (first observed failure)")
-    assert re.search(rf"exitcode\s*: {guard.EXIT_NONFINITE} ", root), output[-3000:]
-    codes = [int(c) for c in re.findall(r"exitcode\s*: (-?\d+) ", others)]
-    assert len(codes) <= 1 and set(codes) <= {guard.EXIT_NONFINITE, -signal.SIGTERM}, output[-3000:]
+    assert_torchrun_nonfinite_exit(output)
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [2] and mgr.verify(2) is None
 
