@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muonq.compare import compose_config
+from muonq.config import compose_config
 from muonq.data.shards import HEADER_INTS
-from muonq.train.trainer import format_bytes
+from muonq.metric_names import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET, TOKENIZER = "synthetic", "bench"  # the data folder is "synthetic-bench"

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from muonq.compare import compose_config
+from muonq.config import compose_config
 from muonq.config import MUON_FAMILY, OPTIMIZERS
 from muonq.models import build_model
 from muonq.optim.zero import build_sharded_optimizer

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muonq.compare import compose_config
+from muonq.config import compose_config
 from muonq.config import OPTIMIZERS
 from muonq.optim.zero import build_sharded_optimizer
 

@@ -462,26 +462,6 @@ def write_report(results: list[RunResult], out: str | os.PathLike, *, title: str
 
 
 # -- running -----------------------------------------------------------------------------------
-def compose_config(overrides: list[str]) -> Any:
-    """The run config exactly as run_hydra.py would compose it (hydra.* overrides left out)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from muonq.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "hydra_conf"), version_base="1.3"):
-            return compose("test_hydra", overrides=[o for o in overrides if not o.startswith("hydra.")])
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"bad override in {' '.join(overrides)}: {err}") from err
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def _given(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
@@ -489,14 +469,15 @@ def _given(overrides: list[str], key: str) -> bool:
 def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list[str], runs_root: Path,
               *, world_size: int = 1) -> list[tuple[str, Path, list[str]]]:
     """(optimizer, run folder, overrides) for each run; the config of each is composed and validated."""
-    from muonq.config import ConfigError, validate
+    from muonq.config import ConfigError, compose_config, validate
     from muonq.data import check_dataset, dataset_dir, resolve_data_dir
+    from muonq.train.schedule import budget_steps, total_steps
 
     base = compose_config([f"recipe={recipe}", *extra])
     tp = base.recipe.training_params
-    budget = max(1, int(base.recipe.dataset.total_tokens_B * 1e9) // tp.tokens_processed)
+    budget = budget_steps(tp.tokens_processed, base.recipe.dataset.total_tokens_B)
     if steps is None:
-        steps = min(budget, tp.max_steps) if tp.max_steps else budget
+        steps = total_steps(base)
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
     common = [f"recipe={recipe}", f"recipe.training_params.max_steps={steps}"]

@@ -173,6 +173,24 @@ def optimizer_params_from_yaml(name: str, **arg_overrides: Any) -> OptimizerPara
     return OmegaConf.to_object(merged)
 
 
+def compose_config(overrides: list[str]) -> Any:
+    """The run config exactly as ``run_hydra.py`` composes it (``hydra.*`` overrides left out)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("test_hydra", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"bad override in {' '.join(overrides)}: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def register_configs() -> None:
     """Make :class:`RunConfig` the schema of ``hydra_conf/test_hydra.yaml``."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)

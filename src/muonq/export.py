@@ -176,10 +176,8 @@ def _tiktoken_gpt2(bos: int | None, eos: int | None) -> Any:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from muonq.data import assets
-    from muonq.data.tokenizers import _GPT2_SHA256
 
-    path = assets.cached_member(assets.WHISPER, "openai_whisper-20250625/whisper/assets/gpt2.tiktoken", sha256=_GPT2_SHA256)
-    backend = TikTokenConverter(vocab_file=str(path), pattern=r50k_pat_str, extra_special_tokens=["<|endoftext|>"]).converted()
+    backend = TikTokenConverter(vocab_file=str(assets.gpt2_tiktoken_path()), pattern=r50k_pat_str, extra_special_tokens=["<|endoftext|>"]).converted()
     hf = PreTrainedTokenizerFast(tokenizer_object=backend, split_special_tokens=True)
     return _set_specials(hf, bos, eos)
 

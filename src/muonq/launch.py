@@ -8,12 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from dotenv import find_dotenv, load_dotenv
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from muonq.config import ConfigError, register_configs, validate
+from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
+from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
 
 log = logging.getLogger("muonq")
 
@@ -25,9 +26,7 @@ def prepare_argv(argv: list[str]) -> None:
     folder is named from ``MUONQ_RUN_DIR`` (run.sh sets it) or the rendezvous run id, which all
     ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file.
     """
-    # .env of the working directory (or a parent), as process_data.py reads it; never overrides
-    # the environment, and its values are never logged or copied into configs
-    load_dotenv(find_dotenv(usecwd=True), override=False)
+    load_dotenv_once()  # .env of the working directory or a parent, as process_data.py reads it
     register_configs()
     if "WORLD_SIZE" not in os.environ:
         return
@@ -53,7 +52,6 @@ def run_name_for(cfg: DictConfig) -> str:
     return f"{recipe}_{cfg.optimizer_params.name}"
 
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75  # = muonq.train.guard's (not imported: torch is slow)
 _preflight_done = False
 
 
@@ -62,7 +60,6 @@ def preflight(cfg: DictConfig) -> None:
     device, the dataset's files and vocab, W&B credentials. Raises ValueError / FileNotFoundError."""
     from muonq.data import check_dataset, dataset_dir, resolve_data_dir
     from muonq.train.distributed import pick_device, world_size_from_env
-    from muonq.train.metrics import wandb_mode
 
     validate(cfg, world_size=world_size_from_env())
     pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -73,10 +70,8 @@ def preflight(cfg: DictConfig) -> None:
     except (KeyError, TypeError, AttributeError) as err:  # well-formed JSON of the wrong shape
         raise ValueError(f"{folder}/meta.json is malformed ({type(err).__name__}: {err}); "
                          "delete the folder and rerun process_data.py") from err
-    if wandb_mode() == "online" and not os.environ.get("WANDB_API_KEY"):
-        netrc = Path.home() / ".netrc"
-        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-            raise ValueError("WANDB_MODE=online needs WANDB_API_KEY (in .env or the environment) or `wandb login`; "
+    if wandb_mode() == "online" and not wandb_logged_in():
+        raise ValueError("WANDB_MODE=online needs WANDB_API_KEY (in .env or the environment) or `wandb login`; "
                              "or set WANDB_MODE=offline")
 
 

@@ -36,6 +36,9 @@ WHISPER = PypiDist(
     "openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
     "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96", wheel=False,
 )
+# GPT-2's exact vocabulary inside the whisper sdist; its sha256 equals tiktoken's r50k_base.
+GPT2_TIKTOKEN = "openai_whisper-20250625/whisper/assets/gpt2.tiktoken"
+GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 MISTRAL_COMMON = PypiDist(
     "mistral-common==1.8.5", "mistral_common-1.8.5-py3-none-any.whl",
     "f3cf87b61958a00485e603f3fe0530eb509d7e9b2f7178329dcd260e307eced1", wheel=True,
@@ -96,3 +99,8 @@ def cached_member(dist: PypiDist, member: str, *, sha256: str) -> pathlib.Path:
         with atomic_writer(target) as f:
             f.write(data)
     return target
+
+
+def gpt2_tiktoken_path() -> pathlib.Path:
+    """The cached, checksummed ``gpt2.tiktoken`` file (fetched with pip once)."""
+    return cached_member(WHISPER, GPT2_TIKTOKEN, sha256=GPT2_TIKTOKEN_SHA256)

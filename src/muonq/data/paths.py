@@ -12,6 +12,8 @@ import pathlib
 import re
 import shlex
 
+from muonq.environment import load_dotenv_once
+
 LLAMA2_HUB_ID = "meta-llama/Llama-2-7b-hf"
 # CLI tokenizer names whose folder tag is not the name itself.
 _TAG_OF_ALIAS = {"llama2": pathlib.PurePosixPath(LLAMA2_HUB_ID).name}
@@ -21,22 +23,11 @@ _FILE_SUFFIXES = (".model", ".json")
 _FOLDER_RE = re.compile(r"^(?P<name>.+?)-(?P<tag>Llama-2-7b-hf|mistral-v1|bpe-\d+|[^-]+)$")
 
 
-@functools.cache
-def _load_dotenv() -> None:
-    """Read ``.env`` (searched upwards from the working directory) once, never overriding."""
-    try:
-        from dotenv import find_dotenv, load_dotenv
-    except ImportError:
-        return
-    found = find_dotenv(usecwd=True)
-    if found:
-        load_dotenv(found, override=False)
-
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The data root: ``data_dir`` if given, else ``$DATA_DIR`` (``.env`` honoured), else ./data."""
     if data_dir is None or str(data_dir) == "":
-        _load_dotenv()
+        load_dotenv_once()
         data_dir = os.environ.get("DATA_DIR") or "data"
     return pathlib.Path(data_dir).expanduser().absolute()
 

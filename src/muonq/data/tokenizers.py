@@ -23,7 +23,6 @@ BPE_FILE = "tokenizer.json"
 BPE_EOS = "<|endoftext|>"
 _BPE_RE = re.compile(r"^bpe-(\d+)$")
 _BPE_MIN_VOCAB = 512  # 256 byte tokens + EOS + room for merges
-_GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # = tiktoken's r50k_base
 _MISTRAL_V1_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 OFFLINE_CHOICES = "gpt2, mistral-v1, bpe-<vocab> (e.g. bpe-8192), or a local tokenizer directory / .model file"
 
@@ -166,8 +165,7 @@ def _load_gpt2() -> _Tiktoken:
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    path = assets.cached_member(assets.WHISPER, "openai_whisper-20250625/whisper/assets/gpt2.tiktoken", sha256=_GPT2_SHA256)
-    ranks = load_tiktoken_bpe(str(path), expected_hash=_GPT2_SHA256)
+    ranks = load_tiktoken_bpe(str(assets.gpt2_tiktoken_path()), expected_hash=assets.GPT2_TIKTOKEN_SHA256)
     encoding = tiktoken.Encoding(
         "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257
     )

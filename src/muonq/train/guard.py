@@ -30,9 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-EXIT_BAD_INPUT = 2  # config, data, device, environment or checkpoint problems found before training
-EXIT_NONFINITE = 3  # recipe.training_params.nonfinite=stop|abort met a NaN/Inf
-EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; rerun with resume=true (EX_TEMPFAIL)
+from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED  # noqa: F401 (re-exported)
 REPEAT_GRACE_S = 1.0
 NAN_HOOK_ENV = "MUONQ_INJECT_NAN_STEP"
 RAISE_HOOK_ENV = "MUONQ_INJECT_RAISE"

@@ -10,20 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from muonq.environment import wandb_mode
+
 log = logging.getLogger("muonq")
-
-
-def wandb_mode() -> str:
-    """W&B's mode: as set in ``WANDB_MODE``; offline when no API key is configured."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
 
 
 class MetricsLogger:

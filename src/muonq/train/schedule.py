@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
+
+def budget_steps(tokens_processed: int, total_tokens_B: float) -> int:
+    """Optimizer steps that ``recipe.dataset.total_tokens_B`` buys (at least one)."""
+    return max(1, int(total_tokens_B * 1e9) // tokens_processed)
+
+
+def total_steps(cfg: Any) -> int:
+    """A run's optimizer steps: the token budget, capped by ``recipe.training_params.max_steps``."""
+    tp = cfg.recipe.training_params
+    steps = budget_steps(tp.tokens_processed, cfg.recipe.dataset.total_tokens_B)
+    return min(steps, tp.max_steps) if tp.max_steps else steps
 
 
 def lr_multiplier(step: int, total_steps: int, *, name: str, warm_up_fraction: float, min_lr_ratio: float) -> float:

@@ -26,7 +26,7 @@ from muonq.train import distributed as dist_utils
 from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
 from muonq.train.metrics import MetricsLogger
-from muonq.train.schedule import lr_multiplier
+from muonq.train.schedule import lr_multiplier, total_steps
 
 log = logging.getLogger("muonq")
 
@@ -65,12 +65,6 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         batch = batch.pin_memory()  # the caching host allocator keeps it until the copy is done
     return batch.to(device, non_blocking=True)
-
-
-def total_steps(cfg: DictConfig) -> int:
-    tp, ds = cfg.recipe.training_params, cfg.recipe.dataset
-    steps = max(1, int(ds.total_tokens_B * 1e9) // tp.tokens_processed)
-    return min(steps, tp.max_steps) if tp.max_steps else steps
 
 
 def rng_state() -> dict[str, Any]:
