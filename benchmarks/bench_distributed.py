@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muonq.config import CONF_DIR, ModelConfig, optimizer_params_from_yaml
+from muonq.config import CONF_DIR, ModelConfig, preset
 from muonq.models import build_model
 from muonq.optim.zero import build_sharded_optimizer
 
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
         hidden = model.hidden_matrices()
         ids = {id(p) for _, p in hidden}
         others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
-        cfg = optimizer_params_from_yaml(name)
+        cfg = preset(name)
         cfg.zero = True
         opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
                                       device_type=device.type)

@@ -42,7 +42,9 @@ import torch
 
 from muonq.optim.momentum import FullPrecisionStore
 from muonq.optim.newton_schulz import zeropower_via_newtonschulz
-from muonq.optim.variants import momentum_nbytes, store_selector, variant_args
+from muonq.config import preset
+from muonq.optim.selection import store_selector
+from muonq.optim.state_bytes import momentum_nbytes
 
 SHAPES = [(512, 512), (1376, 512), (1024, 2736)]
 STREAM_SHAPES = [(512, 512), (1376, 512)]
@@ -129,7 +131,7 @@ def ns_error(approx: torch.Tensor, reference_ns: torch.Tensor) -> float:
 
 def bytes_per_element(variant: str, overrides: dict, shapes: Iterable[tuple[tuple[int, int], int]]) -> float:
     """Exact state bytes per element over ``shapes`` ((shape, count) pairs), from the real stores."""
-    select = store_selector(variant_args(variant, **overrides), kernels="reference")
+    select = store_selector(preset(variant, **overrides).muon.store, kernels="reference")
     shapes = list(shapes)
     total = sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
     return total / sum(math.prod(shape) * count for shape, count in shapes)
@@ -139,7 +141,7 @@ def bytes_per_element(variant: str, overrides: dict, shapes: Iterable[tuple[tupl
 
 
 def measure(matrix: torch.Tensor, variant: str, overrides: dict, warm_saves: int) -> dict[str, float | str]:
-    select = store_selector(variant_args(variant, **overrides), kernels="reference")
+    select = store_selector(preset(variant, **overrides).muon.store, kernels="reference")
     store = select(matrix)
     if isinstance(store, FullPrecisionStore):
         return {"B/elem": 4.0, "rel err": 0.0, "NS err cold": 0.0, "NS err": 0.0, "note": "fp32 fallback"}
@@ -228,12 +230,12 @@ def stream_errors(grads: list[torch.Tensor], rows: list, *, beta: float, start: 
         references[normalize] = {t: ns(u) for t, u in enumerate(inputs, start=1) if t in measured}
     out = {}
     for label, variant, overrides in rows:
-        args = variant_args(variant, **overrides)
-        store = store_selector(args, kernels="reference")(like)
+        args = preset(variant, **overrides).muon
+        store = store_selector(args.store, kernels="reference")(like)
         if isinstance(store, FullPrecisionStore):
             continue
-        inputs = trajectory(store, grads, beta=beta, normalize=args.norm, start=start, warm_saves=warm_saves, like=like)
-        errors = {t: ns_error(u, references[args.norm][t]) for t, u in enumerate(inputs, start=1) if t in measured}
+        inputs = trajectory(store, grads, beta=beta, normalize=args.normalize, start=start, warm_saves=warm_saves, like=like)
+        errors = {t: ns_error(u, references[args.normalize][t]) for t, u in enumerate(inputs, start=1) if t in measured}
         out[label] = {**{f"step {t}": errors[t] for t in CHECKPOINTS if t <= steps},
                       f"step {steps}": errors[steps], "mean": statistics.mean(errors.values())}
     return out
@@ -285,7 +287,7 @@ def main() -> None:
         summary("synthetic rank-8 + Student-t(3)", synth, rows)
     if args.captured:
         captured = torch.load(args.captured, weights_only=True, map_location="cpu")
-        min_numel = variant_args("muon").min_quant_numel
+        min_numel = preset("muon8bit").muon.store.min_numel
         per_matrix = {}
         for name, tensor in captured.items():
             if tensor.ndim != 2 or tensor.numel() < min_numel:

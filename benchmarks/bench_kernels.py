@@ -43,7 +43,7 @@ from muonq.optim.codecs import QuantCodec, make_codec
 from muonq.optim.newton_schulz import fast_matmul_dtype
 from muonq.optim.stores import QuantizedStore
 from muonq.optim.subspace import power_iteration_step
-from muonq.optim.variants import variant_args
+from muonq.config import preset
 
 RECIPES: dict[str, tuple[int, int]] = {  # hidden, SwiGLU width
     "llama-60m": (512, 1376),
@@ -160,7 +160,7 @@ def step_rows(recipe: str, device: torch.device, kernels: str, args) -> list[str
         params = [torch.nn.Parameter(w.to(device)) for w in weights]
         for p, g in zip(params, grads):
             p.grad = g
-        optimizers[label] = build_muon(variant_args(variant, ns_batch_size=ns_batch_size), params, kernels=kernels)
+        optimizers[label] = build_muon(preset(variant, ns_batch_size=ns_batch_size).muon, params, kernels=kernels)
     times: dict[str, list[float]] = {label: [] for label in optimizers}
     for repeat in range(args.warmup + args.repeats):
         for label, opt in optimizers.items():
@@ -187,7 +187,7 @@ def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
 def subspace_rows(recipe: str, device: torch.device, muon_step_s: float, args) -> list[str]:
     hidden, ffn = RECIPES[recipe]
     shapes = layer_shapes(hidden, ffn)
-    rank_divisor = variant_args("muonq").rank
+    rank_divisor = preset("muonq").muon.store.rank_divisor
     generator = torch.Generator().manual_seed(0)
     matrices = [torch.randn(s, generator=generator).to(device) for s in shapes]
     bases = [torch.randn(s[1], min(s) // rank_divisor, generator=generator).to(device) for s in shapes]
@@ -247,7 +247,7 @@ def main() -> None:
     for recipe in args.recipes:
         rows, muon_step_s[recipe] = step_rows(recipe, device, kernels, args)
         print("\n".join(rows))
-    print(f"\n(c) MuonQ's power iteration over one layer (rank min(m, n) // {variant_args('muonq').rank}), "
+    print(f"\n(c) MuonQ's power iteration over one layer (rank min(m, n) // {preset('muonq').muon.store.rank_divisor}), "
           "relative to fp32 Muon's step in (b)\n")
     print("| recipe | work | time (ms) | / muon step |")
     print("|---|---|---:|---:|")

@@ -10,7 +10,7 @@ AdamW rows, for comparison, put the same matrices under AdamW: ``adamw`` keeps t
 a real llama-tiny's hidden matrices are stepped once with AdamW8bit built by
 ``muonq.optim.build.build_optimizer`` and its tensor-subclass state (``OptimState8bit``: uint8
 codes, one fp32 scale per 256 elements, a 256-entry fp32 code map per state) is counted by
-``muonq.optim.variants.state_bytes``; the per-tensor rule that reproduces that count exactly is
+``muonq.optim.state_bytes.state_bytes``; the per-tensor rule that reproduces that count exactly is
 then applied to the recipes' shapes.
 
     python benchmarks/bench_state_memory.py
@@ -23,7 +23,9 @@ import math
 
 import torch
 
-from muonq.optim.variants import VARIANTS, momentum_nbytes, state_bytes, store_selector, variant_args
+from muonq.config import preset
+from muonq.optim.selection import store_selector
+from muonq.optim.state_bytes import adamw_state_nbytes, momentum_nbytes, state_bytes
 
 # hidden, SwiGLU width, layers (DESIGN.md section 4)
 RECIPES: dict[str, tuple[int, int, int]] = {
@@ -50,29 +52,25 @@ ADAMW_BLOCK = 256
 
 def adamw_bytes(shape: tuple[int, int]) -> int:
     """torch AdamW: exp_avg and exp_avg_sq in fp32."""
-    return 2 * 4 * math.prod(shape)
+    return adamw_state_nbytes(shape, element_size=4, bits=32, block_size=ADAMW_BLOCK)
 
 
 def adamw8bit_bytes(shape: tuple[int, int], block: int = ADAMW_BLOCK) -> int:
-    """torchao AdamW8bit: per state, uint8 codes + one fp32 scale per block + the 256-entry fp32 code
-    map, if the tensor has >= 4096 elements divisible by the block; else plain fp32 states."""
-    numel = math.prod(shape)
-    if numel >= 4096 and numel % block == 0:
-        return 2 * (numel + 4 * (numel // block) + 4 * 256)
-    return adamw_bytes(shape)
+    """torchao AdamW8bit, by the layout rule of :func:`muonq.optim.state_bytes.adamw_state_nbytes`."""
+    return adamw_state_nbytes(shape, element_size=4, bits=8, block_size=block)
 
 
 def measured_adamw8bit() -> tuple[int, int, int]:
     """(bytes counted by state_bytes, bytes by :func:`adamw8bit_bytes`, elements) for AdamW8bit over a
     real llama-tiny's hidden matrices after one step."""
-    from muonq.config import ModelConfig, optimizer_params_from_yaml
+    from muonq.config import ModelConfig
     from muonq.models import build_model
     from muonq.optim.build import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_embd=128, n_layer=4, n_head=4, intermediate_size=352))
     hidden = [p for _, p in model.hidden_matrices()]
-    opt = build_optimizer(optimizer_params_from_yaml("adamw8bit"), hidden=hidden, others=[]).optimizers["adamw"]
+    opt = build_optimizer(preset("adamw8bit"), hidden=hidden, others=[]).optimizers["adamw"]
     for p in hidden:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -90,13 +88,7 @@ def recipe_bytes(variant: str, overrides: dict, shapes: list[tuple[tuple[int, in
         return sum(adamw_bytes(shape) * count for shape, count in shapes)
     if variant == "adamw8bit":
         return sum(adamw8bit_bytes(shape) * count for shape, count in shapes)
-    if variant in VARIANTS:
-        args = variant_args(variant, **overrides)
-    else:  # an optimizer YAML that is no named variant (muoneq)
-        from muonq.config import optimizer_params_from_yaml
-
-        args = optimizer_params_from_yaml(variant, **overrides).args
-    select = store_selector(args)
+    select = store_selector(preset(variant, **overrides).muon.store)
     return sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
 
 

@@ -24,9 +24,8 @@ import time
 
 import torch
 
-from muonq.config import optimizer_params_from_yaml
+from muonq.config import VARIANTS, preset
 from muonq.optim.build import build_optimizer
-from muonq.optim.variants import VARIANTS
 
 # (label, optimizer YAML, overrides)
 ROWS: list[tuple[str, str, dict]] = [
@@ -52,7 +51,7 @@ def make(yaml_name: str, overrides: dict, weights: list[torch.Tensor], grads: li
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    opt = build_optimizer(optimizer_params_from_yaml(yaml_name, **overrides), hidden=params, others=[])
+    opt = build_optimizer(preset(yaml_name, **overrides), hidden=params, others=[])
     return opt
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from muonq.config import ModelConfig, optimizer_params_from_yaml
+from muonq.config import ModelConfig, preset
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
 from muonq.models import build_model
 from muonq.optim.build import build_optimizer
@@ -74,7 +74,7 @@ def capture(args: argparse.Namespace) -> None:
     hidden = list(named.values())
     hidden_ids = {id(p) for p in hidden}
     others = [p for p in model.parameters() if id(p) not in hidden_ids]
-    opt_cfg = optimizer_params_from_yaml("muon", lr=args.lr)
+    opt_cfg = preset("muon", lr=args.lr)
     optimizer = build_optimizer(opt_cfg, hidden=hidden, others=others)
     muon = optimizer.optimizers["muon"]
     loader = TokenLoader(path, "train", batch_size=args.batch_size, seq_len=args.context, seed=args.seed)
@@ -112,7 +112,7 @@ def capture(args: argparse.Namespace) -> None:
             "start": {short_name(n): t for n, t in start.items()},
             "grads": {short_name(n): torch.stack(g) for n, g in grads.items()},
             "final": {short_name(n): t for n, t in final.items()},
-            "momentum": opt_cfg.args.momentum,
+            "momentum": opt_cfg.muon.momentum,
             "meta": dict(steps=args.steps, n_embd=args.n_embd, lr=args.lr, seed=args.seed, val_loss=val),
         }
         args.stream_out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from muonq.optim.codecs import MuLawMap, QuantCodec, RawCodec, make_codec, unpac
 from muonq.optim.momentum import FullPrecisionStore
 from muonq.optim.muon import Muon
 from muonq.optim.stores import DecomposedStore, QuantizedStore
-from muonq.optim.variants import VARIANTS, store_selector, variant_args
+from muonq.config import VARIANTS, preset
+from muonq.optim.selection import store_selector
 
 CHILD_ENV = "MUONQ_KERNEL_TESTS_IN_INTERPRETER"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -156,8 +157,8 @@ STORE_CASES = [  # (shape, ema, renormalize); 80 x 112 has ragged 32 x 32 tiles
 @pytest.mark.parametrize("name", QUANTIZED_VARIANTS)
 def test_fused_accumulate_matches_the_reference(device, name, shape, ema, renormalize):
     overrides = dict(min_quant_numel=0, tile_size=32)
-    fused = store_selector(variant_args(name, **overrides), kernels="triton")(torch.empty(shape))
-    reference = store_selector(variant_args(name, **overrides), kernels="reference")(torch.empty(shape))
+    fused = store_selector(preset(name, **overrides).muon.store, kernels="triton")(torch.empty(shape))
+    reference = store_selector(preset(name, **overrides).muon.store, kernels="reference")(torch.empty(shape))
     if isinstance(fused, FullPrecisionStore):
         pytest.skip(f"{name} keeps fp32 momentum for {shape}")
     # cuBLAS's addmm epilogue rounds differently from the kernel's separate add (CPU BLAS does not)
@@ -248,17 +249,17 @@ def test_fused_ns_input_in_bf16_matches_the_reference(device, codec, renormalize
 def test_decomposed_ns_input_in_bf16_matches_the_reference(device, name, nesterov):
     """MuonQ (renormalized: the division pass writes the bf16 input) and GRASP (the update pass does)."""
     shape = (64, 96)
-    args = variant_args(name, min_quant_numel=0, tile_size=32)
-    stores = {mode: store_selector(args, kernels=mode)(torch.empty(shape)) for mode in ("triton", "reference")}
+    args = preset(name, min_quant_numel=0, tile_size=32).muon
+    stores = {mode: store_selector(args.store, kernels=mode)(torch.empty(shape)) for mode in ("triton", "reference")}
     states = {mode: {} for mode in stores}
     for mode, store in stores.items():
         assert isinstance(store, DecomposedStore)
         store.init(states[mode], torch.empty(shape, device=device))
     for step in range(3):
         grad = heavy(shape, step, device)
-        if args.norm:
+        if args.normalize:
             grad = grad / grad.norm()
-        kwargs = dict(beta=0.95, ema=False, renormalize=args.norm, nesterov=nesterov, dtype=torch.bfloat16)
+        kwargs = dict(beta=0.95, ema=False, renormalize=args.normalize, nesterov=nesterov, dtype=torch.bfloat16)
         got = stores["triton"].ns_input(states["triton"], grad, **kwargs)
         ref = stores["reference"].ns_input(states["reference"], grad, **kwargs)
         assert got.dtype == torch.bfloat16
@@ -272,11 +273,11 @@ def test_muon_runs_each_variant_on_the_kernels(device, name):
     torch.manual_seed(0)
     start = [torch.randn(s) * 0.02 for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
-    args = variant_args(name, min_quant_numel=0, tile_size=32)
+    args = preset(name, min_quant_numel=0, tile_size=32).muon
     finals = {}
     for kernels in ("triton", "reference"):
         params = [torch.nn.Parameter(w.clone().to(device)) for w in start]
-        opt = Muon(params, lr=0.02, weight_decay=0.1, store=store_selector(args, kernels=kernels), normalize=args.norm)
+        opt = Muon(params, lr=0.02, weight_decay=0.1, store=store_selector(args.store, kernels=kernels), normalize=args.normalize)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.to(device)
@@ -293,7 +294,7 @@ def test_muon_runs_each_variant_on_the_kernels(device, name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA or IN_CHILD, reason="needs CUDA")
 def test_auto_picks_triton_on_cuda_and_the_reference_on_cpu():
-    store = store_selector(variant_args("muonq"), kernels="auto")(torch.empty(256, 256))
+    store = store_selector(preset("muonq").muon.store, kernels="auto")(torch.empty(256, 256))
     assert store.kernels.applies(torch.empty(1, device="cuda"))
     assert not store.kernels.applies(torch.empty(1))
 
@@ -305,9 +306,9 @@ def test_auto_picks_triton_on_cuda_and_the_reference_on_cpu():
 @pytest.mark.parametrize("mode", ["auto", "reference"])
 def test_auto_and_reference_run_the_reference_on_cpu(mode):
     shape = (64, 96)
-    store = store_selector(variant_args("muon8bit", min_quant_numel=0), kernels=mode)(torch.empty(shape))
+    store = store_selector(preset("muon8bit", min_quant_numel=0).muon.store, kernels=mode)(torch.empty(shape))
     assert not store.kernels.applies(torch.empty(shape))
-    plain = store_selector(variant_args("muon8bit", min_quant_numel=0), kernels="reference")(torch.empty(shape))
+    plain = store_selector(preset("muon8bit", min_quant_numel=0).muon.store, kernels="reference")(torch.empty(shape))
     got_state, got = run_store(store, shape, "cpu", steps=2, ema=False, renormalize=False)
     ref_state, ref = run_store(plain, shape, "cpu", steps=2, ema=False, renormalize=False)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
@@ -331,17 +332,17 @@ def test_triton_mode_without_triton_fails_when_the_optimizer_is_built(monkeypatc
 
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     with pytest.raises(ValueError, match="needs the triton package"):
-        store_selector(variant_args("muonq"), kernels="triton")
-    store_selector(variant_args("muonq"), kernels="auto")  # auto just falls back
+        store_selector(preset("muonq").muon.store, kernels="triton")
+    store_selector(preset("muonq").muon.store, kernels="auto")  # auto just falls back
 
 
 @parent_only
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton installed")
 def test_triton_mode_refuses_codecs_without_kernels_and_auto_falls_back():
-    args = variant_args("muonq", stochastic=True)
+    args = preset("muonq", stochastic=True).muon
     with pytest.raises(ValueError, match="stochastic rounding"):
-        store_selector(args, kernels="triton")(torch.empty(256, 256))
-    store = store_selector(args, kernels="auto")(torch.empty(256, 256))
+        store_selector(args.store, kernels="triton")(torch.empty(256, 256))
+    store = store_selector(args.store, kernels="auto")(torch.empty(256, 256))
     assert isinstance(store, DecomposedStore) and "stochastic" in store.kernels.unfusable
 
 
@@ -358,15 +359,14 @@ def test_only_stochastic_rounding_and_foreign_codecs_lack_kernels():
 @parent_only
 def test_bad_mode_is_a_value_error():
     with pytest.raises(ValueError, match="kernels must be one of"):
-        store_selector(variant_args("muon8bit"), kernels="cuda")
+        store_selector(preset("muon8bit").muon.store, kernels="cuda")
 
 
 @parent_only
 def test_build_optimizer_passes_the_kernels_setting_to_the_stores():
-    from muonq.config import optimizer_params_from_yaml
     from muonq.optim.build import build_optimizer
 
-    cfg = optimizer_params_from_yaml("muonq")
+    cfg = preset("muonq")
     cfg.kernels = "reference"
     param = torch.nn.Parameter(torch.zeros(256, 256))
     opt = build_optimizer(cfg, hidden=[param], others=[])

@@ -95,7 +95,8 @@ def test_batched_newton_schulz_groups_same_shapes_and_changes_nothing(monkeypatc
     """ns_batch_size stacks same-shape matrices (in chunks) into one NS call; the updates equal the
     per-matrix ones (fp32 on the CPU: the batched matmul computes each slice like the single one)."""
     from muonq.optim import muon as muon_module
-    from muonq.optim.variants import store_selector, variant_args
+    from muonq.config import preset
+    from muonq.optim.selection import store_selector
 
     shapes = [(32, 48), (48, 32), (32, 48), (32, 48), (16, 16), (48, 32), (32, 48)]
     gen = torch.Generator().manual_seed(3)
@@ -104,12 +105,12 @@ def test_batched_newton_schulz_groups_same_shapes_and_changes_nothing(monkeypatc
     calls: list[tuple[int, ...]] = []
     real = muon_module.zeropower_via_newtonschulz
     monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda u, *a, **k: calls.append(tuple(u.shape)) or real(u, *a, **k))
-    args = variant_args(variant, min_quant_numel=0)
+    args = preset(variant, min_quant_numel=0).muon
     finals = {}
     for batch in (1, 3):
         params = [torch.nn.Parameter(w.clone()) for w in start]
-        opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=True, normalize=args.norm, ns_batch_size=batch,
-                   store=store_selector(args, kernels="reference"))
+        opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=True, normalize=args.normalize, ns_batch_size=batch,
+                   store=store_selector(args.store, kernels="reference"))
         calls.clear()
         _steps(opt, params, grads)
         finals[batch] = [p.detach().clone() for p in params]

@@ -14,14 +14,9 @@ from muonq.optim.muon import Muon, update_scale
 from muonq.optim.newton_schulz import zeropower_via_newtonschulz
 from muonq.optim.stores import DecomposedStore, QuantizedStore, preserve_state_dtypes
 from muonq.optim.subspace import initial_basis, power_iteration_step
-from muonq.optim.variants import (
-    VARIANTS,
-    bytes_per_element,
-    momentum_nbytes,
-    state_bytes,
-    store_selector,
-    variant_args,
-)
+from muonq.config import VARIANTS, preset
+from muonq.optim.selection import store_selector
+from muonq.optim.state_bytes import bytes_per_element, momentum_nbytes, state_bytes
 
 QUANTIZED = [name for name in VARIANTS if name != "muon"]
 
@@ -36,8 +31,8 @@ def low_rank_plus_noise(m: int, n: int, *, rank: int = 8, noise: float = 0.5, se
 
 
 def make_muon(name: str, params, **overrides) -> Muon:
-    args = variant_args(name, **overrides)
-    return Muon(params, lr=0.02, weight_decay=0.0, store=store_selector(args), normalize=args.norm)
+    args = preset(name, **overrides).muon
+    return Muon(params, lr=0.02, weight_decay=0.0, store=store_selector(args.store), normalize=args.normalize)
 
 
 # -- exact bytes ------------------------------------------------------------------------------------
@@ -56,7 +51,7 @@ def test_muonq_512_matrix_is_exactly_147586_bytes():
     report = state_bytes(opt)
     assert report["total"] == report["quantized"] == 147_586
     assert report["step"] == 4 and report["full_precision"] == 0
-    assert momentum_nbytes(store_selector(variant_args("muonq")), (512, 512)) == 147_586
+    assert momentum_nbytes(store_selector(preset("muonq").muon.store), (512, 512)) == 147_586
     assert bytes_per_element(opt) == pytest.approx(147_586 / 512**2)
 
 
@@ -74,7 +69,7 @@ def test_recipe_memory_ratios(recipe):
     assert sum(math.prod(s) * c for s, c in shapes) == pytest.approx(muon_params, rel=2e-3)
 
     def total(name):
-        select = store_selector(variant_args(name))
+        select = store_selector(preset(name).muon.store)
         return sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
 
     fp32 = total("muon")
@@ -131,7 +126,7 @@ def test_power_iteration_survives_a_zero_matrix():
 
 
 def test_starting_basis_is_fixed_by_the_shape_and_leaves_the_global_rng_alone():
-    select = store_selector(variant_args("muonq", stochastic=True))
+    select = store_selector(preset("muonq", stochastic=True).muon.store)
     param = torch.zeros(96, 160)
     rng = torch.get_rng_state()
     states = [{}, {}]
@@ -162,8 +157,8 @@ def test_decomposed_store_load_reconstructs_the_momentum():
         ns_err = zeropower_via_newtonschulz(b_hat, dtype=torch.float32) - ns_ref
         return ((b_hat - b).norm() / b.norm()).item(), (ns_err.norm() / ns_ref.norm()).item()
 
-    muonq = store_selector(variant_args("muonq"))(b)
-    naive = store_selector(variant_args("muon4"))(b)
+    muonq = store_selector(preset("muonq").muon.store)(b)
+    naive = store_selector(preset("muon4").muon.store)(b)
     assert isinstance(muonq, DecomposedStore) and muonq.rank == 16
     (muonq_err, muonq_ns_err), (naive_err, naive_ns_err) = errors_after_saves(muonq), errors_after_saves(naive)
     assert muonq_err < naive_err and muonq_ns_err < 0.5 * naive_ns_err
@@ -188,20 +183,20 @@ def test_stores_reject_a_parameter_of_another_shape():
 
 
 def test_selector_picks_stores_by_size_and_config():
-    muon8bit = store_selector(variant_args("muon8bit"))
+    muon8bit = store_selector(preset("muon8bit").muon.store)
     assert isinstance(muon8bit(torch.zeros(128, 128)), QuantizedStore)
     assert isinstance(muon8bit(torch.zeros(32, 64)), FullPrecisionStore)  # < min_quant_numel
     assert isinstance(muon8bit(torch.zeros(100, 101)), FullPrecisionStore)  # not a block multiple
     assert isinstance(muon8bit(torch.zeros(8192)), FullPrecisionStore)  # not a matrix
-    assert isinstance(store_selector(variant_args("muon"))(torch.zeros(512, 512)), FullPrecisionStore)
-    muonq = store_selector(variant_args("muonq"))
+    assert isinstance(store_selector(preset("muon").muon.store)(torch.zeros(512, 512)), FullPrecisionStore)
+    muonq = store_selector(preset("muonq").muon.store)
     assert isinstance(muonq(torch.zeros(100, 101)), DecomposedStore)  # residual is per tensor
     assert isinstance(muonq(torch.zeros(8, 1024)), QuantizedStore)  # k = 8 // 16 = 0
-    grasp = store_selector(variant_args("grasp"))(torch.zeros(256, 256))
+    grasp = store_selector(preset("grasp").muon.store)(torch.zeros(256, 256))
     assert grasp.residual_codec.granularity == "grid" and grasp.factor_codec.bits == 8
-    block = store_selector(variant_args("muonq-block128"))(torch.zeros(256, 256))
+    block = store_selector(preset("muonq-block128").muon.store)(torch.zeros(256, 256))
     assert block.residual_codec.granularity == "block" and block.residual_codec.block_size == 128
-    ablation = store_selector(variant_args("muonq", compand=False, rank=0))(torch.zeros(256, 256))
+    ablation = store_selector(preset("muonq", compand=False, rank=0).muon.store)(torch.zeros(256, 256))
     assert isinstance(ablation, QuantizedStore) and ablation.codec.granularity == "tensor"
 
 
@@ -217,9 +212,9 @@ def test_selector_picks_stores_by_size_and_config():
 )
 def test_selector_rejects_bad_config(overrides, match):
     with pytest.raises(ValueError, match=match):
-        store_selector(variant_args("muon8bit", **overrides))
+        store_selector(preset("muon8bit", **overrides).muon.store)
     with pytest.raises(ValueError, match="unknown variant"):
-        variant_args("muon2")
+        preset("muon2")
 
 
 # -- state bytes -----------------------------------------------------------------------------------
@@ -297,7 +292,7 @@ def test_quantized_updates_follow_fp32_muon():
     reference = updates("muon", grads)
     reference_normalized = updates("muon", grads, norm=True)
     cos = {
-        name: mean_cosine(updates(name, grads), reference_normalized if variant_args(name).norm else reference)
+        name: mean_cosine(updates(name, grads), reference_normalized if preset(name).muon.normalize else reference)
         for name in ("muon8bit", "muon8bit-dynamic", "muon4", "muonq", "grasp")
     }
     assert cos["muon8bit"] > 0.99 and cos["muon8bit-dynamic"] > 0.99, cos

@@ -19,14 +19,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muonq.config import MUON_FAMILY, OPTIMIZERS, optimizer_params_from_yaml
+from muonq.config import OPTIMIZERS, preset
 from muonq.optim.build import build_optimizer
 from muonq.optim.codecs import RawCodec
 from muonq.optim.equilibrate import Equilibrate
 from muonq.optim.muon import update_scale
 from muonq.optim.newton_schulz import zeropower_via_newtonschulz
 from muonq.optim.stores import DecomposedStore
-from muonq.optim.variants import state_bytes, store_selector, variant_args
+from muonq.optim.selection import store_selector
+from muonq.optim.spec import FullPrecisionMomentum
+from muonq.optim.state_bytes import state_bytes
 
 
 # -- every YAML builds and steps ---------------------------------------------------------------------
@@ -45,9 +47,9 @@ def small_model_params(seed: int = 0):
 def test_every_optimizer_yaml_builds_and_steps(name):
     hidden, others = small_model_params()
     before = [p.detach().clone() for p in hidden + others]
-    opt = build_optimizer(optimizer_params_from_yaml(name), hidden=hidden, others=others)
+    opt = build_optimizer(preset(name), hidden=hidden, others=others)
     roles = {group["role"] for group in opt.param_groups}
-    if name in MUON_FAMILY:
+    if preset(name).family == "muon":
         assert set(opt.optimizers) == {"muon", "adamw"} and "muon" in roles
     else:
         assert set(opt.optimizers) == {"adamw"} and "muon" not in roles
@@ -62,7 +64,7 @@ def test_every_optimizer_yaml_builds_and_steps(name):
         assert torch.isfinite(p).all() and not torch.equal(p.detach(), p0), name
     total = sum(state_bytes(o)["total"] for _, o in opt)
     assert total > 0
-    if name in MUON_FAMILY:
+    if preset(name).family == "muon":
         muon = state_bytes(opt.optimizers["muon"])
         numel = 256 * 512 + 16 * 32
         expected_rate = {"muon": 4.0, "muoneq": 4.0, "muon8bit": 1.0156, "muon8": 1.0, "muon4": 0.5, "muonq": 0.55,
@@ -75,7 +77,7 @@ def test_adamw8bit_builds_and_counts_about_two_bytes_per_element():
     from torchao.optim import AdamW8bit
 
     hidden, others = small_model_params()
-    opt = build_optimizer(optimizer_params_from_yaml("adamw8bit"), hidden=hidden, others=others)
+    opt = build_optimizer(preset("adamw8bit"), hidden=hidden, others=others)
     adamw = opt.optimizers["adamw"]
     assert isinstance(adamw, AdamW8bit)
     for p in hidden + others:
@@ -111,8 +113,8 @@ def explicit_equilibrate(u: torch.Tensor, mode: str, eps: float = 1e-8) -> torch
 
 @pytest.mark.parametrize("mode,phase", [("row", None), ("rowcol", 3), ("rowcol", None)])
 def test_muoneq_is_wired_into_the_built_engine(mode, phase):
-    cfg = optimizer_params_from_yaml("muoneq", equilibrate=mode, phase=phase, weight_decay=0.0, lr=0.01)
-    assert cfg.args.nesterov and cfg.args.qbit == 32
+    cfg = preset("muoneq", equilibrate=mode, phase=phase, weight_decay=0.0, lr=0.01)
+    assert cfg.muon.nesterov and cfg.muon.store == FullPrecisionMomentum()
     g = torch.Generator().manual_seed(0)
     shape = (96, 160)
     param = torch.nn.Parameter(torch.randn(shape, generator=g))
@@ -129,8 +131,8 @@ def test_muoneq_is_wired_into_the_built_engine(mode, phase):
 
     muon.pre_ns = recording
     buf = torch.zeros(shape)
-    beta, lr = cfg.args.momentum, cfg.args.lr
-    scale = update_scale(param.shape, cfg.args.scale_mode)
+    beta, lr = cfg.muon.momentum, cfg.muon.lr
+    scale = update_scale(param.shape, cfg.muon.scale_mode)
     for step in range(5):
         # rows and columns of very different sizes, so that every mode gives a different input to NS
         grad = torch.randn(shape, generator=g) * torch.logspace(-2, 1, shape[0])[:, None] * torch.logspace(0, 1, shape[1])
@@ -150,7 +152,7 @@ def test_muoneq_is_wired_into_the_built_engine(mode, phase):
 
 
 def test_equilibration_combines_with_a_quantized_store():
-    cfg = optimizer_params_from_yaml("muonq", equilibrate="row")
+    cfg = preset("muonq", equilibrate="row")
     param = torch.nn.Parameter(torch.zeros(128, 256))
     muon = build_optimizer(cfg, hidden=[param], others=[]).optimizers["muon"]
     assert isinstance(muon.pre_ns, Equilibrate) and muon.normalize
@@ -186,7 +188,7 @@ def test_decomposed_store_tracks_the_top_singular_subspace(factors):
     if factors == "fp32":
         store = DecomposedStore((m, n), rank_divisor=16, factor_codec=RawCodec(), residual_codec=RawCodec())
     else:
-        store = store_selector(variant_args("muonq"), kernels="reference")(torch.zeros(m, n))
+        store = store_selector(preset("muonq").muon.store, kernels="reference")(torch.zeros(m, n))
     k = store.rank
     assert k == 8
     state: dict[str, torch.Tensor] = {}

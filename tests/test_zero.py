@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muonq.config import OPTIMIZERS, ModelConfig, optimizer_params_from_yaml
+from muonq.config import OPTIMIZERS, ModelConfig, preset
 from muonq.models import build_model
 from muonq.optim.build import build_optimizer
 from muonq.optim.zero import ShardedOptimizer, assign_owners, build_sharded_optimizer, shard_file
@@ -59,7 +59,7 @@ def _train(model, opt, steps) -> None:
 def _run_world(rank: int, world: int, tmp: Path, resume_from: int | None) -> None:
     for name in OPTIMIZERS:
         out = tmp / name
-        cfg = optimizer_params_from_yaml(name)
+        cfg = preset(name)
         cfg.zero = True
         if world == 1:  # the reference: the plain, unsharded OptimizerSet
             model, hidden, others = _model()

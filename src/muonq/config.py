@@ -8,21 +8,20 @@ with a message that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-OPTIMIZERS = ("adamw", "adamw8bit", "muon", "muon8bit", "muon8", "muon4", "muonq", "grasp", "muoneq")
-MUON_FAMILY = tuple(name for name in OPTIMIZERS if name.startswith("muon") or name == "grasp")
+from muonq.optim.spec import FAMILIES, KERNEL_MODES, VALUE_MAPS, OptimizerSpec
+
 MODEL_TYPES = ("llama", "gpt")
 SCHEDULES = ("warm-up-cosine", "cosine", "constant")
 PRECISIONS = ("bfloat16", "float16", "float32")
-QUANT_SCHEMES = ("linear", "dynamic", "mulaw")
 GRANULARITIES = ("tensor", "block")
 EQUILIBRATE_MODES = ("none", "row", "col", "rowcol")
-KERNEL_MODES = ("auto", "triton", "reference")
 NONFINITE_POLICIES = ("skip", "stop", "abort")
 
 
@@ -36,9 +35,7 @@ class TrainingParams:
     mixed_precision: str = "bfloat16"
     compile: bool = False
     max_steps: Optional[int] = None  # cap on optimizer steps (None: the token budget decides)
-    num_epochs: int = 1  # accepted for compatibility with the original recipes; the budget decides
     tensorcore_precision: str = "high"  # torch.set_float32_matmul_precision on CUDA
-    val_tokens_processed: Optional[int] = None  # original recipes set it here; logging_params wins
     # what a non-finite loss/grad does: skip the step, or stop with a checkpoint of the last good
     # step (both read a verdict before the optimizer: one host sync per step); abort: the verdict is
     # read a step late (no sync in the step) and the run stops without saving the damaged state
@@ -57,7 +54,6 @@ class ModelConfig:
     block_size: int = 1024  # GPT: learned positions available
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    flash_attention: bool = True  # accepted for compatibility; attention is always SDPA
 
 
 @dataclass
@@ -84,17 +80,17 @@ class OptimizerArgs:
     nesterov: bool = False
     ns_steps: int = 5
     ns_batch_size: int = 1  # same-shape matrices stacked into one batched Newton–Schulz call (1 = per matrix)
-    polar_method: str = "Keller"  # Newton–Schulz quintic (the only one implemented)
     scale_mode: str = "match_rms_adamw"  # or "original"
     momentum_form: str = "sum"  # or "ema" (torch.optim.Muon's form)
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     adamw_lr: Optional[float] = None  # lr of the AdamW side of Muon optimizers (None: same as lr)
+    adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments, 8 = torchao's blockwise AdamW8bit
     # quantized state
     qbit: int = 32  # 32 = full precision; 8 or 4
     quant: str = "linear"  # linear | dynamic | mulaw
     gran: str = "block"  # tensor | block (per-tensor or blockwise scales)
-    block_size: int = 256
+    block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-bit AdamW state
     min_quant_numel: int = 4096  # smaller matrices keep fp32 momentum
     stochastic: bool = False  # stochastic rounding when encoding
     # MuonQ parts
@@ -117,7 +113,8 @@ class OptimizerArgs:
 
 @dataclass
 class OptimizerParams:
-    name: str = "muon"
+    name: str = "muon"  # the YAML's name in hydra_conf/optimizer_params/ (labels runs and checkpoints)
+    family: str = "muon"  # muon: Muon on hidden matrices + AdamW on the rest; adamw: AdamW everywhere
     args: OptimizerArgs = field(default_factory=OptimizerArgs)
     zero: Optional[bool] = None  # shard optimizer state across ranks (None: on when world size > 1)
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | reference
@@ -138,11 +135,9 @@ class LoggingParams:
     save_checkpoint: bool = False
     save_ckpt_step: int = 100
     keep_last: int = 2
-    load_ckpt_step: int = 0  # accepted for compatibility with the original recipes
     checkpoint_dir: Optional[str] = None  # default: checkpoints/<run name>
     final_full_val: bool = True  # validate on the whole validation split at the end
     wandb: dict[str, Any] = field(default_factory=dict)  # passed to wandb.init (project, name, ...)
-    var_tracking: dict[str, Any] = field(default_factory=dict)  # accepted for compatibility
 
 
 @dataclass
@@ -159,18 +154,6 @@ class RunConfig:
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "hydra_conf"
-
-
-def optimizer_params_from_yaml(name: str, **arg_overrides: Any) -> OptimizerParams:
-    """``hydra_conf/optimizer_params/<name>.yaml`` as a typed :class:`OptimizerParams` (for
-    benchmarks and tests that build optimizers without composing a whole run)."""
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / "optimizer_params" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
-    merged = OmegaConf.merge(OmegaConf.structured(OptimizerParams), OmegaConf.load(path), {"args": arg_overrides})
-    return OmegaConf.to_object(merged)
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -266,36 +249,7 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
         )
     _check(ds.total_tokens_B > 0, "recipe.dataset.total_tokens_B", f"must be > 0, got {ds.total_tokens_B}")
 
-    opt, args = cfg.optimizer_params, cfg.optimizer_params.args
-    _check_choice(opt.name, "optimizer_params.name", OPTIMIZERS)
-    _check_choice(opt.kernels, "optimizer_params.kernels", KERNEL_MODES)
-    _check(args.lr > 0, "optimizer_params.args.lr", f"must be > 0, got {args.lr}")
-    _check(args.adamw_lr is None or args.adamw_lr > 0, "optimizer_params.args.adamw_lr", f"must be > 0, got {args.adamw_lr}")
-    _check(args.weight_decay >= 0, "optimizer_params.args.weight_decay", f"must be >= 0, got {args.weight_decay}")
-    _check(0 <= args.momentum < 1, "optimizer_params.args.momentum", f"must be in [0, 1), got {args.momentum}")
-    _check(args.ns_steps >= 1, "optimizer_params.args.ns_steps", f"must be >= 1, got {args.ns_steps}")
-    _check(args.ns_batch_size >= 1, "optimizer_params.args.ns_batch_size", f"must be >= 1, got {args.ns_batch_size}")
-    _check(args.polar_method == "Keller", "optimizer_params.args.polar_method", f"got {args.polar_method!r}, expected Keller")
-    _check_choice(args.scale_mode, "optimizer_params.args.scale_mode", ("match_rms_adamw", "original"))
-    _check_choice(args.momentum_form, "optimizer_params.args.momentum_form", ("sum", "ema"))
-    _check(
-        len(args.adamw_betas) == 2 and all(0 <= b < 1 for b in args.adamw_betas),
-        "optimizer_params.args.adamw_betas",
-        f"expected two values in [0, 1), got {list(args.adamw_betas)}",
-    )
-    _check(args.qbit in (4, 8, 32), "optimizer_params.args.qbit", f"got {args.qbit}, expected one of 4, 8, 32")
-    _check(args.factor_bits in (4, 8, 32), "optimizer_params.args.factor_bits", f"got {args.factor_bits}, expected one of 4, 8, 32")
-    _check_choice(args.quant, "optimizer_params.args.quant", QUANT_SCHEMES)
-    _check(not (args.quant == "dynamic" and args.qbit == 4), "optimizer_params.args.quant", "the dynamic code map is 8-bit; use qbit=8 or quant=linear")
-    _check_choice(args.gran, "optimizer_params.args.gran", GRANULARITIES)
-    _check(args.block_size > 0, "optimizer_params.args.block_size", f"must be > 0, got {args.block_size}")
-    _check(args.residual_block_size >= 0, "optimizer_params.args.residual_block_size", f"must be >= 0, got {args.residual_block_size}")
-    _check(args.rank >= 0, "optimizer_params.args.rank", f"must be >= 0 (0 = no decomposition), got {args.rank}")
-    _check(args.tile_size > 0, "optimizer_params.args.tile_size", f"must be > 0, got {args.tile_size}")
-    _check(args.mu > 0, "optimizer_params.args.mu", f"must be > 0, got {args.mu}")
-    _check_choice(args.equilibrate, "optimizer_params.args.equilibrate", EQUILIBRATE_MODES)
-    _check(args.phase is None or args.phase >= 0, "optimizer_params.args.phase", f"must be >= 0, got {args.phase}")
-    _check(args.eq_clip is None or args.eq_clip >= 1, "optimizer_params.args.eq_clip", f"must be >= 1, got {args.eq_clip}")
+    optimizer_spec(cfg.optimizer_params)
 
     sched = cfg.lr_schedule
     _check_choice(sched.name, "lr_schedule.name", SCHEDULES)
@@ -310,3 +264,149 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(log.val_tokens_processed >= 0, "logging_params.val_tokens_processed", f"must be >= 0, got {log.val_tokens_processed}")
     _check(str(cfg.resume).lower() in ("false", "true", "auto"), "resume", f"got {cfg.resume!r}, expected false, true or auto")
     _check_choice(cfg.device, "device", ("auto", "cpu", "cuda"))
+
+
+# -- the optimizer: flat keys -> one typed spec -------------------------------------------------------
+
+# Every YAML in hydra_conf/optimizer_params/ is an optimizer: adding one made of existing parts is a
+# YAML file and nothing else.
+OPTIMIZERS: tuple[str, ...] = tuple(sorted(p.stem for p in (CONF_DIR / "optimizer_params").glob("*.yaml")))
+
+# Named variants for benchmarks and tests: an optimizer YAML with overrides of its args.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "muon": ("muon", {}),
+    "muon8bit": ("muon8bit", {}),
+    "muon8bit-dynamic": ("muon8bit", {"quant": "dynamic"}),
+    "muon8bit-linear": ("muon8bit", {"quant": "linear"}),
+    "muon8": ("muon8", {}),
+    "muon4": ("muon4", {}),
+    "muonq": ("muonq", {}),
+    "muonq-block128": ("muonq", {"residual_block_size": 128}),
+    "grasp": ("grasp", {}),
+}
+
+_ARGS = "optimizer_params.args."
+
+
+# What the adamw family reads of optimizer_params.args; every other key is Muon's.
+_ADAMW_ARGS = {"lr", "weight_decay", "adamw_betas", "adamw_eps", "adamw_bits", "block_size"}
+
+
+def _reject_muon_args_on_adamw(opt: OptimizerParams) -> None:
+    """A Muon key set on an adamw-family optimizer would be silently ignored: refuse it. (Within the
+    Muon family the precedence of the store keys is spelled out in :func:`optimizer_spec`.)"""
+    if opt.family != "adamw":
+        return
+    defaults = OptimizerArgs()
+    for f in dataclasses.fields(OptimizerArgs):
+        value, default = getattr(opt.args, f.name), getattr(defaults, f.name)
+        if f.name in _ADAMW_ARGS or (list(value) if isinstance(default, list) else value) == default:
+            continue
+        raise ConfigError(f"{_ARGS}{f.name}: set to {value!r}, but {opt.name} (family adamw) has no Muon side; "
+                          f"its keys are {', '.join(sorted(_ADAMW_ARGS))}")
+
+
+def _check_optimizer_values(opt: OptimizerParams) -> None:
+    args = opt.args
+    _check(opt.name in OPTIMIZERS, "optimizer_params.name",
+           f"got {opt.name!r}, expected the name of a YAML in hydra_conf/optimizer_params/: {', '.join(OPTIMIZERS)}")
+    _check_choice(opt.family, "optimizer_params.family", FAMILIES)
+    _check_choice(opt.kernels, "optimizer_params.kernels", KERNEL_MODES)
+    _check(args.lr > 0, _ARGS + "lr", f"must be > 0, got {args.lr}")
+    _check(args.adamw_lr is None or args.adamw_lr > 0, _ARGS + "adamw_lr", f"must be > 0, got {args.adamw_lr}")
+    _check(args.weight_decay >= 0, _ARGS + "weight_decay", f"must be >= 0, got {args.weight_decay}")
+    _check(0 <= args.momentum < 1, _ARGS + "momentum", f"must be in [0, 1), got {args.momentum}")
+    _check(args.ns_steps >= 1, _ARGS + "ns_steps", f"must be >= 1, got {args.ns_steps}")
+    _check(args.ns_batch_size >= 1, _ARGS + "ns_batch_size", f"must be >= 1, got {args.ns_batch_size}")
+    _check_choice(args.scale_mode, _ARGS + "scale_mode", ("match_rms_adamw", "original"))
+    _check_choice(args.momentum_form, _ARGS + "momentum_form", ("sum", "ema"))
+    _check(
+        len(args.adamw_betas) == 2 and all(0 <= b < 1 for b in args.adamw_betas),
+        _ARGS + "adamw_betas",
+        f"expected two values in [0, 1), got {list(args.adamw_betas)}",
+    )
+    _check(args.adamw_eps > 0, _ARGS + "adamw_eps", f"must be > 0, got {args.adamw_eps}")
+    _check(args.adamw_bits in (8, 32), _ARGS + "adamw_bits", f"got {args.adamw_bits}, expected 32 or 8")
+    _check(args.qbit in (4, 8, 32), _ARGS + "qbit", f"got {args.qbit}, expected one of 4, 8, 32")
+    _check(args.factor_bits in (4, 8, 32), _ARGS + "factor_bits", f"got {args.factor_bits}, expected one of 4, 8, 32")
+    _check_choice(args.quant, _ARGS + "quant", VALUE_MAPS)
+    _check(not (args.quant == "dynamic" and args.qbit == 4), _ARGS + "quant",
+           "the dynamic code map is 8-bit; use qbit=8 or quant=linear")
+    _check(not (args.compand and args.quant == "dynamic"), _ARGS + "compand",
+           "mu-law companding replaces the code map; it cannot be combined with quant=dynamic")
+    _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
+    _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
+    _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
+    _check(args.residual_block_size >= 0, _ARGS + "residual_block_size", f"must be >= 0, got {args.residual_block_size}")
+    _check(args.rank >= 0, _ARGS + "rank", f"must be >= 0 (0 = no decomposition), got {args.rank}")
+    _check(args.tile_size > 0, _ARGS + "tile_size", f"must be > 0, got {args.tile_size}")
+    _check(args.mu > 0, _ARGS + "mu", f"must be > 0, got {args.mu}")
+    _check_choice(args.equilibrate, _ARGS + "equilibrate", EQUILIBRATE_MODES)
+    _check(args.phase is None or args.phase >= 0, _ARGS + "phase", f"must be >= 0, got {args.phase}")
+    _check(args.eq_clip is None or args.eq_clip >= 1, _ARGS + "eq_clip", f"must be >= 1, got {args.eq_clip}")
+    _reject_muon_args_on_adamw(opt)
+
+
+def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
+    """The one place where ``optimizer_params`` (the flat keys users type) becomes the typed
+    :class:`~muonq.optim.spec.OptimizerSpec` that is built; bad values raise :class:`ConfigError`.
+
+    Momentum store of the Muon family: ``qbit`` 32 -> fp32. Otherwise codes of ``qbit`` bits with
+    the map ``quant`` (``mulaw`` when ``compand``); with ``rank`` > 0 the MuonQ / GRASP
+    decomposition: factors of ``factor_bits`` bits with one scale per column, the residual with
+    ``grid`` scales (``tile_size``), else one per ``residual_block_size`` block when > 0, else one
+    per tensor; matrices too narrow for the rank, and every matrix without ``rank``, use scales per
+    ``gran`` (per ``tile_size`` grid when ``grid``). 8-bit codes keep fp32 scales, 4-bit fp16.
+    """
+    from muonq.optim.spec import (
+        AdamWSpec, CodecSpec, DecomposedMomentum, EquilibrateSpec, FullPrecisionMomentum, MuonSpec, QuantizedMomentum,
+    )  # fmt: skip
+
+    _check_optimizer_values(opt)
+    a, muon_family = opt.args, opt.family == "muon"
+    adamw_lr = a.adamw_lr if muon_family and a.adamw_lr is not None else a.lr
+    adamw = AdamWSpec(lr=adamw_lr, weight_decay=a.weight_decay, betas=tuple(float(b) for b in a.adamw_betas),
+                      eps=a.adamw_eps, bits=a.adamw_bits, block_size=a.block_size)
+    if not muon_family:
+        return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
+
+    def codec(bits: int, granularity: str, block_size: int = a.block_size) -> CodecSpec:
+        return CodecSpec(bits, "mulaw" if a.compand else a.quant, granularity, block_size=block_size,
+                         tile_size=a.tile_size, mu=a.mu, stochastic=a.stochastic)
+
+    store: Any = FullPrecisionMomentum()
+    if a.qbit != 32:
+        store = QuantizedMomentum(codec(a.qbit, "grid" if a.grid else a.gran), min_numel=a.min_quant_numel)
+        if a.rank > 0:
+            residual_gran = "grid" if a.grid else ("block" if a.residual_block_size else "tensor")
+            store = DecomposedMomentum(
+                a.rank, factor=codec(a.factor_bits, "column"),
+                residual=codec(a.qbit, residual_gran, block_size=a.residual_block_size or a.block_size), narrow=store,
+            )
+    equilibrate = None
+    if a.equilibrate != "none":
+        equilibrate = EquilibrateSpec(a.equilibrate, exponent=a.eq_exponent, phase=a.phase, clip=a.eq_clip, eps=a.eq_eps)
+    muon = MuonSpec(
+        lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum, nesterov=a.nesterov, ns_steps=a.ns_steps,
+        ns_batch_size=a.ns_batch_size, scale_mode=a.scale_mode, momentum_form=a.momentum_form, normalize=a.norm,
+        store=store, equilibrate=equilibrate,
+    )
+    return OptimizerSpec(name=opt.name, family="muon", adamw=adamw, muon=muon, kernels=opt.kernels, zero=opt.zero)
+
+
+def preset(name: str, **arg_overrides: Any) -> OptimizerSpec:
+    """The spec of an optimizer YAML (``hydra_conf/optimizer_params/<name>.yaml``, inheritance
+    resolved) or a named variant (:data:`VARIANTS`), with ``optimizer_params.args`` overrides."""
+    from omegaconf import OmegaConf
+
+    if name not in OPTIMIZERS and name not in VARIANTS:
+        known = ", ".join(sorted(set(OPTIMIZERS) | set(VARIANTS)))
+        raise ValueError(f"unknown variant {name!r}; expected an optimizer YAML or a named variant: {known}")
+    yaml_name, variant_args = VARIANTS.get(name, (name, {}))
+    merged = OmegaConf.merge(_optimizer_yaml(yaml_name), {"args": {**variant_args, **arg_overrides}})
+    return optimizer_spec(OmegaConf.to_object(merged))
+
+
+@functools.cache
+def _optimizer_yaml(name: str) -> Any:
+    return compose_config([f"optimizer_params={name}"]).optimizer_params

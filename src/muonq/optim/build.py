@@ -1,6 +1,6 @@
-"""The optimizer factory: ``optimizer_params`` -> an :class:`OptimizerSet`.
+"""The optimizer factory: an :class:`~muonq.optim.spec.OptimizerSpec` -> an :class:`OptimizerSet`.
 
-Every Muon variant is the same :class:`~muonq.optim.muon.Muon` engine; the config picks its momentum
+Every Muon variant is the same :class:`~muonq.optim.muon.Muon` engine; the spec picks its momentum
 store (fp32, 8-bit, MuonQ, GRASP), MuonQ's normalization and MuonEq's equilibration.
 """
 
@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from muonq.config import MUON_FAMILY, OPTIMIZERS
 from muonq.optim.equilibrate import Equilibrate
 from muonq.optim.muon import Muon
 from muonq.optim.optimizer_set import OptimizerSet
+from muonq.optim.selection import store_selector
+from muonq.optim.spec import AdamWSpec, MuonSpec, OptimizerSpec
 
 
 def _adamw_groups(params: list[torch.nn.Parameter], weight_decay: float, lr: float) -> list[dict[str, Any]]:
@@ -27,66 +28,62 @@ def _adamw_groups(params: list[torch.nn.Parameter], weight_decay: float, lr: flo
     return [g for g in groups if g["params"]]
 
 
-def _build_adamw(name: str, groups: list[dict[str, Any]], args: Any, device_type: str) -> torch.optim.Optimizer:
-    betas = tuple(float(b) for b in args.adamw_betas)
-    if name == "adamw8bit":
+def build_adamw(spec: AdamWSpec, params: list[torch.nn.Parameter], device_type: str) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on CUDA), or torchao's AdamW8bit for ``spec.bits`` 8."""
+    groups = _adamw_groups(params, spec.weight_decay, spec.lr)
+    if spec.bits == 8:
         try:
             from torchao.optim import AdamW8bit
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("optimizer_params=adamw8bit needs torchao: pip install torchao") from err
-        return AdamW8bit(groups, lr=groups[0]["lr"], betas=betas, eps=args.adamw_eps, block_size=args.block_size)
+            raise ImportError("8-bit AdamW state (adamw_bits=8, optimizer_params=adamw8bit) needs torchao: "
+                              "pip install torchao") from err
+        return AdamW8bit(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, block_size=spec.block_size)
+    assert spec.bits == 32, spec
     fused = device_type == "cuda"
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=args.adamw_eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)
 
 
-def build_muon(args: Any, params: list[torch.nn.Parameter], *, kernels: str = "auto") -> Muon:
-    """The Muon engine configured from ``optimizer_params.args``; ``kernels`` is
-    ``optimizer_params.kernels`` (fused Triton kernels or the PyTorch reference for quantized state)."""
-    from muonq.optim.variants import store_selector
-
+def build_muon(spec: MuonSpec, params: list[torch.nn.Parameter], *, kernels: str = "auto") -> Muon:
+    """The Muon engine a :class:`MuonSpec` describes; ``kernels`` picks fused Triton kernels or the
+    PyTorch reference for quantized state."""
+    eq = spec.equilibrate
     pre_ns = None
-    if args.equilibrate != "none":
-        pre_ns = Equilibrate(
-            mode=args.equilibrate, exponent=args.eq_exponent, phase=args.phase, clip=args.eq_clip, eps=args.eq_eps
-        )
+    if eq is not None:
+        pre_ns = Equilibrate(mode=eq.mode, exponent=eq.exponent, phase=eq.phase, clip=eq.clip, eps=eq.eps)
     return Muon(
         [{"params": params, "role": "muon"}],
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        nesterov=args.nesterov,
-        ns_steps=args.ns_steps,
-        ns_batch_size=args.ns_batch_size,
-        scale_mode=args.scale_mode,
-        momentum_form=args.momentum_form,
-        normalize=args.norm,
-        store=store_selector(args, kernels=kernels),
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        momentum=spec.momentum,
+        nesterov=spec.nesterov,
+        ns_steps=spec.ns_steps,
+        ns_batch_size=spec.ns_batch_size,
+        scale_mode=spec.scale_mode,
+        momentum_form=spec.momentum_form,
+        normalize=spec.normalize,
+        store=store_selector(spec.store, kernels=kernels),
         pre_ns=pre_ns,
     )
 
 
 def build_optimizer(
-    opt_cfg: Any,
+    spec: OptimizerSpec,
     *,
     hidden: list[torch.nn.Parameter],
     others: list[torch.nn.Parameter],
     device_type: str = "cpu",
 ) -> OptimizerSet:
-    """Build the optimizer named by ``opt_cfg.name`` over a model's parameters.
+    """The optimizer ``spec`` describes, over a model's parameters.
 
-    ``hidden`` are the 2-D hidden matrices (attention, MLP) that Muon variants own; ``others``
-    (embeddings, LM head, norms, biases) always go to AdamW with full-precision state.
+    ``hidden`` are the 2-D hidden matrices (attention, MLP) that the Muon family's Muon owns;
+    ``others`` (embeddings, LM head, norms, biases) always go to AdamW. The adamw family puts both
+    under AdamW.
     """
-    name, args = opt_cfg.name, opt_cfg.args
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    adamw_lr = args.adamw_lr if args.adamw_lr is not None else args.lr
-    if name in MUON_FAMILY:
-        optimizers: dict[str, torch.optim.Optimizer] = {}
-        if hidden:
-            optimizers["muon"] = build_muon(args, hidden, kernels=getattr(opt_cfg, "kernels", "auto"))
-        if others:
-            optimizers["adamw"] = _build_adamw("adamw", _adamw_groups(others, args.weight_decay, adamw_lr), args, device_type)
-        return OptimizerSet(optimizers)
-    groups = _adamw_groups(list(hidden) + list(others), args.weight_decay, args.lr)
-    return OptimizerSet({"adamw": _build_adamw(name, groups, args, device_type)})
+    if spec.muon is None:
+        return OptimizerSet({"adamw": build_adamw(spec.adamw, list(hidden) + list(others), device_type)})
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if hidden:
+        optimizers["muon"] = build_muon(spec.muon, hidden, kernels=spec.kernels)
+    if others:
+        optimizers["adamw"] = build_adamw(spec.adamw, others, device_type)
+    return OptimizerSet(optimizers)

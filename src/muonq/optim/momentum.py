@@ -8,6 +8,7 @@ state-byte count all see exactly what is stored (codes, scales, factors), never 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -100,3 +101,7 @@ class FullPrecisionStore(MomentumStore):
         if renormalize:
             buf.div_(buf.norm().clamp_min(eps))
         return buf
+
+
+# Picks the store of each parameter (from its shape and size); see muonq.optim.selection.
+StoreSelector = Callable[[torch.Tensor], MomentumStore]

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from muonq.optim.momentum import FullPrecisionStore, MomentumStore
+from muonq.optim.momentum import FullPrecisionStore, MomentumStore, StoreSelector
 from muonq.optim.stores import preserve_state_dtypes
 from muonq.optim.newton_schulz import QUINTIC_COEFFS, fast_matmul_dtype, zeropower_via_newtonschulz
 
@@ -16,7 +16,6 @@ ScaleMode = Literal["match_rms_adamw", "original"]
 MomentumForm = Literal["sum", "ema"]
 # Maps (update U, step index) -> transformed U, applied right before Newton–Schulz (e.g. MuonEq).
 PreNSTransform = Callable[[torch.Tensor, int], torch.Tensor]
-StoreSelector = Callable[[torch.Tensor], MomentumStore]
 
 
 def update_scale(shape: torch.Size, mode: ScaleMode) -> float:

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from muonq.optim.optimizer_set import OptimizerSet
+from muonq.optim.spec import OptimizerSpec
 
 FORMAT = "muonq-zero1/1"
 DEFAULT_BUCKET_CAP_BYTES = 32 * 2**20
@@ -116,34 +117,30 @@ def assign_owners(
     return {name: owners[name] for name in names}
 
 
-def optimizer_costs(opt_cfg: Any, named_hidden: NamedParams, named_others: NamedParams) -> dict[str, tuple[float, float]]:
-    """(state bytes, update work) of each parameter under the optimizer ``opt_cfg`` names.
+def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams) -> dict[str, tuple[float, float]]:
+    """(state bytes, update work) of each parameter under the optimizer ``spec`` describes.
 
     Muon matrices: the exact momentum bytes of their store (built on the meta device) and elements
-    plus Newton–Schulz FLOPs. AdamW tensors: two moments of the parameter's element size (adamw8bit:
-    of 1 byte plus a 4-byte scale per block and a 256-entry code map, for tensors of >= 4096 elements
-    that fill whole blocks, as torchao stores them) and their element count.
+    plus Newton–Schulz FLOPs. AdamW tensors: the bytes of its two moments as stored (see
+    :func:`~muonq.optim.state_bytes.adamw_state_nbytes`) and their element count.
     """
-    from muonq.config import MUON_FAMILY
-    from muonq.optim.variants import momentum_nbytes, store_selector
-
-    muon = opt_cfg.name in MUON_FAMILY
-    block = opt_cfg.args.block_size
+    from muonq.optim.selection import store_selector
+    from muonq.optim.state_bytes import adamw_state_nbytes, momentum_nbytes
 
     def adamw(p: torch.Tensor) -> tuple[float, float]:
-        n = p.numel()
-        if opt_cfg.name == "adamw8bit" and n >= 4096 and n % block == 0:
-            return float(2 * (n + 4 * (n // block) + 4 * 256)), float(n)
-        return float(2 * n * p.element_size()), float(n)
+        nbytes = adamw_state_nbytes(p.shape, element_size=p.element_size(), bits=spec.adamw.bits,
+                                    block_size=spec.adamw.block_size)
+        return float(nbytes), float(p.numel())
 
     costs: dict[str, tuple[float, float]] = {}
-    select = store_selector(opt_cfg.args, kernels="reference") if muon and named_hidden else None
+    muon = spec.muon
+    select = store_selector(muon.store, kernels="reference") if muon is not None and named_hidden else None
     for name, p in named_hidden:
         if select is None:
             costs[name] = adamw(p)
             continue
         m, n = sorted(p.shape[-2:])
-        ns_flops = opt_cfg.args.ns_steps * (4 * m * m * n + 2 * m**3)
+        ns_flops = muon.ns_steps * (4 * m * m * n + 2 * m**3)
         costs[name] = (float(momentum_nbytes(select, p.shape)), float(p.numel() + ns_flops))
     for name, p in named_others:
         costs[name] = adamw(p)
@@ -334,7 +331,7 @@ class ShardedOptimizer:
         ``per_rank``: total bytes per rank; ``total``: their sum; ``per_optimizer`` and ``numel``
         (elements of the parameters with state) per inner optimizer, summed over ranks.
         """
-        from muonq.optim.variants import state_bytes
+        from muonq.optim.state_bytes import state_bytes
 
         names = [name for name, _ in self.inner]
         local = {name: state_bytes(opt) for name, opt in self.inner}
@@ -429,7 +426,7 @@ class ShardedOptimizer:
 
 
 def build_sharded_optimizer(
-    opt_cfg: Any,
+    spec: OptimizerSpec,
     *,
     named_hidden: NamedParams,
     named_others: NamedParams,
@@ -437,20 +434,20 @@ def build_sharded_optimizer(
     world_size: int,
     device_type: str = "cpu",
 ) -> ShardedOptimizer:
-    """The run's optimizer: ``opt_cfg`` built by :func:`~muonq.optim.build.build_optimizer`, sharded
-    over ``world_size`` ranks when ``opt_cfg.zero`` is true, or None and ``world_size`` > 1."""
+    """The run's optimizer: ``spec`` built by :func:`~muonq.optim.build.build_optimizer`, sharded
+    over ``world_size`` ranks when ``spec.zero`` is true, or None and ``world_size`` > 1."""
     from muonq.optim.build import build_optimizer
 
-    zero = getattr(opt_cfg, "zero", None)
+    zero = spec.zero
     if zero is None:
         zero = world_size > 1
     if not zero:
         rank, world_size = 0, 1
 
     def build(hidden: list[torch.Tensor], others: list[torch.Tensor]) -> OptimizerSet:
-        return build_optimizer(opt_cfg, hidden=hidden, others=others, device_type=device_type)
+        return build_optimizer(spec, hidden=hidden, others=others, device_type=device_type)
 
     return ShardedOptimizer(
         build, named_hidden, named_others, rank=rank, world_size=world_size,
-        costs=optimizer_costs(opt_cfg, named_hidden, named_others) if world_size > 1 else None,
+        costs=optimizer_costs(spec, named_hidden, named_others) if world_size > 1 else None,
     )  # fmt: skip

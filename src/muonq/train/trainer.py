@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from muonq.config import optimizer_spec
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
 from muonq.models import build_model
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_file
@@ -126,8 +127,9 @@ class Trainer:
         named_others = [(n, p) for n, p in self.model.named_parameters() if id(p) not in hidden_ids]
         # ZeRO-1 (optimizer_params.zero; on by default under torchrun): each rank keeps the state of
         # the parameters it owns; world size 1 is the same code with everything owned locally.
+        self.optimizer_spec = optimizer_spec(cfg.optimizer_params)
         self.optimizer: ShardedOptimizer = build_sharded_optimizer(
-            cfg.optimizer_params, named_hidden=named_hidden, named_others=named_others,
+            self.optimizer_spec, named_hidden=named_hidden, named_others=named_others,
             rank=self.dist.rank, world_size=world, device_type=self.device.type,
         )
         self.train_model: torch.nn.Module = self.model
@@ -293,10 +295,8 @@ class Trainer:
 
     def _first_nonfinite_param(self) -> str:
         """The first parameter (model order) whose gradient is not finite, and its optimizer group."""
-        from muonq.config import MUON_FAMILY
-
         hidden = {id(p) for _, p in self.model.hidden_matrices()}
-        muon = self.cfg.optimizer_params.name in MUON_FAMILY
+        muon = self.optimizer_spec.family == "muon"
         for name, p in self.model.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 return f"{name}, {'Muon' if muon and id(p) in hidden else 'AdamW'} group"

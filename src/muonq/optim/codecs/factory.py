@@ -12,9 +12,9 @@ from muonq.optim.codecs.linear import LinearMap
 from muonq.optim.codecs.mulaw import MuLawMap
 from muonq.optim.codecs.quant import Granularity, QuantCodec
 from muonq.optim.codecs.raw import RawCodec
+from muonq.optim.spec import VALUE_MAPS
 
 ValueMapName = Literal["linear", "dynamic", "mulaw"]
-VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw")
 
 
 def make_value_map(name: ValueMapName, bits: int, *, mu: float = 255.0) -> ValueMap:

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from muonq.config import KERNEL_MODES
+from muonq.optim.spec import KERNEL_MODES
 from muonq.optim.codecs import Codec
 from muonq.optim.kernels.spec import unfusable_reason
 
