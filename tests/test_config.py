@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from muonq.config import OPTIMIZERS, ConfigError, register_configs, validate
+from muonq.config import OPTIMIZERS, ConfigError, optimizer_spec, preset, register_configs, validate
+from muonq.optim.spec import DecomposedMomentum, FullPrecisionMomentum, QuantizedMomentum
 
 from .conftest import REPO
 
@@ -27,7 +28,8 @@ def test_recipe_and_optimizer_lists_are_complete() -> None:
                 "gpt-small", "gpt-medium", "gpt-large"}
     assert expected <= set(RECIPES)
     yamls = {p.stem for p in (REPO / "hydra_conf" / "optimizer_params").glob("*.yaml")}
-    assert set(OPTIMIZERS) <= yamls
+    assert set(OPTIMIZERS) == yamls
+    assert {"adamw", "adamw8bit", "muon", "muon8bit", "muon8", "muon4", "muonq", "grasp", "muoneq"} <= yamls
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -108,3 +110,74 @@ def test_entry_point_rejects_bad_value_with_one_line(tmp_path) -> None:
     assert proc.returncode == 2
     assert "optimizer_params.args.qbit" in proc.stderr and "4, 8, 32" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_derived_yamls_inherit_and_set_only_what_differs() -> None:
+    """Every Muon YAML but muon.yaml inherits it through Hydra defaults; composing gives the family."""
+    folder = REPO / "hydra_conf" / "optimizer_params"
+    for name in OPTIMIZERS:
+        text = (folder / f"{name}.yaml").read_text()
+        family = _compose(f"optimizer_params={name}").optimizer_params.family
+        base = "adamw" if family == "adamw" else "muon"
+        if name != base:
+            assert f"  - {base}\n" in text and "lr:" not in text, name
+    assert preset("muonq").muon.lr == preset("muon").muon.lr == 0.001
+
+
+def test_spec_spells_out_each_store() -> None:
+    """Which store a matrix gets is data in the spec, not precedence rules in code."""
+    assert preset("adamw").muon is None and preset("adamw8bit").adamw.bits == 8
+    assert preset("muon").muon.store == FullPrecisionMomentum()
+    q = preset("muon8bit").muon.store
+    assert isinstance(q, QuantizedMomentum) and (q.codec.bits, q.codec.granularity, q.codec.block_size) == (8, "block", 256)
+    d = preset("muonq").muon.store
+    assert isinstance(d, DecomposedMomentum) and d.rank_divisor == 16
+    assert (d.factor.granularity, d.residual.granularity, d.residual.value_map) == ("column", "tensor", "mulaw")
+    assert preset("muonq", residual_block_size=128).muon.store.residual.granularity == "block"
+    grasp = preset("grasp").muon.store
+    assert (grasp.factor.bits, grasp.residual.granularity, grasp.narrow.codec.granularity) == (8, "grid", "grid")
+    assert preset("muon", adamw_bits=8).adamw.bits == 8  # the AdamW side of a Muon optimizer in 8 bits
+    assert optimizer_spec(_compose("optimizer_params=muonq").optimizer_params) == preset("muonq")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optimizer_params.args.rank=16", "optimizer_params.args.rank"),
+    ("optimizer_params.args.norm=true", "optimizer_params.args.norm"),
+    ("optimizer_params.args.adamw_lr=0.01", "optimizer_params.args.adamw_lr"),
+])
+def test_muon_keys_are_refused_on_adamw(override: str, key: str) -> None:
+    cfg = _compose("optimizer_params=adamw", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*no Muon side"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override", [
+    "recipe.training_params.num_epochs=1", "recipe.training_params.val_tokens_processed=10", "recipe.model.flash_attention=true",
+    "logging_params.load_ckpt_step=0", "optimizer_params.args.polar_method=Keller",
+])
+def test_keys_that_did_nothing_are_gone(override: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].rsplit(".", 1)[1]):
+        _compose(override)
+
+
+def test_a_new_optimizer_from_existing_parts_is_one_yaml(tmp_path, shakespeare_data) -> None:
+    """A YAML dropped into hydra_conf/optimizer_params/ (a copy of the project) trains, with no code change."""
+    import json
+    import shutil
+
+    copy = tmp_path / "repo"
+    for part in ("src", "hydra_conf", "run_hydra.py"):
+        (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, copy / part)
+    (copy / "hydra_conf" / "optimizer_params" / "muonq-mu15.yaml").write_text(
+        "defaults:\n  - muonq\n  - _self_\nname: muonq-mu15\nargs:\n  mu: 15.0\n  min_quant_numel: 0\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(copy / "run_hydra.py"), "optimizer_params=muonq-mu15", f"data_dir={shakespeare_data}",
+         f"hydra.run.dir={out}", "recipe.training_params.max_steps=2", "logging_params.log_step=1",
+         "logging_params.val_step=0", "logging_params.final_full_val=false", "logging_params.val_tokens_processed=2048"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(copy / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in rows)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
