@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from muonq.compare.runs import RunResult
-from muonq.compare.table import fmt, fmt_bytes
+from muonq.compare.table import fmt
+from muonq.metric_names import format_bytes
 
 
 def _colors(n: int) -> list[Any]:
@@ -90,9 +91,9 @@ def state_plot(results: list[RunResult], out: Path, colors: list[Any], files: di
     ys = list(range(len(results)))
     panels = [
         (axes[0], [r.state_bytes for r in results], "all optimizer state (MiB)",
-         [fmt_bytes(r.state_bytes) for r in results]),
+         [format_bytes(r.state_bytes) for r in results]),
         (axes[1], [r.muon_state_bytes for r in results], "Muon momentum of the hidden matrices (MiB)",
-         [("n/a (no Muon)" if r.muon_state_bytes is None else fmt_bytes(r.muon_state_bytes))
+         [("n/a (no Muon)" if r.muon_state_bytes is None else format_bytes(r.muon_state_bytes))
           + ("" if r.muon_ratio_vs_fp32 is None else f", {r.muon_ratio_vs_fp32:.2f}x smaller") for r in results]),
     ]
     for ax, values, xlabel, labels in panels:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from muonq import metric_names as names
+
 
 @dataclass
 class RunResult:
@@ -23,8 +25,8 @@ class RunResult:
     final_val_full: bool | None = None  # the final validation covered the whole split
     tokens_per_s: float | None = None  # median over the logged intervals, the first one excluded
     peak_memory_bytes: int | None = None
-    state_bytes: int | None = None  # all optimizer state (Muon matrices + AdamW parameters)
-    muon_state_bytes: int | None = None  # the Muon matrices' momentum alone
+    state_bytes: int | None = None  # all optimizer state (Muon matrices + AdamW parameters), summed over ranks
+    muon_state_bytes: int | None = None  # the Muon matrices' momentum alone, summed over ranks
     muon_ratio_vs_fp32: float | None = None  # fp32 Muon bytes / this run's Muon-matrix bytes
     wall_s: float | None = None
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, val loss)
@@ -81,35 +83,36 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     name = config.get("run_name") or _get(config, "logging_params.wandb.name")
     result = RunResult(label=label or name or optimizer or run_dir.name, run_dir=str(run_dir), optimizer=optimizer, recipe=recipe)
 
-    train = _series(rows, "train/loss")
-    val = _series(rows, "val/loss")
-    final = [r for r in rows if r.get("val/final_loss") is not None]
+    train = _series(rows, names.TRAIN_LOSS)
+    val = _series(rows, names.VAL_LOSS)
+    final = [r for r in rows if r.get(names.VAL_FINAL_LOSS) is not None]
     if train:
         last = train[max(train)]
-        result.final_train_loss = float(last["train/loss"])
-        result.train_curve = [(int(r.get("train/tokens", s)), float(r["train/loss"])) for s, r in sorted(train.items())]
+        result.final_train_loss = float(last[names.TRAIN_LOSS])
+        result.train_curve = [(int(r.get(names.TRAIN_TOKENS, s)), float(r[names.TRAIN_LOSS])) for s, r in sorted(train.items())]
     if final:
-        result.final_val_loss = float(final[-1]["val/final_loss"])
+        result.final_val_loss = float(final[-1][names.VAL_FINAL_LOSS])
         result.final_val_full = _get(config, "logging_params.final_full_val")
-    result.val_curve = [(int(r.get("train/tokens", s)), float(r["val/loss"])) for s, r in sorted(val.items())]
+    result.val_curve = [(int(r.get(names.TRAIN_TOKENS, s)), float(r[names.VAL_LOSS])) for s, r in sorted(val.items())]
     steps = [int(r["step"]) for r in rows if "step" in r]
     result.steps = summary.get("steps", max(steps) if steps else None)
-    tokens = [int(r["train/tokens"]) for r in rows if "train/tokens" in r]
+    tokens = [int(r[names.TRAIN_TOKENS]) for r in rows if names.TRAIN_TOKENS in r]
     result.tokens = max(tokens) if tokens else None
 
-    speeds = [float(r["perf/tokens_per_s"]) for _, r in sorted(_series(rows, "perf/tokens_per_s").items())]
+    speeds = [float(r[names.PERF_TOKENS_PER_S]) for _, r in sorted(_series(rows, names.PERF_TOKENS_PER_S).items())]
     if speeds:
         kept = speeds[1:] if len(speeds) >= 3 else speeds  # the first interval holds the warm-up
         result.tokens_per_s = _median(kept)
-    memory = [int(r["perf/peak_memory_bytes"]) for r in rows if r.get("perf/peak_memory_bytes") is not None]
+    memory = [int(r[names.PERF_PEAK_MEMORY_BYTES]) for r in rows if r.get(names.PERF_PEAK_MEMORY_BYTES) is not None]
     result.peak_memory_bytes = max(memory) if memory else None
-    state = [r for r in rows if r.get("optim/state_bytes") is not None]
+    state = [r for r in rows if r.get(names.STATE_BYTES_TOTAL) is not None]
     if state:
-        first = state[-1]
-        result.state_bytes = int(first["optim/state_bytes"])
-        if first.get("optim/state_bytes_muon") is not None:
-            result.muon_state_bytes = int(first["optim/state_bytes_muon"])
-        ratio = first.get("optim/muon_ratio_vs_fp32")
+        row = state[-1]
+        result.state_bytes = int(row[names.STATE_BYTES_TOTAL])
+        muon_key = names.state_bytes_of("muon")
+        if row.get(muon_key) is not None:
+            result.muon_state_bytes = int(row[muon_key])
+        ratio = row.get(names.MUON_RATIO_VS_FP32)
         result.muon_ratio_vs_fp32 = float(ratio) if ratio is not None and math.isfinite(float(ratio)) else None
     if summary.get("wall_s") is not None:
         result.wall_s = float(summary["wall_s"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from muonq.compare.runs import RunResult
+from muonq.metric_names import format_bytes
 
 # The targets (final validation loss relative to fp32 Muon), checked when the runs are present.
 TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
@@ -11,16 +12,6 @@ COLUMNS = [
     "optimizer", "final train loss", "final val loss", "val ppl", "Δ val vs muon", "tokens/s",
     "peak memory", "optimizer state", "Muon-matrix state", "vs fp32 Muon", "wall time",
 ]
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -50,9 +41,9 @@ def markdown_table(results: list[RunResult]) -> str:
             fmt(r.val_ppl, ".2f"),
             "—" if gap is None else f"{gap * 100:+.2f}%",
             fmt(r.tokens_per_s, ",.0f"),
-            fmt_bytes(r.peak_memory_bytes),
-            fmt_bytes(r.state_bytes),
-            fmt_bytes(r.muon_state_bytes),
+            format_bytes(r.peak_memory_bytes),
+            format_bytes(r.state_bytes),
+            format_bytes(r.muon_state_bytes),
             "—" if r.muon_ratio_vs_fp32 is None else f"{r.muon_ratio_vs_fp32:.2f}x smaller",
             "—" if r.wall_s is None else f"{r.wall_s:.1f} s",
         ]
