@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,11 +35,11 @@ import numpy as np
 import torch
 
 from muonq import metric_names as names
+from muonq.commands import entry_command
 from muonq.config import compose_config
 from muonq.data.shards import HEADER_INTS
 from muonq.metric_names import format_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 DATASET, TOKENIZER = "synthetic", "bench"  # the data folder is "synthetic-bench"
 LLMC_MAGIC, LLMC_VERSION = 20240520, 1
 
@@ -79,7 +78,7 @@ def run_one(recipe: str, optimizer: str, *, data_dir: Path, out_dir: Path, batch
         *overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "run_hydra.py"), *args], cwd=out_dir.parent, env=env,
+    proc = subprocess.run(entry_command(1, *args), cwd=out_dir.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
     result: dict = {"recipe": recipe, "optimizer": optimizer, "batch": batch, "context": context}
     metrics = out_dir / "metrics.jsonl"

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from muonq.cli import UsageError
+from muonq.commands import entry_command
 from muonq.compare.runs import RunResult, load_run
 from muonq.compare.table import fmt
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 def _given(overrides: list[str], key: str) -> bool:
@@ -85,9 +84,7 @@ def run_one(opt: str, run_dir: Path, overrides: list[str], *, verbose: bool, thr
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished or different earlier run: metrics.jsonl would append
     run_dir.mkdir(parents=True)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc-per-node={nproc}"]
-    cmd = [*launcher, str(REPO / "run_hydra.py"), f"hydra.run.dir={run_dir.absolute()}", *overrides]
+    cmd = entry_command(nproc, f"hydra.run.dir={run_dir.absolute()}", *overrides)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
