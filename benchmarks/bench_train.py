@@ -28,18 +28,18 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from muonq import metric_names as names
+from muonq.commands import entry_command
 from muonq.config import compose_config
 from muonq.data.shards import HEADER_INTS
 from muonq.metric_names import format_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 DATASET, TOKENIZER = "synthetic", "bench"  # the data folder is "synthetic-bench"
 LLMC_MAGIC, LLMC_VERSION = 20240520, 1
 
@@ -78,7 +78,7 @@ def run_one(recipe: str, optimizer: str, *, data_dir: Path, out_dir: Path, batch
         *overrides,
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "run_hydra.py"), *args], cwd=out_dir.parent, env=env,
+    proc = subprocess.run(entry_command(1, *args), cwd=out_dir.parent, env=env,
                           capture_output=True, text=True, timeout=timeout)
     result: dict = {"recipe": recipe, "optimizer": optimizer, "batch": batch, "context": context}
     metrics = out_dir / "metrics.jsonl"
@@ -87,14 +87,14 @@ def run_one(recipe: str, optimizer: str, *, data_dir: Path, out_dir: Path, batch
         result["error"] = lines[-1][:200] if lines else f"exit code {proc.returncode}"
         return result
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    perf = [r for r in rows if "perf/tokens_per_s" in r]
+    perf = [r for r in rows if names.PERF_TOKENS_PER_S in r]
     timed = perf[1:] or perf  # drop the warm-up window
-    result["tokens_per_s"] = statistics.median(r["perf/tokens_per_s"] for r in timed)
-    result["step_time_s"] = statistics.median(r["perf/step_time_s"] for r in timed)
-    if "perf/mfu" in timed[-1]:
-        result["mfu"] = statistics.median(r["perf/mfu"] for r in timed)
-    result["peak_memory_bytes"] = max(r["perf/peak_memory_bytes"] for r in perf)
-    result["state_bytes"] = next(r["optim/state_bytes"] for r in rows if "optim/state_bytes" in r)
+    result["tokens_per_s"] = statistics.median(r[names.PERF_TOKENS_PER_S] for r in timed)
+    result["step_time_s"] = statistics.median(r[names.PERF_STEP_TIME_S] for r in timed)
+    if names.PERF_MFU in timed[-1]:
+        result["mfu"] = statistics.median(r[names.PERF_MFU] for r in timed)
+    result["peak_memory_bytes"] = max(r[names.PERF_PEAK_MEMORY_BYTES] for r in perf)
+    result["state_bytes"] = next(r[names.STATE_BYTES_TOTAL] for r in rows if names.STATE_BYTES_TOTAL in r)
     result["windows"] = len(timed)
     return result
 

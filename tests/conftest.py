@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,12 +44,9 @@ def run_training(out_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1,
     """Run the real entry point (python, or torchrun with gloo) and read back its metrics.jsonl."""
     import json
 
-    args = [f"hydra.run.dir={out_dir}", f"data_dir={data_dir}", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, str(REPO / "run_hydra.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO / "run_hydra.py"), *args]
+    from muonq.commands import entry_command
+
+    cmd = entry_command(nproc, f"hydra.run.dir={out_dir}", f"data_dir={data_dir}", *overrides)
     proc = subprocess.run(cmd, cwd=out_dir.parent, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     metrics_file = out_dir / "metrics.jsonl"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from muonq.compare import load_run, main, read_metrics
+from muonq.compare.runs import load_run, read_metrics
 
 from .conftest import TINY
 
@@ -81,8 +81,8 @@ def test_table_numbers_match_run_logs(report) -> None:
         speeds = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
         assert cells["tokens/s"] == f"{statistics.median(speeds[1:] if len(speeds) >= 3 else speeds):,.0f}"
         assert cells["wall time"] == f"{summary['wall_s']:.1f} s"
-        state = [r for r in rows if "optim/state_bytes" in r][-1]
-        assert json.loads((out / "report.json").read_text())["runs"][OPTIMIZERS.index(opt)]["state_bytes"] == state["optim/state_bytes"]
+        state = [r for r in rows if "optim/state_bytes_total" in r][-1]
+        assert json.loads((out / "report.json").read_text())["runs"][OPTIMIZERS.index(opt)]["state_bytes"] == state["optim/state_bytes_total"]
         # the same steps, tokens and validation points for every optimizer
         assert summary["steps"] == STEPS
         vals = [r["step"] for r in rows if "val/loss" in r]
@@ -95,7 +95,10 @@ def test_table_numbers_match_run_logs(report) -> None:
 def test_from_runs_reproduces_the_table(report, tmp_path) -> None:
     out = report["out"]
     again = tmp_path / "again"
-    assert main(["--from-runs", *(str(out / "runs" / opt) for opt in OPTIMIZERS), f"out={again}"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "muonq.compare", "--from-runs",
+                           *(str(out / "runs" / opt) for opt in OPTIMIZERS), f"out={again}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     first = parse_table((out / "report.md").read_text())
     second = parse_table((again / "report.md").read_text())
     assert first == second

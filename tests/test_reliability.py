@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from muonq.commands import entry_command
 from muonq.config import OPTIMIZERS
 from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
@@ -48,11 +49,7 @@ TWO_RANK_OPTIMIZERS = OPTIMIZERS if os.environ.get("MUONQ_TEST_ALL_2RANK") else 
 # -- running and watching the entry point ----------------------------------------------------------
 
 def command(out_dir: Path, data_dir: Path | None, *overrides: str, nproc: int = 1) -> list[str]:
-    args = [f"hydra.run.dir={out_dir}", *([f"data_dir={data_dir}"] if data_dir else []), *overrides]
-    if nproc == 1:
-        return [sys.executable, str(REPO / "run_hydra.py"), *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(REPO / "run_hydra.py"), *args]
+    return entry_command(nproc, f"hydra.run.dir={out_dir}", *([f"data_dir={data_dir}"] if data_dir else []), *overrides)
 
 
 class Proc:
