@@ -25,7 +25,7 @@ import torch
 
 from muonq.optim.variants import VARIANTS, momentum_nbytes, state_bytes, store_selector, variant_args
 
-# hidden, SwiGLU width, layers (DESIGN.md section 4)
+# hidden, SwiGLU width, layers (as in hydra_conf/recipe/<name>.yaml)
 RECIPES: dict[str, tuple[int, int, int]] = {
     "llama-60m": (512, 1376, 8),
     "llama-350m": (1024, 2736, 24),

@@ -56,7 +56,7 @@ DIR/report.md (a table), DIR/report.json (the same numbers) and PNG plots.
 """
 
 DEFAULT_OPTIMIZERS = ["adamw", "muon", "muon8bit", "muonq"]
-# The issue's targets (final validation loss relative to fp32 Muon), checked when the runs are present.
+# Quality targets (final validation loss relative to fp32 Muon), checked when the runs are present.
 TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
 
 
@@ -245,7 +245,7 @@ def markdown_table(results: list[RunResult]) -> str:
 
 
 def target_checks(results: list[RunResult]) -> list[str]:
-    """The issue's quality targets, where the runs they need are present: one line each."""
+    """The quality targets in TARGETS, where the runs they need are present: one line each."""
     by_opt = {r.optimizer: r for r in results if r.optimizer and r.final_val_loss is not None}
     ref = by_opt.get("muon")
     lines = []
