@@ -48,7 +48,7 @@ from muonq.optim.state_bytes import momentum_nbytes
 
 SHAPES = [(512, 512), (1376, 512), (1024, 2736)]
 STREAM_SHAPES = [(512, 512), (1376, 512)]
-# The hidden matrices of llama-60m (DESIGN.md section 4): bytes per element are quoted over them.
+# llama-60m's hidden matrices (d 512, SwiGLU 1376, 8 layers): bytes per element are quoted over them.
 LLAMA_60M = [((512, 512), 32), ((1376, 512), 16), ((512, 1376), 8)]
 
 # (label, variant, overrides). "stream only": normalisation changes nothing for one unit-norm matrix.

@@ -1,4 +1,4 @@
-"""Fused quantized-momentum kernels and Muon step time (issue #7).
+"""Fused quantized-momentum kernels and Muon step time.
 
 (a) The momentum update of each codec as a Muon step runs it (``store.ns_input``: decode,
     B <- beta B + G, optional renormalization, requantize, and Newton–Schulz's input U written in

@@ -27,7 +27,7 @@ from muonq.config import preset
 from muonq.optim.selection import store_selector
 from muonq.optim.state_bytes import adamw_state_nbytes, momentum_nbytes, state_bytes
 
-# hidden, SwiGLU width, layers (DESIGN.md section 4)
+# hidden, SwiGLU width, layers (as in hydra_conf/recipe/<name>.yaml)
 RECIPES: dict[str, tuple[int, int, int]] = {
     "llama-60m": (512, 1376, 8),
     "llama-350m": (1024, 2736, 24),

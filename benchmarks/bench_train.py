@@ -1,4 +1,4 @@
-"""End to end on one device: tokens/s, MFU and peak memory of the real trainer (issue #7).
+"""End to end on one device: tokens/s, MFU and peak memory of the real trainer.
 
 Each (recipe, optimizer) pair is one fresh ``run_hydra.py`` process (clean peak-memory counters and
 compile caches) training on synthetic tokens: random ids written as llm.c-format shards, which the
@@ -10,7 +10,7 @@ validation only at the end on one batch. The trainer logs every ``--warmup`` ste
 
 Printed per run: tokens/s, MFU (the trainer's 6 N + attention FLOP count over the device's dense
 bf16 peak), peak allocated memory, and the optimizer-state bytes the trainer counted. Then, per
-recipe, the issue's targets: muonq tokens/s within 5% of muon's, and muonq's peak memory below
+recipe, the targets: muonq tokens/s within 5% of muon's, and muonq's peak memory below
 muon's by the state bytes saved (measured difference next to the state-byte difference).
 
     python benchmarks/bench_train.py [--recipes llama-60m llama-350m llama-1b] \

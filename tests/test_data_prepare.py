@@ -74,7 +74,7 @@ def shard_bytes(folder: pathlib.Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory, works: list) -> dict:
-    """The issue's three 'done' commands plus an offline hub tokenizer, run side by side."""
+    """process_data.py: default, --tokenizer gpt2, a parquet --input, and an offline hub tokenizer, side by side."""
     root = tmp_path_factory.mktemp("cli")
     pattern = write_parquet(root / "src", chunk_documents(works))
     commands = {

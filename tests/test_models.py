@@ -15,7 +15,7 @@ from muonq.models.hf import hf_config, to_hf_state_dict
 LLAMA = dict(model_type="llama", vocab_size=32000)
 GPT2 = dict(model_type="gpt", vocab_size=50257)
 
-# (recipe, config, total params, params in Muon matrices or None); DESIGN.md section 4.
+# (recipe, config, total params, params in Muon matrices or None); shapes as in hydra_conf/recipe/*.yaml.
 RECIPES = [
     ("llama-60m", dict(LLAMA, n_embd=512, intermediate_size=1376, n_head=8, n_layer=8), 58.1e6, 25.3e6),
     ("llama-130m", dict(LLAMA, n_embd=768, intermediate_size=2048, n_head=12, n_layer=12), 134e6, None),

@@ -1,4 +1,4 @@
-"""The optimizer step never reads a device value on the host (issue #7: no host syncs in the step).
+"""The optimizer step never reads a device value on the host: no host synchronisation in the step.
 
 On the meta device a tensor has shape and dtype but no data, so every read that would make a CUDA
 step wait for the GPU raises there: ``.item()``, ``bool()``/``float()`` of a tensor, ``.tolist()``,

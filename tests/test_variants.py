@@ -1,4 +1,4 @@
-"""Issue #5: every optimizer variant through the factory that training uses.
+"""Every optimizer variant through the factory that training uses.
 
 What other files already cover is not repeated here: codec error bounds of every granularity
 (grid included) and grid scales beating per-group scales on row + column outliers
@@ -103,7 +103,7 @@ def test_adamw8bit_builds_and_counts_about_two_bytes_per_element():
 
 
 def explicit_equilibrate(u: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
-    """DESIGN.md's formulas, written out: both statistics from the same U."""
+    """MuonEq's equilibration written out: U / sqrt(row sums of U^2), rowcol also / sqrt(column sums); both from the same U."""
     r = u.square().sum(dim=1, keepdim=True) + eps
     c = u.square().sum(dim=0, keepdim=True) + eps
     if mode == "row":

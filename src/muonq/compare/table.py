@@ -1,11 +1,11 @@
-"""The numbers as the report prints them: the Markdown table and the issue's target checks."""
+"""The numbers as the report prints them: the Markdown table and the quality-target checks."""
 
 from __future__ import annotations
 
 from muonq.compare.runs import RunResult
 from muonq.metric_names import format_bytes
 
-# The issue's targets (final validation loss relative to fp32 Muon), checked when the runs are present.
+# Quality targets (final validation loss relative to fp32 Muon), checked when the runs are present.
 TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
 
 COLUMNS = [
@@ -52,7 +52,7 @@ def markdown_table(results: list[RunResult]) -> str:
 
 
 def target_checks(results: list[RunResult]) -> list[str]:
-    """The issue's quality targets, where the runs they need are present: one line each."""
+    """The quality targets in TARGETS, where the runs they need are present: one line each."""
     by_opt = {r.optimizer: r for r in results if r.optimizer and r.final_val_loss is not None}
     ref = by_opt.get("muon")
     lines = []
