@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from muonq import metric_names as M
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
 from muonq.models import build_model
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_file
@@ -85,14 +86,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          np_state["has_gauss"], np_state["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 class Trainer:
@@ -271,22 +264,22 @@ class Trainer:
         report = self.optimizer.state_report()
         per_rank, total = report["per_rank"], report["total"]
         metrics: dict[str, float] = {
-            "optim/state_bytes": total, "optim/state_bytes_total": total,
-            "optim/state_bytes_rank": per_rank[self.optimizer.rank], "optim/state_bytes_rank_max": max(per_rank),
+            M.STATE_BYTES_TOTAL: total, M.STATE_BYTES_RANK: per_rank[self.optimizer.rank],
+            M.STATE_BYTES_RANK_MAX: max(per_rank),
         }
         for name, nbytes in report["per_optimizer"].items():
-            metrics[f"optim/state_bytes_{name}"] = nbytes
+            metrics[M.state_bytes_of(name)] = nbytes
         if len(per_rank) > 1:
-            where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(format_bytes(b) for b in per_rank)
+            where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
         else:
             where = "replicated on every rank (optimizer_params.zero=false)" if self.dist.distributed else "one rank"
-        line = f"optimizer state: {format_bytes(total)} total, {where}"
+        line = f"optimizer state: {M.format_bytes(total)} total, {where}"
         if "muon" in report["per_optimizer"]:
             muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
             per_elem = muon / max(1, n_muon)
-            metrics["optim/muon_bytes_per_param"] = per_elem
-            metrics["optim/muon_ratio_vs_fp32"] = 4.0 / per_elem if per_elem else float("nan")
-            line += (f"; Muon: {format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
+            metrics[M.MUON_BYTES_PER_PARAM] = per_elem
+            metrics[M.MUON_RATIO_VS_FP32] = 4.0 / per_elem if per_elem else float("nan")
+            line += (f"; Muon: {M.format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
                      f"{4.0 / per_elem if per_elem else float('nan'):.2f}x less than fp32 Muon")
         log.info(line)
         return metrics
@@ -439,19 +432,19 @@ class Trainer:
                     stopping |= settle()  # the row reads the loss and gradient norm anyway
                     now = time.perf_counter()
                     tok_s = tokens_since / (now - t_last)
-                    row = {"train/grad_norm": float(grad_norm), "train/lr_mult": lr_mult,
-                           "perf/tokens_per_s": tok_s, "perf/step_time_s": (now - t_last) / steps_since,
-                           "perf/peak_memory_bytes": peak_memory_bytes(self.device), "train/tokens": done * tokens_per_step}
+                    row = {M.TRAIN_GRAD_NORM: float(grad_norm), M.TRAIN_LR_MULT: lr_mult,
+                           M.PERF_TOKENS_PER_S: tok_s, M.PERF_STEP_TIME_S: (now - t_last) / steps_since,
+                           M.PERF_PEAK_MEMORY_BYTES: peak_memory_bytes(self.device), M.TRAIN_TOKENS: done * tokens_per_step}
                     train_loss = float("nan")
                     if acc_steps:  # the same on every rank (skips are agreed)
                         train_loss = float(dist_utils.all_reduce_mean(loss_acc / acc_steps))
-                        row["train/loss"] = train_loss
+                        row[M.TRAIN_LOSS] = train_loss
                     if self.state.skipped_steps:
-                        row["train/skipped_steps"] = self.state.skipped_steps
+                        row[M.TRAIN_SKIPPED_STEPS] = self.state.skipped_steps
                     for name, opt in self.optimizer:
-                        row[f"train/lr_{name}"] = float(opt.param_groups[0]["lr"])  # torchao keeps a tensor
+                        row[M.train_lr(name)] = float(opt.param_groups[0]["lr"])  # torchao keeps a tensor
                     if peak:
-                        row["perf/mfu"] = flops_per_token * tok_s / (peak * self.dist.world_size)
+                        row[M.PERF_MFU] = flops_per_token * tok_s / (peak * self.dist.world_size)
                     metrics.log(row, step=done)
                     log.info("step %d/%d | loss %.4f | lr x%.3f | grad %.3f | %s tok/s", done, self.total_steps,
                              train_loss, lr_mult, float(grad_norm), f"{tok_s:,.0f}")
@@ -460,8 +453,8 @@ class Trainer:
                 if log_cfg.val_step and done % log_cfg.val_step == 0 and done < self.total_steps:
                     stopping |= settle()
                     last_val = self.validate(log_cfg.val_tokens_processed)
-                    metrics.log({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50.0)),
-                                 "train/tokens": done * tokens_per_step}, step=done)
+                    metrics.log({M.VAL_LOSS: last_val, M.VAL_PPL: math.exp(min(last_val, 50.0)),
+                                 M.TRAIN_TOKENS: done * tokens_per_step}, step=done)
                     log.info("step %d val loss %.4f ppl %.2f", done, last_val, math.exp(min(last_val, 50.0)))
                     t_last = time.perf_counter()
                 if log_cfg.save_checkpoint and done % log_cfg.save_ckpt_step == 0:
@@ -477,8 +470,8 @@ class Trainer:
             if guard.agree(signals.received is not None, device=self.device)[0]:
                 raise stop_now(self.state.step)
             final_val = self.validate(0 if log_cfg.final_full_val else log_cfg.val_tokens_processed)
-            metrics.log({"val/loss": final_val, "val/ppl": math.exp(min(final_val, 50.0)), "val/final_loss": final_val,
-                         "train/tokens": self.state.step * tokens_per_step}, step=self.state.step)
+            metrics.log({M.VAL_LOSS: final_val, M.VAL_PPL: math.exp(min(final_val, 50.0)), M.VAL_FINAL_LOSS: final_val,
+                         M.TRAIN_TOKENS: self.state.step * tokens_per_step}, step=self.state.step)
             log.info("final val loss %.4f ppl %.2f (%s)", final_val, math.exp(min(final_val, 50.0)),
                      "full validation split" if log_cfg.final_full_val else f"{log_cfg.val_tokens_processed} tokens")
             if log_cfg.save_checkpoint and saved_at != self.state.step:
