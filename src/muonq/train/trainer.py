@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -16,18 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from muonq import metric_names as M
-from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
+from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir
 from muonq.models import build_model
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_file
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
 from muonq.train.metrics import MetricsLogger
+from muonq.train.parallelize import autocast_context, gradient_sync, parallelize
 from muonq.train.schedule import lr_multiplier, total_steps
+from muonq.train.validate import validation_loss
 
 log = logging.getLogger("muonq")
 
@@ -123,16 +123,8 @@ class Trainer:
             cfg.optimizer_params, named_hidden=named_hidden, named_others=named_others,
             rank=self.dist.rank, world_size=world, device_type=self.device.type,
         )
-        self.train_model: torch.nn.Module = self.model
-        if self.dist.distributed:
-            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if tp.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.autocast = (
-            torch.autocast("cuda", dtype=getattr(torch, tp.mixed_precision))
-            if self.device.type == "cuda" and tp.autocast and tp.mixed_precision != "float32"
-            else contextlib.nullcontext()
-        )
+        self.train_model: torch.nn.Module = parallelize(self.model, self.dist, tp)
+        self.autocast = autocast_context(self.device, autocast=tp.autocast, mixed_precision=tp.mixed_precision)
         self.loader = TokenLoader(
             self.data_path, "train", batch_size=tp.batch_size, seq_len=tp.context_length,
             rank=self.dist.rank, world_size=world, seed=cfg.seed,
@@ -225,23 +217,12 @@ class Trainer:
         return True
 
     # -- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self, max_tokens: int) -> float:
+        """The validation loss on ``max_tokens`` tokens (0: the whole split), over every rank."""
         tp = self.cfg.recipe.training_params
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        batches = 0
-        for x, y in validation_batches(
-            self.data_path, batch_size=tp.batch_size, seq_len=tp.context_length, max_tokens=max_tokens,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        ):
-            with self.autocast:
-                total += self.model(x.to(self.device), y.to(self.device)).float()
-            batches += 1
-        self.model.train()
-        if batches == 0:
-            raise ValueError(f"validation split of {self.data_path} is too small for one batch")
-        return float(dist_utils.all_reduce_mean(total / batches))
+        return validation_loss(self.model, self.data_path, seq_len=tp.context_length, batch_size=tp.batch_size,
+                               max_tokens=max_tokens, device=self.device, autocast=self.autocast,
+                               rank=self.dist.rank, world_size=self.dist.world_size)[0]
 
     # -- training ------------------------------------------------------------------------------
     def _micro_steps(self) -> torch.Tensor:
@@ -251,7 +232,7 @@ class Trainer:
             x, y = self.loader.next_batch()
             x, y = to_device(x, self.device), to_device(y, self.device)
             last = micro == self.grad_accum - 1
-            sync = self.train_model.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()
+            sync = gradient_sync(self.train_model, self.dist, sync=last)
             with sync, self.autocast:
                 loss = self.train_model(x, y) / self.grad_accum
             with sync:
