@@ -24,6 +24,7 @@ from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_fi
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
+from muonq.train.hooks import Hooks, load_plugins
 from muonq.train.metrics import MetricsLogger
 from muonq.train.parallelize import autocast_context, gradient_sync, parallelize
 from muonq.train.schedule import lr_multiplier, total_steps
@@ -132,6 +133,8 @@ class Trainer:
         log_cfg = cfg.logging_params
         self.checkpoints = CheckpointManager(log_cfg.checkpoint_dir or Path("checkpoints") / run_name, keep_last=log_cfg.keep_last)
         self.state = TrainState()
+        self.hooks = Hooks()
+        load_plugins(self)  # $MUONQ_PLUGINS: extensions and the tests' fault injection
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_payload(self) -> dict[str, Any]:
@@ -276,12 +279,6 @@ class Trainer:
                 return f"{name}, {'Muon' if muon and id(p) in hidden else 'AdamW'} group"
         return "the loss itself; gradients are finite"
 
-    def _poison_gradient(self) -> None:
-        """The NaN test hook (guard.NAN_HOOK_ENV): rank 0's first hidden-matrix gradient -> NaN."""
-        _, param = next(iter(self.model.hidden_matrices()))
-        if param.grad is not None:
-            param.grad.fill_(float("nan"))
-
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``. SIGTERM/SIGINT stop at the next step boundary with a checkpoint
         (:class:`~muonq.train.guard.StopRequested`); a non-finite step is skipped or stops the run
@@ -292,7 +289,6 @@ class Trainer:
 
     def _fit(self, signals: guard.StopSignals) -> dict[str, Any]:
         cfg, tp, log_cfg = self.cfg, self.cfg.recipe.training_params, self.cfg.logging_params
-        nan_steps, raise_at = guard.injected_nan_steps(), guard.injected_raise()
         metrics = MetricsLogger(
             enabled=self.dist.is_main, run_name=self.run_name, run_dir=self.run_dir,
             wandb_kwargs=OmegaConf.to_container(log_cfg.wandb), config=OmegaConf.to_container(cfg, resolve=True),
@@ -364,10 +360,7 @@ class Trainer:
                                         min_lr_ratio=cfg.lr_schedule.min_lr_ratio)
                 self.optimizer.set_lr_multiplier(lr_mult)
                 loss = self._micro_steps()
-                if step + 1 in nan_steps and self.dist.is_main:
-                    self._poison_gradient()
-                if raise_at == (step + 1, self.dist.rank):
-                    raise RuntimeError(f"{guard.RAISE_HOOK_ENV}: injected fault on rank {self.dist.rank} at step {step + 1}")
+                self.hooks.run_after_backward(self, step + 1)
                 # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping
                 # spreads it to every parameter (same arithmetic, same bits)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
