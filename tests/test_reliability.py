@@ -651,9 +651,11 @@ def test_sweep_under_torchrun_is_refused_instead_of_hanging(tmp_path: Path, shak
 
 
 def test_exit_codes_agree_between_launch_and_guard() -> None:
-    from muonq import launch
-
-    assert (launch.EXIT_BAD_INPUT, launch.EXIT_NONFINITE, launch.EXIT_PREEMPTED) == (
+    # launch is a command-line module: read its codes in a subprocess, never import it here
+    probe = "from muonq import launch; print(launch.EXIT_BAD_INPUT, launch.EXIT_NONFINITE, launch.EXIT_PREEMPTED)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tuple(int(v) for v in proc.stdout.split()) == (
         guard.EXIT_BAD_INPUT, guard.EXIT_NONFINITE, guard.EXIT_PREEMPTED)
 
 
