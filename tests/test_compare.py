@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from muonq.compare.runs import load_run, read_metrics
+from muonq.metric_names import STATE_BYTES_TOTAL
 
 from .conftest import TINY
 
@@ -81,8 +82,8 @@ def test_table_numbers_match_run_logs(report) -> None:
         speeds = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r]
         assert cells["tokens/s"] == f"{statistics.median(speeds[1:] if len(speeds) >= 3 else speeds):,.0f}"
         assert cells["wall time"] == f"{summary['wall_s']:.1f} s"
-        state = [r for r in rows if "optim/state_bytes_total" in r][-1]
-        assert json.loads((out / "report.json").read_text())["runs"][OPTIMIZERS.index(opt)]["state_bytes"] == state["optim/state_bytes_total"]
+        state = [r for r in rows if STATE_BYTES_TOTAL in r][-1]
+        assert json.loads((out / "report.json").read_text())["runs"][OPTIMIZERS.index(opt)]["state_bytes"] == state[STATE_BYTES_TOTAL]
         # the same steps, tokens and validation points for every optimizer
         assert summary["steps"] == STEPS
         vals = [r["step"] for r in rows if "val/loss" in r]

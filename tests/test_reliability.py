@@ -32,6 +32,7 @@ from muonq.config import OPTIMIZERS
 from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
 
+from . import faults
 from .conftest import REPO, TINY
 
 STEPS = 4
@@ -390,7 +391,7 @@ def test_sigkill_one_rank_ends_the_job_and_the_rerun_continues_exactly(tmp_path:
 def test_rank_that_raises_ends_the_job_on_every_rank(tmp_path: Path, shakespeare_data: Path) -> None:
     cmd = command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muon", nproc=2)
     t0 = time.monotonic()
-    code, output = run(cmd, tmp_path, env={guard.RAISE_HOOK_ENV: "2:1", "MUONQ_DIST_TIMEOUT_S": "60"}, timeout=BOUND_S + 60)
+    code, output = run(cmd, tmp_path, env={**faults.raise_at(2, 1), "MUONQ_DIST_TIMEOUT_S": "60"}, timeout=BOUND_S + 60)
     elapsed = time.monotonic() - t0
     print(f"\n[reliability] rank 1 raised: torchrun exit {code} after {elapsed:.1f} s in all")
     assert code != 0
@@ -484,7 +485,7 @@ def assert_torchrun_nonfinite_exit(output: str) -> None:
 def test_nonfinite_skip_counts_the_step_and_goes_on(tmp_path: Path, shakespeare_data: Path, matrix) -> None:
     ref = reference(matrix)
     code, output = run(command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muonq",
-                               "recipe.training_params.nonfinite=skip"), tmp_path, env={guard.NAN_HOOK_ENV: "2"})
+                               "recipe.training_params.nonfinite=skip"), tmp_path, env=faults.nan_at(2))
     assert code == 0, output[-3000:]
     assert re.search(r"step 2: non-finite loss/gradient \(first in \S*layers\.0\.\S+, Muon group\); step skipped \(1 so far\)", output)
     got = losses(tmp_path / "out")
@@ -498,7 +499,7 @@ def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path,
     the parameter and its group, and the checkpoint of the last good step is complete."""
     ckpt = tmp_path / "ckpt"
     code, output = run(command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=adamw",
-                               f"logging_params.checkpoint_dir={ckpt}", nproc=2), tmp_path, env={guard.NAN_HOOK_ENV: "3"},
+                               f"logging_params.checkpoint_dir={ckpt}", nproc=2), tmp_path, env=faults.nan_at(3),
                        timeout=BOUND_S + 120)
     assert code != 0
     assert re.search(r"error: step 3: non-finite loss or gradient \(first in rank 0: \S*layers\.0\.\S+, AdamW group\); "
@@ -516,7 +517,7 @@ def test_nonfinite_abort_on_one_rank_stops_both_without_saving_the_damage(tmp_pa
     code, output = run(command(tmp_path / "out", shakespeare_data, *CKPT, "optimizer_params=muonq",
                                "recipe.training_params.nonfinite=abort", "logging_params.log_step=100",
                                f"logging_params.checkpoint_dir={ckpt}", nproc=2), tmp_path,
-                       env={guard.NAN_HOOK_ENV: "3"}, timeout=BOUND_S + 120)
+                       env=faults.nan_at(3), timeout=BOUND_S + 120)
     assert code != 0
     assert re.search(r"error: step 3: non-finite loss or gradient \(rank 0: loss [\d.]+, gradient norm nan\); with "
                      r"recipe\.training_params\.nonfinite=abort .* the newest checkpoint is step 2 in \S+step_000002 "
@@ -647,9 +648,11 @@ def test_sweep_under_torchrun_is_refused_instead_of_hanging(tmp_path: Path, shak
 
 
 def test_exit_codes_agree_between_launch_and_guard() -> None:
-    from muonq import launch
-
-    assert (launch.EXIT_BAD_INPUT, launch.EXIT_NONFINITE, launch.EXIT_PREEMPTED) == (
+    # launch is a command-line module: read its codes in a subprocess, never import it here
+    probe = "from muonq import launch; print(launch.EXIT_BAD_INPUT, launch.EXIT_NONFINITE, launch.EXIT_PREEMPTED)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tuple(int(v) for v in proc.stdout.split()) == (
         guard.EXIT_BAD_INPUT, guard.EXIT_NONFINITE, guard.EXIT_PREEMPTED)
 
 

@@ -9,11 +9,13 @@ The loss is computed on the same windows, in the same order and batches, as the 
 full validation (``val/final_loss`` in metrics.jsonl), so the numbers agree: the validation split
 cut into ``seq_len`` windows, ``batch_size`` at a time, the last partial batch dropped, mean of
 the batch means. A run on W ranks used W x batch_size windows per batch: pass that as batch_size.
+It is the trainer's own loop (:func:`muonq.train.validate.validation_loss`), in the run's precision:
+autocast on CUDA as the checkpoint's ``recipe.training_params`` (autocast, mixed_precision) says,
+fp32 on the CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -54,25 +56,13 @@ DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande"]
 
 
 # -- validation loss ---------------------------------------------------------------------------
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, data: pathlib.Path, *, seq_len: int, batch_size: int,
-                    max_tokens: int = 0, device: torch.device | str = "cpu") -> tuple[float, int]:
-    """(mean loss, tokens evaluated), exactly as ``Trainer.validate`` on one rank."""
-    from muonq.data import validation_batches
+def _recorded_precision(ckpt: Any) -> tuple[bool, str]:
+    """(autocast, mixed_precision) of the run's ``recipe.training_params`` where the checkpoint
+    records them, else the defaults: the forward passes run in the precision they trained in."""
+    from muonq.config import TrainingParams
 
-    device = torch.device(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    model.eval().to(device)
-    total = torch.zeros((), device=device)
-    batches = tokens = 0
-    for x, y in validation_batches(data, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens):
-        with autocast:
-            total += model(x.to(device), y.to(device)).float()
-        batches += 1
-        tokens += y.numel()
-    if batches == 0:
-        raise ValueError(f"validation split of {data} is too small for one batch of {batch_size} x {seq_len}")
-    return float(total / batches), tokens
+    tp = ((ckpt.run_config or {}).get("recipe") or {}).get("training_params") or {}
+    return bool(tp.get("autocast", TrainingParams.autocast)), str(tp.get("mixed_precision", TrainingParams.mixed_precision))
 
 
 # -- zero-shot ---------------------------------------------------------------------------------
@@ -171,9 +161,16 @@ def main(argv: list[str]) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    from muonq.train.parallelize import autocast_context
+    from muonq.train.validate import validation_loss
+
     start = time.perf_counter()
+    autocast, mixed_precision = _recorded_precision(ckpt)
+    model.to(device)
     loss, tokens = validation_loss(model, data, seq_len=seq_len, batch_size=batch_size,
-                                   max_tokens=int(values["max_tokens"] or 0), device=device)
+                                   max_tokens=int(values["max_tokens"] or 0), device=torch.device(device),
+                                   autocast=autocast_context(torch.device(device), autocast=autocast,
+                                                             mixed_precision=mixed_precision))
     ppl = math.exp(min(loss, 50.0))
     print(f"checkpoint {ckpt.path} (step {ckpt.step}, {ckpt.payload.get('optimizer_name')}, {ckpt.model_config['model_type']})")
     print(f"dataset {data} ({how}; tokenizer {meta.tokenizer})")

@@ -1,21 +1,20 @@
-"""What keeps a run safe to stop: preemption signals, rank agreement, and the NaN test hook.
+"""What keeps a run safe to stop: preemption signals and rank agreement.
 
 * :class:`StopSignals` turns SIGTERM / SIGINT into a flag that the training loop reads at the
-  next optimizer-step boundary, where it saves a checkpoint and stops with :data:`EXIT_PREEMPTED`.
-  A repeat of the signal more than :data:`REPEAT_GRACE_S` after the first exits at once (no
-  checkpoint); a repeat within that window is the same event delivered twice (a terminal's
-  Ctrl-C reaches torchrun and its workers, then torchrun forwards it) and is ignored.
+  next optimizer-step boundary, where it saves a checkpoint and stops with :data:`EXIT_PREEMPTED`
+  (:mod:`muonq.train.preemption`). A repeat of the signal more than :data:`REPEAT_GRACE_S` after
+  the first exits at once (no checkpoint); a repeat within that window is the same event
+  delivered twice (a terminal's Ctrl-C reaches torchrun and its workers, then torchrun forwards
+  it) and is ignored.
 * :func:`agree` makes every rank take the same decision (skip a non-finite step, stop) with one
   small all-reduce per step, so no rank waits in a collective that its peers never enter. It reads
   the verdict before the optimizer runs: one host synchronisation per step.
 * :class:`LateVerdict` is the same agreement read one step late (``nonfinite=abort``): the flags
   travel to the host in the background and are read when the device is long past them, so the step
   never waits for the device; a non-finite step is then found after the optimizer applied it.
-* Test hooks, read only here (never set them in real runs):
-  ``MUONQ_INJECT_NAN_STEP=3`` or ``3,5`` (:func:`injected_nan_steps`): at those 1-based optimizer
-  steps rank 0 overwrites the gradient of the model's first hidden matrix with NaN, as an
-  overflow would. ``MUONQ_INJECT_RAISE=STEP:RANK`` (:func:`injected_raise`): that rank raises
-  a RuntimeError during that step, as a crashing rank would.
+
+Faults for tests (a NaN gradient, a rank that raises) are installed from outside the loop, through
+the trainer's plugin hook (:mod:`muonq.train.hooks`).
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ import torch
 import torch.distributed as dist
 
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED  # noqa: F401 (re-exported)
+
 REPEAT_GRACE_S = 1.0
-NAN_HOOK_ENV = "MUONQ_INJECT_NAN_STEP"
-RAISE_HOOK_ENV = "MUONQ_INJECT_RAISE"
 
 
 class StopRequested(Exception):
@@ -138,25 +136,3 @@ def first_report(local: str | None) -> str | None:
     dist.all_gather_object(reports, local)
     return next((f"rank {r}: {rep}" for r, rep in enumerate(reports) if rep is not None), None)
 
-
-def injected_nan_steps() -> frozenset[int]:
-    """The optimizer steps (1-based) at which ``MUONQ_INJECT_NAN_STEP`` asks for a NaN gradient."""
-    raw = os.environ.get(NAN_HOOK_ENV, "").strip()
-    if not raw:
-        return frozenset()
-    try:
-        return frozenset(int(s) for s in raw.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"{NAN_HOOK_ENV}={raw!r}: expected comma-separated step numbers") from None
-
-
-def injected_raise() -> tuple[int, int] | None:
-    """(step, rank) from ``MUONQ_INJECT_RAISE=STEP:RANK``, or None."""
-    raw = os.environ.get(RAISE_HOOK_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        step, rank = (int(v) for v in raw.split(":"))
-    except ValueError:
-        raise ValueError(f"{RAISE_HOOK_ENV}={raw!r}: expected STEP:RANK") from None
-    return step, rank

@@ -1,4 +1,5 @@
-"""Rank-0 metrics: console lines, a log file under ``logs/``, a JSONL file, and Weights & Biases."""
+"""Rank-0 metrics: console lines, a log file under ``logs/``, a JSONL file, and Weights & Biases;
+what a training log line averages over; the optimizer-state report."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from muonq import metric_names as M
 from muonq.environment import wandb_mode
+from muonq.train import distributed as dist_utils
 
 log = logging.getLogger("muonq")
 
@@ -86,3 +91,69 @@ class MetricsLogger:
         if self._file_handler is not None:
             log.removeHandler(self._file_handler)
             self._file_handler.close()
+
+
+class LogWindow:
+    """The steps since the last log line: the summed loss of the applied ones (on the device, so
+    adding it never waits), how many there were, their tokens and the time since the line."""
+
+    def __init__(self, device: torch.device, *, tokens_per_step: int, every: int, total_steps: int) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.tokens_per_step, self.every, self.total_steps = tokens_per_step, every, total_steps
+        self.applied = self.steps = self.tokens = 0
+        self.t_last = time.perf_counter()
+
+    def should_log(self, step: int) -> bool:
+        """A line every ``logging_params.log_step`` steps and after the last."""
+        return step % self.every == 0 or step == self.total_steps
+
+    def add(self, loss: torch.Tensor, *, applied: bool) -> None:
+        """One optimizer step; a skipped one (``applied=False``) counts for time, not for the loss."""
+        if applied:
+            self.loss_sum += loss
+            self.applied += 1
+        self.steps += 1
+        self.tokens += self.tokens_per_step
+
+    def restart_clock(self) -> None:
+        """Leave out of the throughput what just ran besides training (validation, a checkpoint)."""
+        self.t_last = time.perf_counter()
+
+    def throughput(self) -> tuple[float, float]:
+        """(tokens per second, seconds per step) since the last line."""
+        elapsed = time.perf_counter() - self.t_last
+        return self.tokens / elapsed, elapsed / self.steps
+
+    def mean_loss(self) -> float | None:
+        """The mean loss of the applied steps over every rank (a collective when distributed: the
+        same on every rank, since skips are agreed), or None when every step was skipped."""
+        if not self.applied:
+            return None
+        return float(dist_utils.all_reduce_mean(self.loss_sum / self.applied))
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.applied = self.steps = self.tokens = 0
+        self.t_last = time.perf_counter()
+
+
+def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool) -> tuple[dict[str, float], str]:
+    """The optimizer-state metrics and their console line, from ``ShardedOptimizer.state_report()``."""
+    per_rank, total = report["per_rank"], report["total"]
+    metrics: dict[str, float] = {M.STATE_BYTES_TOTAL: total, M.STATE_BYTES_RANK: per_rank[rank],
+                                 M.STATE_BYTES_RANK_MAX: max(per_rank)}
+    for name, nbytes in report["per_optimizer"].items():
+        metrics[M.state_bytes_of(name)] = nbytes
+    if len(per_rank) > 1:
+        where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
+    else:
+        where = "replicated on every rank (optimizer_params.zero=false)" if distributed else "one rank"
+    line = f"optimizer state: {M.format_bytes(total)} total, {where}"
+    if "muon" in report["per_optimizer"]:
+        muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
+        per_elem = muon / max(1, n_muon)
+        metrics[M.MUON_BYTES_PER_PARAM] = per_elem
+        metrics[M.MUON_RATIO_VS_FP32] = 4.0 / per_elem if per_elem else float("nan")
+        line += (f"; Muon: {M.format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
+                 f"{4.0 / per_elem if per_elem else float('nan'):.2f}x less than fp32 Muon")
+    return metrics, line

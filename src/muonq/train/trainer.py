@@ -1,11 +1,17 @@
-"""The training loop: data -> model -> optimizer, with validation, checkpoints and metrics."""
+"""The training loop: data -> model -> optimizer, with validation, checkpoints and metrics.
+
+:meth:`Trainer.fit` runs :meth:`Trainer.train_step` per optimizer step, which runs
+:meth:`Trainer.forward_backward_step` over the accumulation window; what happens around a step is
+each in its own object: the non-finite policy (:mod:`muonq.train.nonfinite`), preemption
+(:mod:`muonq.train.preemption`), validation (:class:`~muonq.train.validate.Validator`),
+checkpoints (:class:`~muonq.train.checkpointer.Checkpointer`), the log line
+(:class:`~muonq.train.metrics.LogWindow`), extension callbacks (:mod:`muonq.train.hooks`), and how
+the model is wrapped for the devices (:mod:`muonq.train.parallelize`).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import random
 import resource
 import sys
 import time
@@ -13,38 +19,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from muonq import metric_names as M
 from muonq.config import optimizer_spec
-from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir, validation_batches
+from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir
 from muonq.models import build_model
-from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer, shard_file
+from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
-from muonq.train.checkpoint import CheckpointManager
-from muonq.train.metrics import MetricsLogger
+from muonq.train.checkpointer import Checkpointer, TrainState
+from muonq.train.hooks import Hooks, load_plugins
+from muonq.train.metrics import LogWindow, MetricsLogger, state_bytes_metrics
+from muonq.train.nonfinite import POLICIES, NonFiniteError, NonFinitePolicy
+from muonq.train.parallelize import autocast_context, gradient_sync, parallelize
+from muonq.train.preemption import Preemption
 from muonq.train.schedule import lr_multiplier, total_steps
+from muonq.train.validate import Validator
+
+__all__ = ["NonFiniteError", "TrainState", "Trainer", "peak_flops", "peak_memory_bytes", "to_device"]
 
 log = logging.getLogger("muonq")
 
 # Dense bf16 peak FLOP/s used for MFU, by a substring of the CUDA device name.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-class NonFiniteError(RuntimeError):
-    """Raised when the loss or a gradient is not finite and the policy is ``stop`` or ``abort``."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps completed
-    skipped_steps: int = 0
-    wandb_id: str | None = None
-    resumed_from: int | None = None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -68,32 +68,17 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class _Progress:
+    """What one :meth:`Trainer.fit` carries from step to step besides :class:`TrainState`."""
 
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.2f} GiB"
+    metrics: MetricsLogger
+    window: LogWindow
+    bar: tqdm
+    flops_per_token: float
+    peak: float | None
+    bytes_logged: bool = False
+    last_val: float | None = None
 
 
 class Trainer:
@@ -114,153 +99,88 @@ class Trainer:
         self.data_path = dataset_dir(resolve_data_dir(cfg.data_dir), cfg.recipe.dataset.name, cfg.recipe.dataset.tokenizer)
         self.meta = check_dataset(self.data_path, seq_len=tp.context_length, model_vocab_size=cfg.recipe.model.vocab_size)
 
+        self._build_model_and_optimizer()
+        self.train_model: torch.nn.Module = parallelize(self.model, self.dist, tp)
+        self.autocast = autocast_context(self.device, autocast=tp.autocast, mixed_precision=tp.mixed_precision)
+        self.loader = TokenLoader(
+            self.data_path, "train", batch_size=tp.batch_size, seq_len=tp.context_length,
+            rank=self.dist.rank, world_size=world, seed=cfg.seed,
+        )
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(cfg, run_name=run_name, dist=self.dist, model=self.model,
+                                         optimizer=self.optimizer, loader=self.loader, state=self.state)
+        self.validator = Validator(self.model, self.data_path, logging_params=cfg.logging_params, training_params=tp,
+                                   total_steps=self.total_steps, device=self.device, autocast=self.autocast,
+                                   rank=self.dist.rank, world_size=world)
+        self.nonfinite: NonFinitePolicy = POLICIES[tp.nonfinite](
+            device=self.device, checkpointer=self.checkpointer, state=self.state, locate=self._first_nonfinite_param,
+            discard_grads=lambda: self.optimizer.zero_grad(set_to_none=True), is_main=self.dist.is_main,
+        )
+        self.preemption: Preemption | None = None  # while fit() runs
+        self.hooks = Hooks()
+        load_plugins(self)  # $MUONQ_PLUGINS: extensions and the tests' fault injection
+
+    def _build_model_and_optimizer(self) -> None:
+        tp = self.cfg.recipe.training_params
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision(tp.tensorcore_precision)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.recipe.model)
+        torch.manual_seed(self.cfg.seed)
+        self.model = build_model(self.cfg.recipe.model)
+        # The model's constructor initialized the weights already; this second init draws from the
+        # RNG after the first, so the weights of every run (and every reference) come from it.
         self.model.init_weights()
         self.model.to(self.device)
+        self.params = list(self.model.parameters())
+        self.clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
         named_hidden = self.model.hidden_matrices()
         hidden_ids = {id(p) for _, p in named_hidden}
         named_others = [(n, p) for n, p in self.model.named_parameters() if id(p) not in hidden_ids]
         # ZeRO-1 (optimizer_params.zero; on by default under torchrun): each rank keeps the state of
         # the parameters it owns; world size 1 is the same code with everything owned locally.
-        self.optimizer_spec = optimizer_spec(cfg.optimizer_params)
+        self.optimizer_spec = optimizer_spec(self.cfg.optimizer_params)
         self.optimizer: ShardedOptimizer = build_sharded_optimizer(
             self.optimizer_spec, named_hidden=named_hidden, named_others=named_others,
-            rank=self.dist.rank, world_size=world, device_type=self.device.type,
+            rank=self.dist.rank, world_size=self.dist.world_size, device_type=self.device.type,
         )
-        self.train_model: torch.nn.Module = self.model
-        if self.dist.distributed:
-            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if tp.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.autocast = (
-            torch.autocast("cuda", dtype=getattr(torch, tp.mixed_precision))
-            if self.device.type == "cuda" and tp.autocast and tp.mixed_precision != "float32"
-            else contextlib.nullcontext()
-        )
-        self.loader = TokenLoader(
-            self.data_path, "train", batch_size=tp.batch_size, seq_len=tp.context_length,
-            rank=self.dist.rank, world_size=world, seed=cfg.seed,
-        )
-        log_cfg = cfg.logging_params
-        self.checkpoints = CheckpointManager(log_cfg.checkpoint_dir or Path("checkpoints") / run_name, keep_last=log_cfg.keep_last)
-        self.state = TrainState()
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_payload(self) -> dict[str, Any]:
-        return {
-            "step": self.state.step,
-            "skipped_steps": self.state.skipped_steps,
-            "model": self.model.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": rng_state(),
-            "wandb_id": self.state.wandb_id,
-            "optimizer_name": self.cfg.optimizer_params.name,
-            "model_config": OmegaConf.to_container(self.cfg.recipe.model),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),  # for evaluate / export
-            "world_size": self.dist.world_size,
-        }
-
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
-        when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
-        manifest. Every rank calls this."""
-        step = self.state.step
-        if self.dist.is_main:
-            self.checkpoints.begin(step)
-        dist_utils.barrier()
-        if self.dist.is_main:
-            self.checkpoints.write_part(step, "main.pt", self._checkpoint_payload())
-        if self.dist.rank == self.optimizer.rank:
-            self.checkpoints.write_part(step, shard_file(self.optimizer.rank), self.optimizer.state_dict())
-        dist_utils.barrier()
-        if self.dist.is_main:
-            partial = self.checkpoints.partial_dir(step)
-            missing = [shard_file(r) for r in range(self.optimizer.world_size) if not (partial / shard_file(r)).is_file()]
-            if missing:
-                raise RuntimeError(
-                    f"checkpoint {partial}: rank 0 does not see {', '.join(missing)} written by the other ranks; "
-                    "with several nodes, logging_params.checkpoint_dir must be on a filesystem all nodes share"
-                )
-            path = self.checkpoints.commit(step, extra={"optimizer": self.optimizer.manifest()})
-            log.info("checkpoint %s", path)
-        dist_utils.barrier()
-
+    # -- checkpoints and evaluation ------------------------------------------------------------
     def maybe_resume(self) -> bool:
         """Load the newest intact checkpoint when ``resume`` asks for it; True if one was loaded."""
-        mode = str(self.cfg.resume).lower()
-        if mode == "false":
-            return False
-        step = self.checkpoints.latest_valid() if self.dist.is_main else None
-        step = dist_utils.broadcast_object(step)
-        if step is None:
-            if mode == "true":
-                raise FileNotFoundError(
-                    f"resume=true but no complete checkpoint in {self.checkpoints.directory}; "
-                    "use resume=auto to start fresh when none exists"
-                )
-            return False
-        payload = self.checkpoints.load(step, map_location=self.device)
-        if payload["optimizer_name"] != self.cfg.optimizer_params.name:
-            raise ValueError(
-                f"checkpoint {self.checkpoints.step_dir(step)} was written by optimizer "
-                f"{payload['optimizer_name']!r}, this run uses {self.cfg.optimizer_params.name!r}"
-            )
-        try:
-            self.model.load_state_dict(payload["model"])
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {self.checkpoints.step_dir(step)} holds a model of another shape "
-                f"({payload['model_config']}): {str(err).splitlines()[0]}"
-            ) from err
-        shards = self.checkpoints.manifest(step).get("optimizer")
-        if shards is None:
-            raise ValueError(f"checkpoint {self.checkpoints.step_dir(step)} has no optimizer shards (an older format)")
-        self.optimizer.load_state_dict([
-            self.checkpoints.load(step, shard_file(r), map_location=self.device)
-            for r in self.optimizer.shards_to_read(shards["owners"])
-        ])
-        self.loader.load_state_dict(payload["loader"])
-        set_rng_state(payload["rng"])
-        self.state.step = payload["step"]
-        self.state.skipped_steps = payload["skipped_steps"]
-        self.state.wandb_id = payload["wandb_id"]
-        self.state.resumed_from = step
-        log.info("resumed from %s at step %d", self.checkpoints.step_dir(step), self.state.step)
-        return True
+        return self.checkpointer.resume(str(self.cfg.resume).lower())
 
-    # -- evaluation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self, max_tokens: int) -> float:
-        tp = self.cfg.recipe.training_params
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        batches = 0
-        for x, y in validation_batches(
-            self.data_path, batch_size=tp.batch_size, seq_len=tp.context_length, max_tokens=max_tokens,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        ):
-            with self.autocast:
-                total += self.model(x.to(self.device), y.to(self.device)).float()
-            batches += 1
-        self.model.train()
-        if batches == 0:
-            raise ValueError(f"validation split of {self.data_path} is too small for one batch")
-        return float(dist_utils.all_reduce_mean(total / batches))
+        """The validation loss on ``max_tokens`` tokens (0: the whole split), over every rank."""
+        return self.validator.loss(max_tokens)
 
-    # -- training ------------------------------------------------------------------------------
-    def _micro_steps(self) -> torch.Tensor:
+    def log_state_bytes(self) -> dict[str, float]:
+        """Optimizer-state bytes of every rank and in total (a collective: every rank calls it)."""
+        metrics, line = state_bytes_metrics(self.optimizer.state_report(), rank=self.optimizer.rank,
+                                            distributed=self.dist.distributed)
+        log.info(line)
+        return metrics
+
+    def _optimizer_group_of(self, param: torch.nn.Parameter) -> str:
+        """The optimizer that steps ``param``, as messages name it: "Muon" or "AdamW"."""
+        muon = self.optimizer_spec.family == "muon"
+        return "Muon" if muon and id(param) in {id(p) for _, p in self.model.hidden_matrices()} else "AdamW"
+
+    def _first_nonfinite_param(self) -> str:
+        """The first parameter (model order) whose gradient is not finite, and its optimizer group."""
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"{name}, {self._optimizer_group_of(p)} group"
+        return "the loss itself; gradients are finite"
+
+    # -- one step ------------------------------------------------------------------------------
+    def forward_backward_step(self) -> torch.Tensor:
         """Forward/backward over the accumulation window; returns the summed mean loss (on device)."""
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
             x, y = to_device(x, self.device), to_device(y, self.device)
-            last = micro == self.grad_accum - 1
-            sync = self.train_model.no_sync() if self.dist.distributed and not last else contextlib.nullcontext()
+            sync = gradient_sync(self.train_model, self.dist, sync=micro == self.grad_accum - 1)
             with sync, self.autocast:
                 loss = self.train_model(x, y) / self.grad_accum
             with sync:
@@ -268,224 +188,133 @@ class Trainer:
             loss_sum += loss.detach()
         return loss_sum
 
-    def log_state_bytes(self) -> dict[str, float]:
-        """Optimizer-state bytes of every rank and in total (a collective: every rank calls it)."""
-        report = self.optimizer.state_report()
-        per_rank, total = report["per_rank"], report["total"]
-        metrics: dict[str, float] = {
-            "optim/state_bytes": total, "optim/state_bytes_total": total,
-            "optim/state_bytes_rank": per_rank[self.optimizer.rank], "optim/state_bytes_rank_max": max(per_rank),
-        }
-        for name, nbytes in report["per_optimizer"].items():
-            metrics[f"optim/state_bytes_{name}"] = nbytes
-        if len(per_rank) > 1:
-            where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(format_bytes(b) for b in per_rank)
-        else:
-            where = "replicated on every rank (optimizer_params.zero=false)" if self.dist.distributed else "one rank"
-        line = f"optimizer state: {format_bytes(total)} total, {where}"
-        if "muon" in report["per_optimizer"]:
-            muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
-            per_elem = muon / max(1, n_muon)
-            metrics["optim/muon_bytes_per_param"] = per_elem
-            metrics["optim/muon_ratio_vs_fp32"] = 4.0 / per_elem if per_elem else float("nan")
-            line += (f"; Muon: {format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
-                     f"{4.0 / per_elem if per_elem else float('nan'):.2f}x less than fp32 Muon")
-        log.info(line)
-        return metrics
+    def train_step(self, window: LogWindow) -> tuple[torch.Tensor, float, bool]:
+        """One optimizer step: (its gradient norm before clipping, its lr multiplier, whether a
+        stop was requested on some rank). The non-finite policy decides whether it is applied."""
+        step = self.state.step + 1  # 1-based, as logged
+        lr_mult = lr_multiplier(self.state.step, self.total_steps, name=self.cfg.lr_schedule.name,
+                                warm_up_fraction=self.cfg.lr_schedule.warm_up_fraction,
+                                min_lr_ratio=self.cfg.lr_schedule.min_lr_ratio)
+        self.optimizer.set_lr_multiplier(lr_mult)
+        loss = self.forward_backward_step()
+        self.hooks.run_after_backward(self, step)
+        # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping spreads it
+        # to every parameter (same arithmetic, same bits)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+        apply, stopping = self.nonfinite.before_optimizer_step(step, loss, grad_norm, self.preemption.requested)
+        if apply:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        window.add(loss, applied=apply)
+        self.state.step += 1
+        return grad_norm, lr_mult, stopping
 
-    def _first_nonfinite_param(self) -> str:
-        """The first parameter (model order) whose gradient is not finite, and its optimizer group."""
-        hidden = {id(p) for _, p in self.model.hidden_matrices()}
-        muon = self.optimizer_spec.family == "muon"
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return f"{name}, {'Muon' if muon and id(p) in hidden else 'AdamW'} group"
-        return "the loss itself; gradients are finite"
-
-    def _poison_gradient(self) -> None:
-        """The NaN test hook (guard.NAN_HOOK_ENV): rank 0's first hidden-matrix gradient -> NaN."""
-        _, param = next(iter(self.model.hidden_matrices()))
-        if param.grad is not None:
-            param.grad.fill_(float("nan"))
-
+    # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``. SIGTERM/SIGINT stop at the next step boundary with a checkpoint
         (:class:`~muonq.train.guard.StopRequested`); a non-finite step is skipped or stops the run
         (``recipe.training_params.nonfinite``; with ``abort`` both decisions are read a step late,
         so the step never waits for the device). Every rank takes both decisions together."""
         with guard.StopSignals() as signals:
-            return self._fit(signals)
+            self.preemption = Preemption(signals, self.checkpointer, total_steps=self.total_steps, device=self.device)
+            try:
+                return self._fit()
+            finally:
+                self.preemption = None
 
-    def _fit(self, signals: guard.StopSignals) -> dict[str, Any]:
-        cfg, tp, log_cfg = self.cfg, self.cfg.recipe.training_params, self.cfg.logging_params
-        nan_steps, raise_at = guard.injected_nan_steps(), guard.injected_raise()
+    def _fit(self) -> dict[str, Any]:
+        progress = self._start()
+        t_start = time.perf_counter()
+        self.train_model.train()
+        try:
+            while self.state.step < self.total_steps:
+                grad_norm, lr_mult, stopping = self.train_step(progress.window)
+                progress.bar.update(1)
+                self._after_step(progress, grad_norm, lr_mult, stopping)
+            final_val = self._finish(progress)
+        finally:
+            progress.bar.close()
+            progress.metrics.close()
+        return {"steps": self.state.step, "final_val_loss": final_val, "skipped_steps": self.state.skipped_steps,
+                "resumed_from": self.state.resumed_from, "wall_s": time.perf_counter() - t_start,
+                "wandb_id": self.state.wandb_id, "last_val_loss": progress.last_val}
+
+    def _start(self) -> _Progress:
+        """Open the metrics (resuming the W&B run of a checkpoint), log what is about to run."""
+        cfg, tp = self.cfg, self.cfg.recipe.training_params
         metrics = MetricsLogger(
             enabled=self.dist.is_main, run_name=self.run_name, run_dir=self.run_dir,
-            wandb_kwargs=OmegaConf.to_container(log_cfg.wandb), config=OmegaConf.to_container(cfg, resolve=True),
-            resume_id=self.state.wandb_id,
+            wandb_kwargs=OmegaConf.to_container(cfg.logging_params.wandb),
+            config=OmegaConf.to_container(cfg, resolve=True), resume_id=self.state.wandb_id,
         )
         self.state.wandb_id = metrics.wandb_id or self.state.wandb_id
-        n_params = self.model.num_params()
-        tokens_per_step = tp.tokens_processed
         log.info(
             "run %s: %s model, %.2fM params, %d steps x %d tokens (%d ranks x %d seq x %d tokens x %d accum), %s",
-            self.run_name, cfg.recipe.model.model_type, n_params / 1e6, self.total_steps, tokens_per_step,
-            self.dist.world_size, tp.batch_size, tp.context_length, self.grad_accum, self.device,
+            self.run_name, cfg.recipe.model.model_type, self.model.num_params() / 1e6, self.total_steps,
+            tp.tokens_processed, self.dist.world_size, tp.batch_size, tp.context_length, self.grad_accum, self.device,
         )
-        flops_per_token = self.model.flops_per_token(tp.context_length)
-        peak = peak_flops(self.device)
         show_bar = self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, dynamic_ncols=True,
                    desc=self.run_name, leave=False, mininterval=2.0)
-        loss_acc = torch.zeros((), device=self.device)
-        acc_steps = steps_since = 0  # applied / all steps since the last log line
-        t_last, tokens_since = time.perf_counter(), 0
-        t_start = time.perf_counter()
-        bytes_logged = False
-        last_val: float | None = None
-        saved_at = self.state.resumed_from  # newest checkpoint on disk for this run's current state
-        self.train_model.train()
-        params = [p for p in self.model.parameters()]
-        clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
-        # nonfinite=abort: each step's verdict is read a step late (no host synchronisation in the step)
-        late = tp.nonfinite == "abort"
-        pending: guard.LateVerdict | None = None
+        window = LogWindow(self.device, tokens_per_step=tp.tokens_processed, every=cfg.logging_params.log_step,
+                           total_steps=self.total_steps)
+        return _Progress(metrics=metrics, window=window, bar=bar,
+                         flops_per_token=self.model.flops_per_token(tp.context_length), peak=peak_flops(self.device))
 
-        def settle() -> bool:
-            """Read the pending late verdict, if any: raise if its step was non-finite, else return
-            whether a stop was requested."""
-            nonlocal pending
-            if pending is None:
-                return False
-            verdict, pending = pending, None
-            bad, stop, local = verdict.read()
-            if bad:
-                where = guard.first_report(local)
-                resume = (f"the newest checkpoint is step {saved_at} in {self.checkpoints.step_dir(saved_at)} "
-                          "(rerun with resume=true)" if saved_at is not None else "no checkpoint was saved")
-                raise NonFiniteError(
-                    f"step {verdict.step}: non-finite loss or gradient ({where}); with "
-                    f"recipe.training_params.nonfinite=abort the optimizer had already applied it, so this state "
-                    f"is not saved; {resume}; lower the learning rate, or use nonfinite=stop or skip"
-                )
-            return stop
+    def _after_step(self, progress: _Progress, grad_norm: torch.Tensor, lr_mult: float, stopping: bool) -> None:
+        """The step boundary: the log line, validation and checkpoint when due, then a stop if
+        asked. Each reads a pending non-finite verdict first (a checkpoint never holds a
+        non-finite step)."""
+        done = self.state.step
+        if not progress.bytes_logged:
+            progress.metrics.log(self.log_state_bytes(), step=done)
+            progress.bytes_logged = True
+        if progress.window.should_log(done):
+            stopping |= self.nonfinite.settle()  # the row reads the loss and gradient norm anyway
+            self._log_line(progress, done, grad_norm, lr_mult)
+        if self.validator.should_run(done):
+            stopping |= self.nonfinite.settle()
+            progress.last_val = self.validator.run(done, progress.metrics)
+            progress.window.restart_clock()
+        if self.checkpointer.should_save(done):
+            stopping |= self.nonfinite.settle()
+            self.checkpointer.save()
+            progress.window.restart_clock()
+        self._stop_if(stopping)
 
-        def stop_now(done: int) -> guard.StopRequested:
-            nonlocal saved_at
-            if saved_at != done:
-                self.save_checkpoint()
-                saved_at = done
-            sig = signals.received or "a signal on another rank"
-            return guard.StopRequested(
-                f"{sig}: stopped after step {done}/{self.total_steps} with a checkpoint in "
-                f"{self.checkpoints.step_dir(done)}; rerun the same command with resume=true (or resume=auto) "
-                "to continue", step=done, signal_name=sig,
-            )
+    def _stop_if(self, stopping: bool) -> None:
+        """The one place a stop request ends the run: every rank agreed on ``stopping``; the last
+        verdict is read, the step saved, and :class:`~muonq.train.guard.StopRequested` raised."""
+        if stopping:
+            self.nonfinite.settle()
+            raise self.preemption.stop()
 
-        try:
-            while self.state.step < self.total_steps:
-                step = self.state.step
-                lr_mult = lr_multiplier(step, self.total_steps, name=cfg.lr_schedule.name,
-                                        warm_up_fraction=cfg.lr_schedule.warm_up_fraction,
-                                        min_lr_ratio=cfg.lr_schedule.min_lr_ratio)
-                self.optimizer.set_lr_multiplier(lr_mult)
-                loss = self._micro_steps()
-                if step + 1 in nan_steps and self.dist.is_main:
-                    self._poison_gradient()
-                if raise_at == (step + 1, self.dist.rank):
-                    raise RuntimeError(f"{guard.RAISE_HOOK_ENV}: injected fault on rank {self.dist.rank} at step {step + 1}")
-                # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping
-                # spreads it to every parameter (same arithmetic, same bits)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-                if late:
-                    # the previous step's verdict: the device finished it while this step's forward
-                    # and backward were being queued, so reading it does not wait
-                    stopping = settle()
-                    pending = guard.LateVerdict(step + 1, loss, grad_norm, signals.received is not None)
-                    bad = False
-                else:
-                    local_bad = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
-                    bad, stopping = guard.agree(local_bad, signals.received is not None, device=self.device)
-                if bad:
-                    where = guard.first_report(self._first_nonfinite_param() if local_bad else None)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if tp.nonfinite == "stop":
-                        if saved_at != self.state.step:
-                            self.save_checkpoint()
-                        raise NonFiniteError(
-                            f"step {step + 1}: non-finite loss or gradient (first in {where}); "
-                            f"checkpoint of step {self.state.step} saved in {self.checkpoints.step_dir(self.state.step)}; "
-                            "lower the learning rate, or resume with recipe.training_params.nonfinite=skip"
-                        )
-                    self.state.skipped_steps += 1
-                    if self.dist.is_main:
-                        log.warning("step %d: non-finite loss/gradient (first in %s); step skipped (%d so far)",
-                                    step + 1, where, self.state.skipped_steps)
-                else:
-                    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm, foreach=True)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss_acc += loss
-                    acc_steps += 1
-                self.state.step += 1
-                bar.update(1)
-                steps_since += 1
-                tokens_since += tokens_per_step
-                done = self.state.step
-                if not bytes_logged:
-                    metrics.log(self.log_state_bytes(), step=done)
-                    bytes_logged = True
-                if done % log_cfg.log_step == 0 or done == self.total_steps:
-                    stopping |= settle()  # the row reads the loss and gradient norm anyway
-                    now = time.perf_counter()
-                    tok_s = tokens_since / (now - t_last)
-                    row = {"train/grad_norm": float(grad_norm), "train/lr_mult": lr_mult,
-                           "perf/tokens_per_s": tok_s, "perf/step_time_s": (now - t_last) / steps_since,
-                           "perf/peak_memory_bytes": peak_memory_bytes(self.device), "train/tokens": done * tokens_per_step}
-                    train_loss = float("nan")
-                    if acc_steps:  # the same on every rank (skips are agreed)
-                        train_loss = float(dist_utils.all_reduce_mean(loss_acc / acc_steps))
-                        row["train/loss"] = train_loss
-                    if self.state.skipped_steps:
-                        row["train/skipped_steps"] = self.state.skipped_steps
-                    for name, opt in self.optimizer:
-                        row[f"train/lr_{name}"] = float(opt.param_groups[0]["lr"])  # torchao keeps a tensor
-                    if peak:
-                        row["perf/mfu"] = flops_per_token * tok_s / (peak * self.dist.world_size)
-                    metrics.log(row, step=done)
-                    log.info("step %d/%d | loss %.4f | lr x%.3f | grad %.3f | %s tok/s", done, self.total_steps,
-                             train_loss, lr_mult, float(grad_norm), f"{tok_s:,.0f}")
-                    loss_acc.zero_()
-                    acc_steps, steps_since, tokens_since, t_last = 0, 0, 0, time.perf_counter()
-                if log_cfg.val_step and done % log_cfg.val_step == 0 and done < self.total_steps:
-                    stopping |= settle()
-                    last_val = self.validate(log_cfg.val_tokens_processed)
-                    metrics.log({"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50.0)),
-                                 "train/tokens": done * tokens_per_step}, step=done)
-                    log.info("step %d val loss %.4f ppl %.2f", done, last_val, math.exp(min(last_val, 50.0)))
-                    t_last = time.perf_counter()
-                if log_cfg.save_checkpoint and done % log_cfg.save_ckpt_step == 0:
-                    stopping |= settle()  # never write a checkpoint of state that took a non-finite step
-                    self.save_checkpoint()
-                    saved_at = done
-                    t_last = time.perf_counter()
-                if stopping:
-                    settle()
-                    raise stop_now(done)
-            settle()
-            # a signal that came during the last step: stop before the (possibly long) final validation
-            if guard.agree(signals.received is not None, device=self.device)[0]:
-                raise stop_now(self.state.step)
-            final_val = self.validate(0 if log_cfg.final_full_val else log_cfg.val_tokens_processed)
-            metrics.log({"val/loss": final_val, "val/ppl": math.exp(min(final_val, 50.0)), "val/final_loss": final_val,
-                         "train/tokens": self.state.step * tokens_per_step}, step=self.state.step)
-            log.info("final val loss %.4f ppl %.2f (%s)", final_val, math.exp(min(final_val, 50.0)),
-                     "full validation split" if log_cfg.final_full_val else f"{log_cfg.val_tokens_processed} tokens")
-            if log_cfg.save_checkpoint and saved_at != self.state.step:
-                self.save_checkpoint()
-        finally:
-            bar.close()
-            metrics.close()
-        return {"steps": self.state.step, "final_val_loss": final_val, "skipped_steps": self.state.skipped_steps,
-                "resumed_from": self.state.resumed_from, "wall_s": time.perf_counter() - t_start, "wandb_id": self.state.wandb_id,
-                "last_val_loss": last_val}
+    def _finish(self, progress: _Progress) -> float:
+        """After the last step: the last verdict, a stop that came during the last step (before the
+        possibly long final validation), the final validation and checkpoint."""
+        self.nonfinite.settle()
+        self._stop_if(self.preemption.agreed())
+        final_val = self.validator.run_final(self.state.step, progress.metrics)
+        self.checkpointer.save_final()
+        return final_val
+
+    def _log_line(self, progress: _Progress, done: int, grad_norm: torch.Tensor, lr_mult: float) -> None:
+        window = progress.window
+        tok_s, step_time = window.throughput()
+        row = {M.TRAIN_GRAD_NORM: float(grad_norm), M.TRAIN_LR_MULT: lr_mult, M.PERF_TOKENS_PER_S: tok_s,
+               M.PERF_STEP_TIME_S: step_time, M.PERF_PEAK_MEMORY_BYTES: peak_memory_bytes(self.device),
+               M.TRAIN_TOKENS: done * window.tokens_per_step}
+        train_loss = window.mean_loss()
+        if train_loss is not None:
+            row[M.TRAIN_LOSS] = train_loss
+        if self.state.skipped_steps:
+            row[M.TRAIN_SKIPPED_STEPS] = self.state.skipped_steps
+        for name, opt in self.optimizer:
+            row[M.train_lr(name)] = float(opt.param_groups[0]["lr"])  # torchao keeps a tensor
+        if progress.peak:
+            row[M.PERF_MFU] = progress.flops_per_token * tok_s / (progress.peak * self.dist.world_size)
+        progress.metrics.log(row, step=done)
+        log.info("step %d/%d | loss %.4f | lr x%.3f | grad %.3f | %s tok/s", done, self.total_steps,
+                 float("nan") if train_loss is None else train_loss, lr_mult, float(grad_norm), f"{tok_s:,.0f}")
+        window.reset()
