@@ -212,6 +212,19 @@ def test_sharded_checkpoints_resume_at_same_and_other_world_size(tmp_path, shake
     assert b2["optim/state_bytes_rank_max"] <= 0.55 * b1["optim/state_bytes_total"]
 
 
+def test_gradient_accumulation_under_torchrun_follows_one_process(tmp_path, shakespeare_data) -> None:
+    """2 ranks x 2 micro-steps (DDP's no_sync on the first) take the same steps as 1 process x 4."""
+    common = (*TINY, "optimizer_params=muon", "recipe.training_params.max_steps=3", "recipe.training_params.batch_size=2")
+    curves = {}
+    for nproc in (1, 2):
+        proc, rows = run_training(tmp_path / f"n{nproc}", shakespeare_data, *common, nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"x {4 // nproc} accum" in proc.stderr + (tmp_path / "logs").joinpath(f"llama-tiny_muon.log").read_text()
+        curves[nproc] = losses(rows)
+    assert sorted(curves[2]) == [1, 2, 3]
+    assert all(math.isclose(curves[2][s], curves[1][s], rel_tol=1e-4) for s in curves[1]), curves
+
+
 # Loaded at start-up by every Python process of the job (PYTHONPATH): rank 1 raises in its third
 # ZeRO-1 step, while rank 0 goes on into the parameter broadcast and waits for rank 1's bucket.
 FAULT_IN_STEP = """

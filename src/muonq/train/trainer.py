@@ -180,10 +180,10 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
             x, y = to_device(x, self.device), to_device(y, self.device)
-            sync = gradient_sync(self.train_model, self.dist, sync=micro == self.grad_accum - 1)
-            with sync, self.autocast:
-                loss = self.train_model(x, y) / self.grad_accum
-            with sync:
+            # forward and backward inside one context: DDP's no_sync is a one-shot context manager
+            with gradient_sync(self.train_model, self.dist, sync=micro == self.grad_accum - 1):
+                with self.autocast:
+                    loss = self.train_model(x, y) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         return loss_sum
