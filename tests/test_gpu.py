@@ -61,7 +61,6 @@ def test_training_step_never_waits_for_the_gpu(optimizer):
     cfg = compose_config(["recipe=llama-tiny", f"optimizer_params={optimizer}", "device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg.recipe.model)
-    model.init_weights()
     model.cuda()
     hidden = model.hidden_matrices()
     hidden_ids = {id(p) for _, p in hidden}

@@ -127,10 +127,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision(tp.tensorcore_precision)
         torch.manual_seed(self.cfg.seed)
-        self.model = build_model(self.cfg.recipe.model)
-        # The model's constructor initialized the weights already; this second init draws from the
-        # RNG after the first, so the weights of every run (and every reference) come from it.
-        self.model.init_weights()
+        self.model = build_model(self.cfg.recipe.model)  # initialized once, by its constructor
         self.model.to(self.device)
         self.params = list(self.model.parameters())
         self.clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
