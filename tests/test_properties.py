@@ -6,8 +6,9 @@
 * Shard reading: tests/test_data_shards.py already fuzzes ``parse_header`` field by field and
   truncations of real shards; here, whole files of arbitrary bytes, and random damage to a
   complete dataset folder (any shard or meta.json byte, truncation, extension), must end in a
-  ``ValueError`` / ``FileNotFoundError`` naming the problem or in a consistent read, never in
-  another exception or a silently wrong token count.
+  ``UserError`` (a ``ValueError``; ``MissingInputError`` for a missing file) naming the problem or
+  in a consistent read, never in another exception (which the entry points would report as a
+  bug) or a silently wrong token count.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from muonq.data.loader import check_dataset
 from muonq.data.shards import HEADER_BYTES, MAGIC, list_shards, open_tokens, read_header, write_shard
+from muonq.errors import UserError
 from muonq.optim.codecs import make_codec
 
 # -- codecs ------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def test_arbitrary_bytes_are_rejected_or_read_consistently(tmp_path: pathlib.Pat
     path.write_bytes(bytes(raw))
     try:
         header = read_header(path)
-    except ValueError as err:
+    except UserError as err:
         assert str(path) in str(err)
         return
     assert path.stat().st_size == HEADER_BYTES + header.num_tokens * header.dtype.itemsize
@@ -181,7 +183,7 @@ def test_malformed_meta_json_is_rejected_cleanly(tmp_path: pathlib.Path, small_d
     (folder / "meta.json").write_text(json.dumps(meta))
     try:
         got = check_dataset(folder, seq_len=16, model_vocab_size=300)
-    except (ValueError, FileNotFoundError):
+    except UserError:
         return
     assert got.vocab_size <= 300 and got.train_tokens == sum(read_header(p).num_tokens for p in list_shards(folder, "train"))
 
@@ -213,7 +215,7 @@ def test_damaged_dataset_is_rejected_or_read_consistently(
     path.write_bytes(bytes(data))
     try:
         meta = check_dataset(folder, seq_len=16, model_vocab_size=300)
-    except (ValueError, FileNotFoundError):
+    except UserError:
         return
     # accepted: then what is read must agree with the files
     for split in ("train", "val"):

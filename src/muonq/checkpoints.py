@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from muonq.errors import MissingInputError, UserError
+
 DEFAULT_DATASET = ("tiny_shakespeare", "bpe-8192")
 
 
@@ -42,15 +44,15 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise MissingInputError(f"checkpoint {path} not found")
     if (path / "main.pt").is_file():
         return path / "main.pt"
     manager = CheckpointManager(path)
     if not manager.steps():
-        raise FileNotFoundError(f"{path} holds no checkpoint (no main.pt, no step_XXXXXX/ folders)")
+        raise MissingInputError(f"{path} holds no checkpoint (no main.pt, no step_XXXXXX/ folders)")
     step = manager.latest_valid()
     if step is None:
-        raise FileNotFoundError(f"{path}: every checkpoint is incomplete or corrupt")
+        raise MissingInputError(f"{path}: every checkpoint is incomplete or corrupt")
     return manager.step_dir(step) / "main.pt"
 
 
@@ -58,7 +60,7 @@ def load_checkpoint(path: str | pathlib.Path) -> LoadedCheckpoint:
     file = resolve_checkpoint(path)
     payload = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
-        raise ValueError(f"{file} is not a MuonQ training checkpoint (no model / model_config)")
+        raise UserError(f"{file} is not a MuonQ training checkpoint (no model / model_config)")
     return LoadedCheckpoint(file, payload)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from muonq.errors import UserError
 from muonq.optim.spec import FAMILIES, KERNEL_MODES, VALUE_MAPS, OptimizerSpec
 
 MODEL_TYPES = ("llama", "gpt")
@@ -179,7 +180,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot run; the message names the key."""
 
 

@@ -15,12 +15,11 @@ import sys
 import tempfile
 import time
 
-import torch
-
 from muonq.checkpoints import build_from_checkpoint, dataset_folder, load_checkpoint, recorded_layout
-from muonq.cli import UsageError, as_list, parse_args, run_cli
+from muonq.cli import UsageError, as_int, as_list, parse_args, run_cli
 from muonq.evaluation import checkpoint_validation_loss, zero_shot
 from muonq.hf.export import export
+from muonq.train.distributed import pick_device
 from muonq.train.validate import perplexity
 
 USAGE = """\
@@ -62,16 +61,21 @@ def main(argv: list[str]) -> int:
 
     model = build_from_checkpoint(ckpt)
     rec_seq, rec_batch, _ = recorded_layout(ckpt)
-    seq_len = int(values["seq_len"] or rec_seq or 128)
-    batch_size = int(values["batch_size"] or rec_batch or 16)
+    seq_len = as_int(values["seq_len"] or rec_seq or 128, "seq_len", minimum=1)
+    batch_size = as_int(values["batch_size"] or rec_batch or 16, "batch_size", minimum=1)
+    max_tokens = as_int(values["max_tokens"] or 0, "max_tokens", minimum=0)
+    if values["limit"] is not None:
+        as_int(values["limit"], "limit", minimum=1)
+    if model.cfg.model_type == "gpt" and seq_len > model.cfg.block_size:
+        raise UsageError(f"seq_len={seq_len} exceeds the model's {model.cfg.block_size} learned positions (block_size)")
     meta = check_dataset(data, seq_len=seq_len, model_vocab_size=model.cfg.vocab_size)
-    device = str(values["device"])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if values["device"] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device= must be auto, cpu or cuda, got {values['device']!r}")
+    device = pick_device(values["device"], 0).type  # cuda without a GPU: a one-line error
 
     start = time.perf_counter()
     loss, tokens = checkpoint_validation_loss(model, ckpt, data, seq_len=seq_len, batch_size=batch_size,
-                                              max_tokens=int(values["max_tokens"] or 0), device=device)
+                                              max_tokens=max_tokens, device=device)
     ppl = perplexity(loss)
     print(f"checkpoint {ckpt.path} (step {ckpt.step}, {ckpt.payload.get('optimizer_name')}, {ckpt.model_config['model_type']})")
     print(f"dataset {data} ({how}; tokenizer {meta.tokenizer})")

@@ -12,6 +12,7 @@ import sys
 
 from muonq.checkpoints import dataset_folder, load_checkpoint
 from muonq.cli import UsageError, parse_args, run_cli
+from muonq.errors import MissingInputError
 from muonq.hf.export import export
 
 USAGE = """\
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
         data, how = dataset_folder(ckpt, data=values["data"], dataset=values["dataset"],
                                    tokenizer=values["tokenizer"], data_dir=values["data_dir"])
         if not data.is_dir():
-            raise FileNotFoundError(f"dataset folder {data} not found ({how}); pass dataset= tokenizer= data_dir=, "
+            raise MissingInputError(f"dataset folder {data} not found ({how}); pass dataset= tokenizer= data_dir=, "
                                     "data=FOLDER, or tokenizer=none to export without a tokenizer")
     else:  # the model alone; BOS/EOS ids still come from data=FOLDER when given
         data, how = (pathlib.Path(str(values["data"])), "data=") if values["data"] else (None, "")

@@ -16,14 +16,18 @@ import torch
 
 from muonq.checkpoints import LoadedCheckpoint, build_from_checkpoint, load_checkpoint
 from muonq.cli import UsageError
+from muonq.errors import MissingInputError, UserError
 from muonq.hf.tokenizer import hf_tokenizer, special_ids
 
 
 def read_meta(folder: pathlib.Path) -> dict[str, Any]:
     meta_file = folder / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{folder}: no meta.json (prepare the dataset with process_data.py, or pass data=FOLDER)")
-    return json.loads(meta_file.read_text())
+        raise MissingInputError(f"{folder}: no meta.json (prepare the dataset with process_data.py, or pass data=FOLDER)")
+    try:
+        return json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{meta_file}: not valid JSON ({err})") from err
 
 
 def to_hf_model(model: torch.nn.Module, *, bos: int | None, eos: int | None) -> Any:
@@ -37,8 +41,9 @@ def to_hf_model(model: torch.nn.Module, *, bos: int | None, eos: int | None) -> 
     hf = AutoModelForCausalLM.from_config(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     tied = {"lm_head.weight"} if model.cfg.model_type == "gpt" else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"weights do not map onto {type(hf).__name__}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+    # the export map covers every weight of both families: a gap is a bug in muonq.models.hf
+    assert not (set(missing) - tied or unexpected), (
+        f"weights do not map onto {type(hf).__name__}: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
     hf.tie_weights()
     hf.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
     return hf.eval()
@@ -48,16 +53,16 @@ def export(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, data: pat
            with_tokenizer: bool = True, dtype: str = "float32", ckpt: LoadedCheckpoint | None = None) -> pathlib.Path:
     """Write the Hugging Face folder ``out`` for ``checkpoint``; ``data`` is the dataset folder whose
     tokenizer and BOS/EOS ids go with it (None: no tokenizer, no BOS/EOS)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     ckpt = ckpt or load_checkpoint(checkpoint)
     model = build_from_checkpoint(ckpt)
     meta = read_meta(data) if data is not None else {}
     if meta and meta.get("vocab_size", 0) > model.cfg.vocab_size:
-        raise ValueError(f"{data}: vocab {meta['vocab_size']} is larger than the model's {model.cfg.vocab_size}: not this model's data")
+        raise UserError(f"{data}: vocab {meta['vocab_size']} is larger than the model's {model.cfg.vocab_size}: not this model's data")
     tokenizer = hf_tokenizer(meta, data) if with_tokenizer and data is not None else None
     bos, eos = special_ids(meta) if meta else (None, None)
     hf = to_hf_model(model, bos=bos, eos=eos)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     hf = hf.to(getattr(torch, dtype))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+from muonq.errors import UserError
+
 
 def special_ids(meta: dict[str, Any]) -> tuple[int | None, int | None]:
     """(bos, eos) for the HF config: the dataset's; without a BOS (byte-level BPE, GPT-2) the EOS
@@ -22,7 +24,7 @@ def hf_tokenizer(meta: dict[str, Any], folder: pathlib.Path) -> Any:
 
     spec = meta.get("tokenizer")
     if not spec:
-        raise ValueError(f"{folder}/meta.json does not name its tokenizer; pass tokenizer=none to export the model alone")
+        raise UserError(f"{folder}/meta.json does not name its tokenizer; pass tokenizer=none to export the model alone")
     tok = load_tokenizer(spec, folder=folder)
     bos, eos = special_ids(meta)
     if isinstance(tok, _HuggingFace):
@@ -34,9 +36,8 @@ def hf_tokenizer(meta: dict[str, Any], folder: pathlib.Path) -> Any:
         return _set_specials(hf, bos, eos)
     if isinstance(tok, _Tiktoken):
         return _tiktoken_gpt2(bos, eos)
-    if isinstance(tok, _SentencePiece):
-        return _set_specials(_sentencepiece(tok.processor, spec), bos, eos)
-    raise ValueError(f"no Hugging Face conversion for tokenizer {spec!r} ({type(tok).__name__})")
+    assert isinstance(tok, _SentencePiece), f"load_tokenizer returned a {type(tok).__name__} for {spec!r}"
+    return _set_specials(_sentencepiece(tok.processor, spec), bos, eos)
 
 
 def _set_specials(hf: Any, bos: int | None, eos: int | None) -> Any:
@@ -77,7 +78,7 @@ def _sentencepiece(processor: Any, spec: str) -> Any:
 
     p = processor
     if p.get_piece_size() and not any(p.is_byte(i) for i in range(min(p.get_piece_size(), 512))):
-        raise ValueError(f"{spec}: only SentencePiece BPE models with byte fallback (LLaMA layout) are converted")
+        raise UserError(f"{spec}: only SentencePiece BPE models with byte fallback (LLaMA layout) are converted")
     vocab = {p.id_to_piece(i): i for i in range(p.get_piece_size())}
     normal = [i for i in range(p.get_piece_size()) if not (p.is_unknown(i) or p.is_control(i) or p.is_byte(i))]
     merges = []
