@@ -87,6 +87,7 @@ def test_missing_recipe_lists_the_valid_ones() -> None:
         ("lr_schedule.name=linear", "lr_schedule.name"),
         ("recipe.model.n_head=5", "recipe.model.n_head"),
         ("resume=maybe", "resume"),
+        ("seed=-1", "seed"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

@@ -170,7 +170,7 @@ def compose_config(overrides: list[str]) -> Any:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("test_hydra", overrides=[o for o in overrides if not o.startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"bad override in {' '.join(overrides)}: {err}") from err
+        raise ConfigError(f"bad override in {' '.join(overrides)}: {err}") from err
     finally:
         GlobalHydra.instance().clear()
 
@@ -263,6 +263,7 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(log.save_ckpt_step > 0, "logging_params.save_ckpt_step", f"must be > 0, got {log.save_ckpt_step}")
     _check(log.keep_last >= 1, "logging_params.keep_last", f"must be >= 1, got {log.keep_last}")
     _check(log.val_tokens_processed >= 0, "logging_params.val_tokens_processed", f"must be >= 0, got {log.val_tokens_processed}")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(str(cfg.resume).lower() in ("false", "true", "auto"), "resume", f"got {cfg.resume!r}, expected false, true or auto")
     _check_choice(cfg.device, "device", ("auto", "cpu", "cuda"))
 
@@ -402,7 +403,7 @@ def preset(name: str, **arg_overrides: Any) -> OptimizerSpec:
 
     if name not in OPTIMIZERS and name not in VARIANTS:
         known = ", ".join(sorted(set(OPTIMIZERS) | set(VARIANTS)))
-        raise ValueError(f"unknown variant {name!r}; expected an optimizer YAML or a named variant: {known}")
+        raise ConfigError(f"unknown variant {name!r}; expected an optimizer YAML or a named variant: {known}")
     yaml_name, variant_args = VARIANTS.get(name, (name, {}))
     merged = OmegaConf.merge(_optimizer_yaml(yaml_name), {"args": {**variant_args, **arg_overrides}})
     return optimizer_spec(OmegaConf.to_object(merged))

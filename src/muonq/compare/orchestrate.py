@@ -27,11 +27,11 @@ def _given(overrides: list[str], key: str) -> bool:
 def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list[str], runs_root: Path,
               *, world_size: int = 1) -> list[tuple[str, Path, list[str]]]:
     """(optimizer, run folder, overrides) for each run; the config of each is composed and validated."""
-    from muonq.config import ConfigError, validate
+    from muonq.config import ConfigError, compose_config, validate
     from muonq.data import check_dataset, dataset_dir, resolve_data_dir
     from muonq.train.schedule import budget_steps, total_steps
 
-    base = _compose([f"recipe={recipe}", *extra])
+    base = compose_config([f"recipe={recipe}", *extra])
     tp = base.recipe.training_params
     budget = budget_steps(tp.tokens_processed, base.recipe.dataset.total_tokens_B)
     if steps is None:
@@ -60,24 +60,13 @@ def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list
     for opt in optimizers:
         name = f"{user_name}_{opt}" if user_name else f"{recipe}_{opt}"
         overrides = [*common, f"optimizer_params={opt}", *extra, f"run_name={name}"]
-        cfg = _compose(overrides)
+        cfg = compose_config(overrides)
         try:
             validate(cfg, world_size=world_size)
         except ConfigError as err:
             raise UserError(f"{opt}: {err}") from err
         planned.append((opt, runs_root / opt, overrides))
     return planned
-
-
-def _compose(overrides: list[str]) -> Any:
-    """The run config of ``overrides``; Hydra's refusal (an unknown optimizer, recipe or key) is the
-    user's: compose_config raises it as a plain ValueError naming the override."""
-    from muonq.config import compose_config
-
-    try:
-        return compose_config(overrides)
-    except ValueError as err:
-        raise UserError(str(err)) from err
 
 
 def finished_same(run_dir: Path, overrides: list[str], threads: int | None, nproc: int) -> bool:
