@@ -283,6 +283,8 @@ def _check_parallelism(cfg: Any, world_size: int) -> None:
         return
     _check(world_size > 1, "parallelism", "fsdp shards over ranks and needs more than one process; run it under "
            "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
+    _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",
+           "false (replicated optimizer state) does not apply under parallelism=fsdp, which always shards it")
     _check(not cfg.logging_params.save_checkpoint, "logging_params.save_checkpoint",
            "checkpoints under parallelism=fsdp are not supported yet; set it to false or use parallelism=ddp")
     _check(str(cfg.resume).lower() == "false", "resume",
