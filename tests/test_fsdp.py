@@ -137,7 +137,10 @@ def _rank(rank: int, world: int, port: int, names: list[str], out: str) -> None:
             info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
             shard_fsdp(model, info, None)  # CPU: no mixed precision, so no recipe needed
             hidden, others = _named(model)
-            opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1), hidden, others, rank=rank, world_size=world)
+            # one matrix per round for muonq (the overlapped path), one round for the others
+            opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1), hidden, others, rank=rank, world_size=world,
+                                     round_bytes=1 if name == "muonq" else 2**30)
+            assert len(opt._rounds) == (len(hidden) if name == "muonq" else 1)
             _train(model, opt)
             hidden_names = [n for n, _ in hidden]
             assert opt.muon_state_names(hidden_names) == [n for n in hidden_names if opt.owners[n] == rank]
