@@ -35,6 +35,8 @@ Not yet: checkpoints (refused at preflight), HSDP.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -87,6 +89,7 @@ class OwnedMuonOptimizer:
         costs = optimizer_costs(spec, named_hidden, [])
         self.owners: dict[str, int] = assign_owners(costs, world_size, COST_WEIGHTS)
         self._owner = [self.owners[name] for name, _ in named_hidden]
+        self._check_same_owners()
         self._rows = [shard_rows(p.shape[0], world_size) for p in self._hidden]
         for (name, p), rows in zip(named_hidden, self._rows):
             start, end = rows[rank]
@@ -114,6 +117,16 @@ class OwnedMuonOptimizer:
         if adamw_params:
             optimizers["adamw"] = build_adamw(spec.adamw, adamw_params, device_type)
         self.inner = OptimizerSet(optimizers)
+
+    def _check_same_owners(self) -> None:
+        if self.world_size == 1:
+            return
+        digest = hashlib.sha256(json.dumps(self.owners, sort_keys=True).encode()).hexdigest()
+        holder = [digest]
+        dist.broadcast_object_list(holder, src=0)
+        if holder[0] != digest:
+            raise RuntimeError(f"rank {self.rank} assigned Muon matrix owners differently from rank 0: the ranks "
+                               "built different models or optimizer configs")
 
     # -- the OptimizerSet surface ------------------------------------------------------------------
     @property
