@@ -142,8 +142,17 @@ class LoggingParams:
 
 
 @dataclass
+class ParallelismConfig:
+    """How the model is spread over the ranks (``hydra_conf/parallelism/``)."""
+
+    name: str = "ddp"  # ddp: replicated parameters + ZeRO-1 | fsdp: FSDP2 fully_shard per block and root
+    reshard_after_forward: bool = True  # fsdp: free the gathered parameters after each block's forward
+
+
+@dataclass
 class RunConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     optimizer_params: OptimizerParams = field(default_factory=OptimizerParams)
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     logging_params: LoggingParams = field(default_factory=LoggingParams)
@@ -266,6 +275,22 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(str(cfg.resume).lower() in ("false", "true", "auto"), "resume", f"got {cfg.resume!r}, expected false, true or auto")
     _check_choice(cfg.device, "device", ("auto", "cpu", "cuda"))
+    _check_parallelism(cfg, world_size)
+
+
+def _check_parallelism(cfg: Any, world_size: int) -> None:
+    par = cfg.parallelism
+    _check_choice(par.name, "parallelism", ("ddp", "fsdp"))
+    if par.name != "fsdp":
+        return
+    _check(world_size > 1, "parallelism", "fsdp shards over ranks and needs more than one process; run it under "
+           "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
+    _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",
+           "false (replicated optimizer state) does not apply under parallelism=fsdp, which always shards it")
+    _check(not cfg.logging_params.save_checkpoint, "logging_params.save_checkpoint",
+           "checkpoints under parallelism=fsdp are not supported yet; set it to false or use parallelism=ddp")
+    _check(str(cfg.resume).lower() == "false", "resume",
+           "resuming under parallelism=fsdp is not supported yet; set resume=false or use parallelism=ddp")
 
 
 # -- the optimizer: flat keys -> one typed spec -------------------------------------------------------
