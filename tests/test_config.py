@@ -132,7 +132,8 @@ def test_spec_spells_out_each_store() -> None:
     assert isinstance(q, QuantizedMomentum) and (q.codec.bits, q.codec.granularity, q.codec.block_size) == (8, "block", 256)
     d = preset("muonq").muon.store
     assert isinstance(d, DecomposedMomentum) and d.rank_divisor == 16
-    assert (d.factor.granularity, d.residual.granularity, d.residual.value_map) == ("column", "tensor", "mulaw")
+    assert (d.factor.granularity, d.residual.granularity, d.residual.value_map) == ("column", "tensor", "linear")
+    assert d.factor.compand and d.residual.compand and d.residual.mu == 255.0  # mu-law on raw values
     assert preset("muonq", residual_block_size=128).muon.store.residual.granularity == "block"
     grasp = preset("grasp").muon.store
     assert (grasp.factor.bits, grasp.residual.granularity, grasp.narrow.codec.granularity) == (8, "grid", "grid")

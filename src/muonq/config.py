@@ -332,8 +332,8 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
     _check_choice(args.quant, _ARGS + "quant", VALUE_MAPS)
     _check(not (args.quant == "dynamic" and args.qbit == 4), _ARGS + "quant",
            "the dynamic code map is 8-bit; use qbit=8 or quant=linear")
-    _check(not (args.compand and args.quant == "dynamic"), _ARGS + "compand",
-           "mu-law companding replaces the code map; it cannot be combined with quant=dynamic")
+    _check(not args.compand or args.quant == "linear", _ARGS + "compand",
+           f"mu-law companding is followed by linear codes; it cannot be combined with quant={args.quant}")
     _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
     _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
     _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
@@ -371,8 +371,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
         return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
 
     def codec(bits: int, granularity: str, block_size: int = a.block_size) -> CodecSpec:
-        return CodecSpec(bits, "mulaw" if a.compand else a.quant, granularity, block_size=block_size,
-                         tile_size=a.tile_size, mu=a.mu, stochastic=a.stochastic)
+        return CodecSpec(bits, a.quant, granularity, block_size=block_size, tile_size=a.tile_size, mu=a.mu,
+                         compand=a.compand, stochastic=a.stochastic)
 
     store: Any = FullPrecisionMomentum()
     if a.qbit != 32:

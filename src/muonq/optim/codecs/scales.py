@@ -1,5 +1,11 @@
-"""Scale storage: absmax values rounded *up* into the scale dtype, so |x| <= stored scale holds for
-every element and normalised values never leave [-1, 1]."""
+"""Scale storage. Two rules:
+
+- :func:`store_scale` (every codec without companding): the group absmax, rounded *up* into the
+  scale dtype, so |x| <= stored scale holds for every element and x / scale never leaves [-1, 1].
+- :func:`store_step` (companded codecs, MuonQ's quantizer): the quantization step absmax / levels,
+  rounded to nearest, as the original MuonQ implementation stores it; x / step may then exceed
+  the top level by a fraction of an ulp-sized step, and the code is clamped.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,18 @@ def store_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return stored
     up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
     return torch.where(stored.float() < clamped, up, stored)
+
+
+def store_step(absmax: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The step ``absmax / levels`` (fp32 division) as ``dtype``, rounded to nearest. Positive steps
+    that would underflow to zero become the smallest subnormal (so a group that is not all zero
+    keeps a non-zero scale); values above the dtype's range saturate at its max."""
+    step = (absmax.float() / levels).clamp_(0.0, torch.finfo(dtype).max)
+    stored = step.to(dtype)
+    if dtype == torch.float32:
+        return stored
+    tiny = torch.nextafter(torch.zeros_like(stored), torch.ones_like(stored))
+    return torch.where((stored == 0) & (step > 0), tiny, stored)
 
 
 def safe_divisor(scale: torch.Tensor) -> torch.Tensor:
