@@ -95,6 +95,22 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
         validate(cfg)
 
 
+def test_mu_law_keys_say_where_the_companding_sits() -> None:
+    """compand (MuonQ): mu-law of the raw values before the scale, linear codes; the value map
+    mulaw-after-scale: mu-law levels of x / absmax. The old name 'mulaw' fails, pointing to both."""
+    d = preset("muonq").muon.store
+    assert (d.residual.value_map, d.residual.compand, d.factor.compand) == ("linear", True, True)
+    after = preset("muonq", compand=False, quant="mulaw-after-scale", mu=15.0).muon.store
+    assert (after.residual.value_map, after.residual.compand, after.residual.mu) == ("mulaw-after-scale", False, 15.0)
+    assert preset("muon8bit", quant="mulaw-after-scale").muon.store.codec.value_map == "mulaw-after-scale"
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.quant: got 'mulaw'.*compand=true.*mulaw-after-scale"):
+        preset("muonq", compand=False, quant="mulaw")
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.compand: .*linear codes.*quant=mulaw-after-scale"):
+        preset("muonq", quant="mulaw-after-scale")
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.mu"):
+        preset("muonq", mu=0.0)
+
+
 def test_divisibility_counts_the_world_size() -> None:
     cfg = _compose("recipe=llama-tiny")  # 2048 tokens = 16 x 128: fits 1 rank, not 3
     validate(cfg, world_size=1)

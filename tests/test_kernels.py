@@ -120,7 +120,8 @@ def assert_decoded_match(codec: QuantCodec, got: torch.Tensor, ref: torch.Tensor
 
 # -- kernels against the codecs ---------------------------------------------------------------------
 
-CODECS = [(8, "linear"), (8, "dynamic"), (4, "linear"), (4, "mulaw"), (8, "mulaw"), (4, "compand"), (8, "compand")]
+CODECS = [(8, "linear"), (8, "dynamic"), (4, "linear"), (4, "mulaw-after-scale"), (8, "mulaw-after-scale"),
+          (4, "compand"), (8, "compand")]
 GRANS = ["tensor", "block", "row", "column", "grid"]
 
 
@@ -228,7 +229,7 @@ def test_fused_accumulate_matches_the_reference(device, name, shape, ema, renorm
     "codec,shape",
     [
         (make_codec(8, "linear", "column"), (48, 80)),
-        (make_codec(4, "mulaw", "row"), (48, 81)),  # odd rows: 4-bit pairs straddle rows
+        (make_codec(4, "mulaw-after-scale", "row"), (48, 81)),  # odd rows: 4-bit pairs straddle rows
         (make_codec(8, "dynamic", "grid", tile_size=16), (48, 80)),
         (make_codec(4, "linear", "grid", tile_size=16), (47, 81)),  # odd rows, ragged tiles
         (make_codec(4, "linear", "grid", tile_size=24), (48, 80)),  # tile not a power of two
@@ -256,8 +257,8 @@ NS_INPUT_CASES = [  # (codec, renormalize, nesterov): one-pass (block) and two-p
     (make_codec(8, "linear", "block", block_size=256), False, True),
     (make_codec(8, "linear", "block", block_size=256), False, False),
     (make_codec(4, "linear", "grid", tile_size=32), False, True),
-    (make_codec(4, "mulaw", "tensor"), True, True),
-    (make_codec(4, "mulaw", "tensor"), True, False),
+    (make_codec(4, "mulaw-after-scale", "tensor"), True, True),
+    (make_codec(4, "mulaw-after-scale", "tensor"), True, False),
     (make_codec(8, "linear", "tensor"), False, True),
     (make_codec(4, "linear", "tensor", compand=True), True, True),
     (make_codec(4, "linear", "block", block_size=128, compand=True), False, False),
@@ -398,7 +399,7 @@ def test_only_stochastic_rounding_and_foreign_codecs_lack_kernels():
     from muonq.optim.kernels.spec import unfusable_reason
 
     for gran in ("tensor", "block", "row", "column", "grid"):
-        assert unfusable_reason(make_codec(4, "mulaw", gran, block_size=99, tile_size=24)) is None
+        assert unfusable_reason(make_codec(4, "mulaw-after-scale", gran, block_size=99, tile_size=24)) is None
         assert unfusable_reason(make_codec(4, "linear", gran, block_size=99, tile_size=24, compand=True)) is None
     assert "not a quantizing codec" in unfusable_reason(RawCodec())
     assert "stochastic" in unfusable_reason(make_codec(8, "linear", "block", stochastic=True))
@@ -467,7 +468,7 @@ def test_kernel_configurations_compile_for_cuda_without_a_gpu(monkeypatch):
     # every feature at least once: rules, granularities, paired / odd 4-bit layouts, scale dtypes, passes
     spec, enc, x, shape = setup(make_codec(8, "dynamic", "block"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, requantize=True)
-    spec, enc, x, shape = setup(make_codec(4, "mulaw", "tensor"), (64, 64))
+    spec, enc, x, shape = setup(make_codec(4, "mulaw-after-scale", "tensor"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, ema=True, stats=True)
     qk.dense_stats(spec, x)
     qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1))
@@ -482,7 +483,7 @@ def test_kernel_configurations_compile_for_cuda_without_a_gpu(monkeypatch):
     ns = torch.empty(64, 64, dtype=torch.bfloat16)
     spec, enc, x, shape = setup(make_codec(8, "linear", "block"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, ema=True, requantize=True, write_out=False, ns_out=ns, nesterov=True)
-    spec, enc, x, shape = setup(make_codec(4, "mulaw", "tensor"), (64, 64))
+    spec, enc, x, shape = setup(make_codec(4, "mulaw-after-scale", "tensor"), (64, 64))
     qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1), overwrite=False, ns_out=ns, grad=x,
                      beta=0.9, nesterov=qk.UPDATE_SUM)
     # MuonQ's quantizer: compand, step scales (tensor and column two-pass, block in the tile), expand

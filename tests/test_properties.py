@@ -44,7 +44,7 @@ MAGNITUDES = {  # (low, high) of |x| for each kind of value
 @st.composite
 def codec_cases(draw):
     bits = draw(st.sampled_from([4, 8]))
-    value_map = draw(st.sampled_from(["linear", "mulaw"] + (["dynamic"] if bits == 8 else [])))
+    value_map = draw(st.sampled_from(["linear", "mulaw-after-scale"] + (["dynamic"] if bits == 8 else [])))
     gran = draw(st.sampled_from(["tensor", "block", "row", "column", "grid"]))
     rows, cols = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     codec = make_codec(bits, value_map, gran, block_size=draw(st.sampled_from([1, 3, 16, 64])),
@@ -113,7 +113,8 @@ def test_codec_round_trip_is_finite_exact_at_zero_and_bounded(case) -> None:
 
 def check_companded(codec, encoded, x, x_hat) -> None:
     """Companded codecs: in the companded domain, the error is at most half a stored step (one step
-    with stochastic rounding) of the value clamped to [-1, 1], and requantizing changes nothing."""
+    with stochastic rounding) of the value clamped to [-1, 1], and requantizing changes nothing
+    (beyond the fp16 rounding of the step)."""
     plain = QuantCodec(codec.value_map, codec.granularity, block_size=codec.block_size, tile_size=codec.tile_size,
                        scale_dtype=codec.scale_dtype)
     step = elementwise_scale(plain, encoded, x.shape)  # the stored step of each element
@@ -122,7 +123,8 @@ def check_companded(codec, encoded, x, x_hat) -> None:
     target = compand(torch.nan_to_num(x, nan=0.0).clamp(-1.0, 1.0))
     gap = (target - compand(x_hat)).abs()
     rounding = 1.0 if codec.stochastic else 0.5
-    assert torch.all(gap <= step * (rounding + 1e-3) + 1e-6), float((gap - step * rounding).max())
+    # codes round y / (fp32 step); decoding multiplies by the stored step, 2**-11 away in fp16
+    assert torch.all(gap <= step * (rounding + 4e-3) + 1e-6), float((gap - step * rounding).max())
     if not codec.stochastic:
         again = codec.decode(codec.encode(x_hat), x.shape)
         assert torch.all((compand(again) - compand(x_hat)).abs() <= step * 1e-3 + 1e-6)

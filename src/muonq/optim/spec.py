@@ -14,7 +14,9 @@ from typing import Literal, Union
 Family = Literal["adamw", "muon"]
 FAMILIES: tuple[str, ...] = ("adamw", "muon")
 KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "reference")
-VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw")
+# "mulaw-after-scale": mu-law levels of x / absmax (the value is scaled first, then companded at full
+# strength mu). MuonQ's own mu-law acts on the raw values before the scale: CodecSpec.compand.
+VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw-after-scale")
 
 
 @dataclass(frozen=True)

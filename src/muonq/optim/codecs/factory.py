@@ -14,13 +14,13 @@ from muonq.optim.codecs.quant import Granularity, QuantCodec
 from muonq.optim.codecs.raw import RawCodec
 from muonq.optim.spec import VALUE_MAPS
 
-ValueMapName = Literal["linear", "dynamic", "mulaw"]
+ValueMapName = Literal["linear", "dynamic", "mulaw-after-scale"]
 
 
 def make_value_map(name: ValueMapName, bits: int, *, mu: float = 255.0) -> ValueMap:
     if name == "linear":
         return LinearMap(bits)
-    if name == "mulaw":
+    if name == "mulaw-after-scale":
         return MuLawMap(bits, mu)
     if name == "dynamic":
         if bits != 8:

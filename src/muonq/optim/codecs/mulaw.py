@@ -26,28 +26,26 @@ def check_mu(mu: float) -> float:
 
 class MuLawCompander:
     """compand: [-1, 1] -> [-1, 1], y = sign(x) ln(1 + mu |x|) / ln(1 + mu); expand inverts it,
-    x = sign(y) ((1 + mu)**|y| - 1) / mu, computed as expm1(|y| ln(1 + mu)) / mu. fp32 throughout."""
+    x = sign(y) ((1 + mu)**|y| - 1) / mu. fp32, in the original implementation's arithmetic:
+    log1p(mu |x|) x (1 / ln(1 + mu)) and expm1(|y| ln(1 + mu)) x (1 / mu), the reciprocals
+    rounded to fp32."""
 
     def __init__(self, mu: float = 255.0) -> None:
         self.mu = check_mu(mu)
         self.log1p_mu = math.log1p(self.mu)
+        self.inv_log1p_mu = 1.0 / self.log1p_mu
+        self.inv_mu = 1.0 / self.mu
 
     def __repr__(self) -> str:
         return f"MuLawCompander(mu={self.mu})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, MuLawCompander) and other.mu == self.mu
-
-    def __hash__(self) -> int:
-        return hash(("mulaw", self.mu))
-
     def compand(self, x: torch.Tensor) -> torch.Tensor:
         """x (fp32, in [-1, 1]) companded; a new tensor."""
-        return torch.log1p(x.abs() * self.mu).div_(self.log1p_mu).copysign_(x)
+        return torch.log1p(x.abs() * self.mu).mul_(self.inv_log1p_mu).copysign_(x)
 
     def expand(self, y: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`compand`; a new tensor."""
-        return torch.expm1(y.abs() * self.log1p_mu).div_(self.mu).copysign_(y)
+        return torch.expm1(y.abs() * self.log1p_mu).mul_(self.inv_mu).copysign_(y)
 
 
 class MuLawMap(ValueMap):

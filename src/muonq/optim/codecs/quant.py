@@ -8,9 +8,10 @@ dtype, divide, map to codes, pack. The stored tensors are ``codes`` (flat uint8,
 
 With a ``compander`` (MuonQ's quantizer, :class:`~muonq.optim.codecs.mulaw.MuLawCompander`) the
 order is the original MuonQ implementation's: sanitise, clamp to [-1, 1], compand the raw values,
-take the group absmax of the companded values, store the *step* absmax / levels rounded to nearest
-(:func:`~muonq.optim.codecs.scales.store_step`), codes = round(y / step) clamped to the levels of a
-linear map; decoding expands q x step. Same stored tensors and bytes.
+take the group absmax of the companded values, codes = round(y / step) with the fp32 step
+absmax / levels (floored at 1e-8), clamped to the levels of a linear map; the *step* is stored,
+rounded to nearest in the scale dtype (:func:`~muonq.optim.codecs.scales.step_scale`); decoding
+expands q x stored step. Same stored tensors and bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from muonq.optim.codecs.grid import grid_absmax, grid_counts, grid_scale
 from muonq.optim.codecs.linear import LinearMap
 from muonq.optim.codecs.mulaw import MuLawCompander
 from muonq.optim.codecs.packing import pack, packed_numel, unpack
-from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, store_scale, store_step
+from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, step_scale, store_scale
 
 Granularity = Literal["tensor", "block", "row", "column", "grid"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "block", "row", "column", "grid")
@@ -120,21 +121,23 @@ class QuantCodec(Codec):
             x = self.compander.compand(x.clamp(-1.0, 1.0))
         if self.granularity == "grid":
             row_absmax, col_absmax = grid_absmax(x, self.tile_size)
-            row_scale, col_scale = self._store(row_absmax), self._store(col_absmax)
-            y = x / safe_divisor(grid_scale(row_scale, col_scale, self.tile_size))
+            (row_scale, row_divisor), (col_scale, col_divisor) = self._scale(row_absmax), self._scale(col_absmax)
+            y = x / grid_scale(row_divisor, col_divisor, self.tile_size)
             return {"codes": self._codes(y, generator), "row_scale": row_scale, "col_scale": col_scale}
         groups, dim = self._groups(x)
-        scale = self._store(groups.abs().amax(dim=dim, keepdim=True))
-        y = (groups / safe_divisor(scale)).reshape(-1)[: math.prod(shape)]
+        scale, divisor = self._scale(groups.abs().amax(dim=dim, keepdim=True))
+        y = (groups / divisor).reshape(-1)[: math.prod(shape)]
         return {"codes": self._codes(y, generator), "scale": scale.reshape(-1)}
 
-    def _store(self, absmax: torch.Tensor) -> torch.Tensor:
+    def _scale(self, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored scale, fp32 divisor) of group absmaxes."""
         if self.compander is None:
-            return store_scale(absmax, self.scale_dtype)
-        return store_step(absmax, self.value_map.levels, self.scale_dtype)
+            scale = store_scale(absmax, self.scale_dtype)
+            return scale, safe_divisor(scale)
+        return step_scale(absmax, self.value_map.levels, self.scale_dtype)
 
     def _codes(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Packed codes of y = x / stored scale (in steps when companding)."""
+        """Packed codes of y = x / divisor (in steps when companding)."""
         if self.compander is None:
             codes = self.value_map.encode(y.clamp(-1.0, 1.0), stochastic=self.stochastic, generator=generator)
         else:

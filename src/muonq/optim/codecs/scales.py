@@ -2,9 +2,9 @@
 
 - :func:`store_scale` (every codec without companding): the group absmax, rounded *up* into the
   scale dtype, so |x| <= stored scale holds for every element and x / scale never leaves [-1, 1].
-- :func:`store_step` (companded codecs, MuonQ's quantizer): the quantization step absmax / levels,
-  rounded to nearest, as the original MuonQ implementation stores it; x / step may then exceed
-  the top level by a fraction of an ulp-sized step, and the code is clamped.
+- :func:`step_scale` (companded codecs, MuonQ's quantizer, as the original implementation does it):
+  the values are divided by the fp32 step absmax / levels, and the step is stored rounded to
+  nearest in the scale dtype, which is what decoding multiplies by.
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ def store_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(stored.float() < clamped, up, stored)
 
 
-def store_step(absmax: torch.Tensor, levels: int, dtype: torch.dtype) -> torch.Tensor:
-    """The step ``absmax / levels`` (fp32 division) as ``dtype``, rounded to nearest. Positive steps
-    that would underflow to zero become the smallest subnormal (so a group that is not all zero
-    keeps a non-zero scale); values above the dtype's range saturate at its max."""
-    step = (absmax.float() / levels).clamp_(0.0, torch.finfo(dtype).max)
-    stored = step.to(dtype)
-    if dtype == torch.float32:
-        return stored
-    tiny = torch.nextafter(torch.zeros_like(stored), torch.ones_like(stored))
-    return torch.where((stored == 0) & (step > 0), tiny, stored)
+# The smallest step a companded codec divides by (the original implementation's eps): an all-zero
+# group gets codes 0, and a stored step that rounds to 0 in the scale dtype decodes to zeros.
+STEP_FLOOR = 1e-8
+
+
+def step_scale(absmax: torch.Tensor, levels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, divisor) of companded codecs: the step absmax / levels in fp32 is what the values
+    are divided by (floored at :data:`STEP_FLOOR`); it is stored rounded to nearest in ``dtype``
+    and decoding multiplies by the stored value. absmax <= 1 here, so nothing saturates."""
+    step = absmax.float() / levels
+    return step.to(dtype), step.clamp_min(STEP_FLOOR)
 
 
 def safe_divisor(scale: torch.Tensor) -> torch.Tensor:

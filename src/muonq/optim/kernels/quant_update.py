@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from muonq.optim.codecs import Encoded, pack
+from muonq.optim.codecs.scales import STEP_FLOOR
 from muonq.optim.kernels.spec import BLOCK, COLUMN, GRID, ROUND, TENSOR, KernelSpec, device_tables
 
 _TILE = 4096  # elements per program for flat and block views
@@ -124,30 +125,23 @@ def _stored_scale(absmax, scale_ptr):
     return stored
 
 
+_STEP_FLOOR = tl.constexpr(STEP_FLOOR)
+
+
 @triton.jit
-def _store(absmax, scale_ptr, STEP: tl.constexpr, LEVELS: tl.constexpr):
-    """The stored scale of a group: its step (companded codecs) or its absmax rounded up."""
+def _scale(absmax, scale_ptr, STEP: tl.constexpr, LEVELS: tl.constexpr):
+    """(stored scale, fp32 divisor) of group absmaxes: the absmax rounded up (``store_scale``), or
+    for companded codecs the step absmax / LEVELS, stored rounded to nearest and divided by in fp32,
+    floored at 1e-8 (``codecs.scales.step_scale``)."""
     if STEP:
-        stored = _stored_step(absmax, scale_ptr, LEVELS)
+        step = tl.math.div_rn(absmax, LEVELS + tl.zeros_like(absmax))
+        stored = step.to(scale_ptr.dtype.element_ty)
+        divisor = tl.maximum(step, _STEP_FLOOR)
     else:
         stored = _stored_scale(absmax, scale_ptr)
-    return stored
-
-
-@triton.jit
-def _stored_step(absmax, scale_ptr, LEVELS: tl.constexpr):
-    """The step ``absmax / LEVELS`` in the scale dtype, rounded to nearest; a positive step that
-    would underflow becomes the smallest subnormal (as ``codecs.scales.store_step``)."""
-    DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
-    step = tl.math.div_rn(absmax, LEVELS + tl.zeros_like(absmax))
-    if DTYPE == tl.float32:
-        stored = step
-    else:
-        limit: tl.constexpr = 65504.0 if DTYPE == tl.float16 else 3.3895313892515355e38
-        stored = tl.minimum(step, limit).to(DTYPE)
-        tiny = (tl.zeros_like(step).to(tl.int16) + 1).to(DTYPE, bitcast=True)
-        stored = tl.where((stored.to(tl.float32) == 0.0) & (step > 0.0), tiny, stored)
-    return stored
+        divisor = stored.to(tl.float32)
+        divisor = tl.where(divisor > 0, divisor, 1.0)
+    return stored, divisor
 
 
 @triton.jit
@@ -170,16 +164,16 @@ def _expm1(t):
 
 
 @triton.jit
-def _compand(v, MU: tl.constexpr, LOG1P_MU: tl.constexpr):
-    """mu-law of v in [-1, 1]: sign(v) log1p(mu |v|) / ln(1 + mu) (``MuLawCompander.compand``)."""
-    r = tl.math.div_rn(_log1p(tl.abs(v) * MU), LOG1P_MU + tl.zeros_like(v))
+def _compand(v, MU: tl.constexpr, INV_LOG1P_MU: tl.constexpr):
+    """mu-law of v in [-1, 1]: sign(v) log1p(mu |v|) x (1 / ln(1 + mu)) (``MuLawCompander.compand``)."""
+    r = _log1p(tl.abs(v) * MU) * INV_LOG1P_MU
     return tl.where(v < 0, -r, r)
 
 
 @triton.jit
-def _expand(z, MU: tl.constexpr, LOG1P_MU: tl.constexpr):
-    """The inverse of ``_compand``: sign(z) expm1(|z| ln(1 + mu)) / mu."""
-    r = tl.math.div_rn(_expm1(tl.abs(z) * LOG1P_MU), MU + tl.zeros_like(z))
+def _expand(z, LOG1P_MU: tl.constexpr, INV_MU: tl.constexpr):
+    """The inverse of ``_compand``: sign(z) expm1(|z| ln(1 + mu)) x (1 / mu)."""
+    r = _expm1(tl.abs(z) * LOG1P_MU) * INV_MU
     return tl.where(z < 0, -r, r)
 
 
@@ -220,7 +214,8 @@ def _kernel(
     QUANTIZE: tl.constexpr,
     BITS: tl.constexpr, PAIRED: tl.constexpr, GRAN: tl.constexpr, RULE: tl.constexpr, LEVELS: tl.constexpr,
     OFFSET: tl.constexpr, FIRST_CODE: tl.constexpr, STEPS: tl.constexpr,
-    COMPAND: tl.constexpr, MU: tl.constexpr, LOG1P_MU: tl.constexpr,
+    COMPAND: tl.constexpr, MU: tl.constexpr, LOG1P_MU: tl.constexpr, INV_MU: tl.constexpr,
+    INV_LOG1P_MU: tl.constexpr,
     TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
     # a TILE_ROWS x TILE_COLS tile of the view, held in power-of-two ROWS x COLS blocks
@@ -241,7 +236,7 @@ def _kernel(
                             tile_cols, GRAN)
         x = tl.load(table_ptr + codes) * scale
         if COMPAND:
-            x = _expand(x, MU, LOG1P_MU)
+            x = _expand(x, LOG1P_MU, INV_MU)
         if ADDEND:
             x += tl.load(src_ptr + idx, mask=mask, other=0.0)
     else:
@@ -284,18 +279,18 @@ def _kernel(
     if QUANTIZE:
         if COMPAND:
             # MuonQ's order: clamp to [-1, 1] and compand the raw values, then scale
-            clean = _compand(tl.minimum(tl.maximum(clean, -1.0), 1.0), MU, LOG1P_MU)
+            clean = _compand(tl.minimum(tl.maximum(clean, -1.0), 1.0), MU, INV_LOG1P_MU)
             magnitude = tl.abs(clean)
         if GRAN == _BLOCK:
-            stored = _store(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
+            stored, divisor = _scale(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + rows, stored, mask=rows_ok)
-            scale = stored.to(tl.float32)[:, None]
+            divisor = divisor[:, None]
         elif GRAN == _GRID:
-            row_stored = _store(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
-            col_stored = _store(tl.max(magnitude, axis=0), col_scale_ptr, COMPAND, LEVELS)
+            row_stored, row_divisor = _scale(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
+            col_stored, col_divisor = _scale(tl.max(magnitude, axis=0), col_scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + rows * tile_cols + pid_c, row_stored, mask=rows_ok)
             tl.store(col_scale_ptr + pid_r * ncols + cols, col_stored, mask=cols_ok)
-            scale = tl.minimum(row_stored.to(tl.float32)[:, None], col_stored.to(tl.float32)[None, :])
+            divisor = tl.minimum(row_divisor[:, None], col_divisor[None, :])
         else:
             # TENSOR / COLUMN: the absmax of the source before DIVIDE, reduced by an earlier launch
             if GRAN == _TENSOR:
@@ -309,11 +304,10 @@ def _kernel(
                 absmax = tl.math.div_rn(absmax, tl.load(divisor_ptr) + tl.zeros_like(absmax))
             if COMPAND:
                 # compand is monotonic: the companded group's absmax is the companded absmax
-                absmax = _compand(tl.minimum(absmax, 1.0), MU, LOG1P_MU)
-            stored = _store(absmax, scale_ptr, COMPAND, LEVELS)
+                absmax = _compand(tl.minimum(absmax, 1.0), MU, INV_LOG1P_MU)
+            stored, divisor = _scale(absmax, scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + group, stored, mask=mask & first)
-            scale = stored.to(tl.float32)
-        divisor = tl.where(scale > 0, scale, 1.0) + tl.zeros_like(clean)
+        divisor = divisor + tl.zeros_like(clean)
         if COMPAND:
             y = tl.minimum(tl.maximum(tl.math.div_rn(clean, divisor), -LEVELS), LEVELS)
         else:
@@ -391,7 +385,7 @@ def _launch(
         SOURCE=source, ADDEND=addend, UPDATE=update, DIVIDE=divisor is not None,
         WRITE_OUT=out is not None, WRITE_NS=ns_out is not None, NESTEROV=nesterov, STATS=stats, QUANTIZE=quantize, BITS=spec.bits, GRAN=spec.granularity,
         RULE=spec.rule, LEVELS=spec.levels, OFFSET=spec.offset, FIRST_CODE=spec.first_code, STEPS=spec.steps,
-        COMPAND=spec.compand, MU=spec.mu, LOG1P_MU=spec.log1p_mu,
+        COMPAND=spec.compand, MU=spec.mu, LOG1P_MU=spec.log1p_mu, INV_MU=spec.inv_mu, INV_LOG1P_MU=spec.inv_log1p_mu,
         enable_fp_fusion=False, num_warps=min(16, max(4, layout["ROWS"] * layout["COLS"] // 1024)), **layout,
     )
     if scratch:

@@ -17,12 +17,12 @@ Encoding uses one of two rules:
   values within a few ulp of a boundary (see docs/kernels.md).
 
 Codecs with a compander (MuonQ's quantizer: mu-law on the raw values, before the scale) use the
-ROUND rule in units of the stored step (``compand``): the kernel compands the clamped values and
-the group absmax, stores the step rounded to nearest, rounds y / step, and decodes
-expand(table[code] x step) with the table holding the integer levels. It computes log1p and expm1
-from ``tl.log`` / ``tl.exp`` (libdevice has no interpreter version), which agree with torch's to a
-few ulp: decoded values then differ by a few ulp, and codes by one level at values that close to
-a boundary.
+ROUND rule in units of the step (``compand``): the kernel compands the clamped values and the
+group absmax, rounds y / step with the fp32 step, stores the step rounded to nearest, and decodes
+expand(table[code] x stored step) with the table holding the integer levels. It computes log1p
+and expm1 from ``tl.log`` / ``tl.exp`` (libdevice has no interpreter version), which agree with
+torch's to a few ulp: decoded values then differ by a few ulp, and codes by one level at values
+that close to a boundary.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ class KernelSpec:
     block_size: int  # BLOCK: elements per scale (for row scales, the row length)
     tile_size: int  # GRID
     compand: bool  # mu-law on the raw values before the scale; the scale is the step (ROUND rule)
-    mu: float  # compand: mu and ln(1 + mu)
+    mu: float  # compand: mu, ln(1 + mu) and their reciprocals
     log1p_mu: float
+    inv_mu: float
+    inv_log1p_mu: float
     table: torch.Tensor = field(repr=False)  # fp32, the 2**bits decoded values
     bounds: torch.Tensor = field(repr=False)  # fp32 sorted decision boundaries, +inf padded
 
@@ -117,6 +119,7 @@ def _spec(codec: QuantCodec, block_size: int) -> KernelSpec:
     return KernelSpec(
         bits=codec.bits, granularity=granularity, rule=rule, levels=levels, offset=offset, first_code=first_code,
         steps=steps, block_size=block_size, tile_size=codec.tile_size, compand=compander is not None,
-        mu=compander.mu if compander else 0.0, log1p_mu=compander.log1p_mu if compander else 0.0, table=table,
-        bounds=bounds,
+        mu=compander.mu if compander else 0.0, log1p_mu=compander.log1p_mu if compander else 0.0,
+        inv_mu=compander.inv_mu if compander else 0.0, inv_log1p_mu=compander.inv_log1p_mu if compander else 0.0,
+        table=table, bounds=bounds,
     )
