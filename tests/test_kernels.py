@@ -504,7 +504,7 @@ def test_interpreter_suite():
     must be on before the kernels are defined)."""
     env = {**os.environ, CHILD_ENV: "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
