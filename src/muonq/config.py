@@ -89,14 +89,14 @@ class OptimizerArgs:
     adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments, 8 = torchao's blockwise AdamW8bit
     # quantized state
     qbit: int = 32  # 32 = full precision; 8 or 4
-    quant: str = "linear"  # linear | dynamic | mulaw
+    quant: str = "linear"  # code map after the scale: linear | dynamic | mulaw-after-scale (mu-law of x / absmax)
     gran: str = "block"  # tensor | block (per-tensor or blockwise scales)
     block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-bit AdamW state
     min_quant_numel: int = 4096  # smaller matrices keep fp32 momentum
     stochastic: bool = False  # stochastic rounding when encoding
     # MuonQ parts
     norm: bool = False  # pre-quantization normalization
-    compand: bool = False  # mu-law companding
+    compand: bool = False  # MuonQ's mu-law: compand the raw values, then the scale and linear codes
     mu: float = 255.0
     rank: int = 0  # structural decomposition rank divisor: k = min(m, n) // rank; 0 = off
     residual_block_size: int = 0  # MuonQ residual: 0 = one scale per tensor, else per block
@@ -356,11 +356,15 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
     _check(args.adamw_bits in (8, 32), _ARGS + "adamw_bits", f"got {args.adamw_bits}, expected 32 or 8")
     _check(args.qbit in (4, 8, 32), _ARGS + "qbit", f"got {args.qbit}, expected one of 4, 8, 32")
     _check(args.factor_bits in (4, 8, 32), _ARGS + "factor_bits", f"got {args.factor_bits}, expected one of 4, 8, 32")
+    _check(args.quant != "mulaw", _ARGS + "quant",
+           "got 'mulaw': MuonQ's mu-law (on the raw values, before the scale) is compand=true with quant=linear; "
+           "mu-law levels of x / absmax (the value scaled first) are quant=mulaw-after-scale")
     _check_choice(args.quant, _ARGS + "quant", VALUE_MAPS)
     _check(not (args.quant == "dynamic" and args.qbit == 4), _ARGS + "quant",
            "the dynamic code map is 8-bit; use qbit=8 or quant=linear")
-    _check(not (args.compand and args.quant == "dynamic"), _ARGS + "compand",
-           "mu-law companding replaces the code map; it cannot be combined with quant=dynamic")
+    _check(not args.compand or args.quant == "linear", _ARGS + "compand",
+           f"mu-law companding of the raw values is followed by linear codes; it cannot be combined with "
+           f"quant={args.quant}")
     _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
     _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
     _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
@@ -379,7 +383,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     :class:`~muonq.optim.spec.OptimizerSpec` that is built; bad values raise :class:`ConfigError`.
 
     Momentum store of the Muon family: ``qbit`` 32 -> fp32. Otherwise codes of ``qbit`` bits with
-    the map ``quant`` (``mulaw`` when ``compand``); with ``rank`` > 0 the MuonQ / GRASP
+    the map ``quant``, of the raw values mu-law companded (``mu``) before the scale when ``compand``
+    (MuonQ's quantizer); with ``rank`` > 0 the MuonQ / GRASP
     decomposition: factors of ``factor_bits`` bits with one scale per column, the residual with
     ``grid`` scales (``tile_size``), else one per ``residual_block_size`` block when > 0, else one
     per tensor; matrices too narrow for the rank, and every matrix without ``rank``, use scales per
@@ -398,8 +403,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
         return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
 
     def codec(bits: int, granularity: str, block_size: int = a.block_size) -> CodecSpec:
-        return CodecSpec(bits, "mulaw" if a.compand else a.quant, granularity, block_size=block_size,
-                         tile_size=a.tile_size, mu=a.mu, stochastic=a.stochastic)
+        return CodecSpec(bits, a.quant, granularity, block_size=block_size, tile_size=a.tile_size, mu=a.mu,
+                         compand=a.compand, stochastic=a.stochastic)
 
     store: Any = FullPrecisionMomentum()
     if a.qbit != 32:
