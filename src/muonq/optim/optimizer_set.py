@@ -52,3 +52,24 @@ class OptimizerSet:
             )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
+
+
+class WrapsOptimizerSet:
+    """What a distributed optimizer (ZeRO-1, FSDP's owners) shows of the :class:`OptimizerSet` it
+    steps, ``self.inner``: the trainer schedules and logs it like a plain one."""
+
+    inner: OptimizerSet
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self.inner.optimizers
+
+    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
+        return iter(self.inner)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        self.inner.set_lr_multiplier(multiplier)

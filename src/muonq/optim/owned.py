@@ -38,13 +38,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from muonq.optim.optimizer_set import OptimizerSet
+from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
 from muonq.optim.spec import OptimizerSpec
 from muonq.optim.zero import COST_WEIGHTS, NamedParams, assign_owners, optimizer_costs
 
@@ -63,7 +63,7 @@ def shard_rows(rows: int, world_size: int) -> list[tuple[int, int]]:
     return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world_size)]
 
 
-class OwnedMuonOptimizer:
+class OwnedMuonOptimizer(WrapsOptimizerSet):
     """The run's optimizer over FSDP2-sharded parameters; the surface the trainer uses on
     :class:`~muonq.optim.zero.ShardedOptimizer` (step, zero_grad, lr multiplier, state report).
 
@@ -127,21 +127,6 @@ class OwnedMuonOptimizer:
         if holder[0] != digest:
             raise RuntimeError(f"rank {self.rank} assigned Muon matrix owners differently from rank 0: the ranks "
                                "built different models or optimizer configs")
-
-    # -- the OptimizerSet surface ------------------------------------------------------------------
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self.inner.optimizers
-
-    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
-        return iter(self.inner)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    def set_lr_multiplier(self, multiplier: float) -> None:
-        self.inner.set_lr_multiplier(multiplier)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._params:

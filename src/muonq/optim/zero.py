@@ -45,14 +45,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from muonq.optim.optimizer_set import OptimizerSet
+from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
 from muonq.optim.spec import OptimizerSpec
 
 FORMAT = "muonq-zero1/1"
@@ -187,7 +187,7 @@ def _make_buckets(owned: Sequence[tuple[int, torch.Tensor]], world_size: int, ca
     return buckets
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(WrapsOptimizerSet):
     """ZeRO-1 around an :class:`OptimizerSet`; the same surface the trainer uses on OptimizerSet.
 
     ``build_fn(hidden, others)`` builds the inner OptimizerSet (see the module docstring for why
@@ -247,21 +247,6 @@ class ShardedOptimizer:
                 f"rank {self.rank} assigned parameter owners differently from rank 0: the ranks built "
                 "different models or optimizer configs"
             )
-
-    # -- the OptimizerSet surface ------------------------------------------------------------------
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self.inner.optimizers
-
-    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
-        return iter(self.inner)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    def set_lr_multiplier(self, multiplier: float) -> None:
-        self.inner.set_lr_multiplier(multiplier)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)  # the inner set holds every parameter
