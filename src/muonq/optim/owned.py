@@ -244,31 +244,12 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
 
     # -- accounting ----------------------------------------------------------------------------------
     def state_report(self) -> dict[str, Any]:
-        """Optimizer-state bytes of every rank (what :meth:`ShardedOptimizer.state_report` gives):
-        Muon state is the owners' whole-matrix state, AdamW state the local shards' (DTensor
-        state is counted by its local tensors)."""
-        from muonq.optim.state_bytes import state_bytes
-
-        names = [name for name, _ in self.inner]
-        local = {name: state_bytes(opt) for name, opt in self.inner}
-        row = [float(sum(c["total"] for c in local.values()))]
-        row += [float(local[n]["total"]) for n in names] + [float(local[n]["numel"]) for n in names]
-        rows = [row]
-        if self.world_size > 1:
-            mine = torch.tensor(row, dtype=torch.float64, device=self._device)
-            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
-            rows = [t.tolist() for t in gathered]
-        k = len(names)
-        numel = {n: int(sum(r[1 + k + i] for r in rows)) for i, n in enumerate(names)}
-        if "adamw" in numel:  # DTensor parameters count their global size on every rank
-            numel["adamw"] //= self.world_size
-        return {
-            "per_rank": [int(r[0]) for r in rows],
-            "total": int(sum(r[0] for r in rows)),
-            "per_optimizer": {n: int(sum(r[1 + i] for r in rows)) for i, n in enumerate(names)},
-            "numel": numel,
-        }
+        """As :meth:`WrapsOptimizerSet.state_report`: Muon state is the owners' whole-matrix state,
+        AdamW state the local shards' (DTensor state is counted by its local tensors)."""
+        report = super().state_report()
+        if "adamw" in report["numel"]:  # DTensor parameters count their global size on every rank
+            report["numel"]["adamw"] //= self.world_size
+        return report
 
     def muon_state_names(self, names: Sequence[str]) -> list[str]:
         """Of the hidden matrices ``names`` (model order), those this rank holds Muon state for."""

@@ -310,32 +310,6 @@ class ShardedOptimizer(WrapsOptimizerSet):
             "ideal_bytes_received": total * (self.world_size - 1) // self.world_size, "param_bytes": total,
         }  # fmt: skip
 
-    def state_report(self) -> dict[str, Any]:
-        """Optimizer-state bytes of every rank (one all-gather of a few numbers).
-
-        ``per_rank``: total bytes per rank; ``total``: their sum; ``per_optimizer`` and ``numel``
-        (elements of the parameters with state) per inner optimizer, summed over ranks.
-        """
-        from muonq.optim.state_bytes import state_bytes
-
-        names = [name for name, _ in self.inner]
-        local = {name: state_bytes(opt) for name, opt in self.inner}
-        row = [float(sum(c["total"] for c in local.values()))]
-        row += [float(local[n]["total"]) for n in names] + [float(local[n]["numel"]) for n in names]
-        rows = [row]
-        if self.world_size > 1:
-            mine = torch.tensor(row, dtype=torch.float64, device=self._device)
-            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
-            rows = [t.tolist() for t in gathered]
-        k = len(names)
-        return {
-            "per_rank": [int(r[0]) for r in rows],
-            "total": int(sum(r[0] for r in rows)),
-            "per_optimizer": {n: int(sum(r[1 + i] for r in rows)) for i, n in enumerate(names)},
-            "numel": {n: int(sum(r[1 + k + i] for r in rows)) for i, n in enumerate(names)},
-        }
-
     # -- checkpoints -------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         """What a checkpoint's manifest records about the shards: format, world size, owner map."""
