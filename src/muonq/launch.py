@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -118,22 +119,27 @@ def run(cfg: DictConfig) -> dict:
     except BaseException:
         shutdown(graceful=False)
         raise
+    summary, exit_code, message = None, 0, ""
     try:
         summary = trainer.fit()
     except StopRequested as stop:  # every rank stopped at the same step; the checkpoint is complete
-        shutdown()
-        if trainer.dist.is_main:
-            print(str(stop), file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        exit_code, message = EXIT_PREEMPTED, str(stop)
     except NonFiniteError as err:
-        shutdown()
-        if trainer.dist.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_NONFINITE)
+        exit_code, message = EXIT_NONFINITE, f"error: {err}"
     except BaseException:
         shutdown(graceful=False)
         raise
+    is_main = trainer.dist.is_main
+    # Free the model (DDP's reducer, FSDP's state), the optimizer and their pending collectives while
+    # the process group and the interpreter are alive: reference cycles otherwise keep them until
+    # interpreter exit, where tearing down gloo's threads can abort a rank after a finished run.
+    del trainer
+    gc.collect()
     shutdown()
-    if trainer.dist.is_main:
+    if is_main and message:
+        print(message, file=sys.stderr)
+    if exit_code:
+        sys.exit(exit_code)
+    if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
