@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from muonq.config import OPTIMIZERS, ModelConfig, preset
 from muonq.models import build_model
 from muonq.optim.build import build_optimizer
-from muonq.optim.zero import ShardedOptimizer, assign_owners, build_sharded_optimizer, shard_file
+from muonq.optim.shard_format import shard_file
+from muonq.optim.zero import ShardedOptimizer, assign_owners, build_sharded_optimizer
 
 from muonq.train.hooks import PLUGINS_ENV
 

@@ -287,10 +287,6 @@ def _check_parallelism(cfg: Any, world_size: int) -> None:
            "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
     _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",
            "false (replicated optimizer state) does not apply under parallelism=fsdp, which always shards it")
-    _check(not cfg.logging_params.save_checkpoint, "logging_params.save_checkpoint",
-           "checkpoints under parallelism=fsdp are not supported yet; set it to false or use parallelism=ddp")
-    _check(str(cfg.resume).lower() == "false", "resume",
-           "resuming under parallelism=fsdp is not supported yet; set resume=false or use parallelism=ddp")
 
 
 # -- the optimizer: flat keys -> one typed spec -------------------------------------------------------

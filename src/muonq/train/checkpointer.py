@@ -1,8 +1,8 @@
 """A run's checkpoints: what one holds, when one is written, and resuming from the newest.
 
 Storage (atomic folders, checksums, pruning) is :class:`~muonq.train.checkpoint.CheckpointManager`;
-this adds the run's side: the payload (model, loader, RNG streams, counters, config), the ZeRO-1
-optimizer shards written by their ranks, the cadence (``logging_params.save_checkpoint`` every
+this adds the run's side: the payload (the whole model, loader, RNG streams, counters, config), the
+optimizer shards written by their ranks (ZeRO-1's or FSDP's owners: one format for both), the cadence (``logging_params.save_checkpoint`` every
 ``save_ckpt_step`` steps) and which step is already on disk, so no state is written twice.
 """
 
@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from muonq.data import TokenLoader
 from muonq.errors import MissingInputError, UserError
-from muonq.optim.zero import ShardedOptimizer, shard_file
+from muonq.optim.shard_format import shard_file
+from muonq.optim.zero import ShardedOptimizer
 from muonq.train import distributed as dist_utils
 from muonq.train.checkpoint import CheckpointManager
 from muonq.train.distributed import DistInfo
+from muonq.train.parallelize import full_model_state, load_full_model_state
 
 log = logging.getLogger("muonq")
 
@@ -87,11 +89,11 @@ class Checkpointer:
             self.ensure_saved()
 
     # -- writing ---------------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, model_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
             "step": self.state.step,
             "skipped_steps": self.state.skipped_steps,
-            "model": self.model.state_dict(),
+            "model": model_state,
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "wandb_id": self.state.wandb_id,
@@ -104,13 +106,15 @@ class Checkpointer:
     def save(self) -> None:
         """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
         when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
-        manifest."""
+        manifest. Under FSDP2 gathering the whole model and AdamW state are collectives."""
         step = self.state.step
         if self.dist.is_main:
             self.manager.begin(step)
         dist_utils.barrier()
+        model_state = full_model_state(self.model)
         if self.dist.is_main:
-            self.manager.write_part(step, "main.pt", self._payload())
+            self.manager.write_part(step, "main.pt", self._payload(model_state))
+        del model_state
         if self.dist.rank == self.optimizer.rank:
             self.manager.write_part(step, shard_file(self.optimizer.rank), self.optimizer.state_dict())
         dist_utils.barrier()
@@ -159,8 +163,8 @@ class Checkpointer:
                 f"{payload['optimizer_name']!r}, this run uses {self.cfg.optimizer_params.name!r}"
             )
         try:
-            self.model.load_state_dict(payload["model"])
-        except RuntimeError as err:
+            load_full_model_state(self.model, payload["model"])
+        except (RuntimeError, KeyError, ValueError) as err:
             raise UserError(
                 f"checkpoint {self.step_dir(step)} holds a model of another shape "
                 f"({payload['model_config']}): {str(err).splitlines()[0]}"
