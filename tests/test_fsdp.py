@@ -98,6 +98,19 @@ def test_fsdp_halves_per_rank_bytes(curves, name):
     assert _first(fsdp, M.STATE_BYTES_TOTAL) == pytest.approx(_first(single, M.STATE_BYTES_TOTAL), rel=0.01)
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_planner_predicts_the_logged_bytes(curves, name):
+    """``python -m muonq.plan`` on meta tensors gives the bytes the real runs log, exactly."""
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    for kind, world_size, layout in (("fsdp", 2, "fsdp"), ("single", 1, "ddp")):
+        planned, _ = plan(compose_config([*COMMON, f"optimizer_params={name}", f"parallelism={layout}"]), world_size)
+        rows = curves[name, kind]
+        assert (planned.params, planned.grads, planned.state) == (
+            _first(rows, M.PARAM_BYTES_RANK_MAX), _first(rows, M.GRAD_BYTES_RANK_MAX), _first(rows, M.STATE_BYTES_RANK_MAX))
+
+
 def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> dict[int, float]:
     """Losses of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s step-5 checkpoint."""
     tag = f"_from_{source}"

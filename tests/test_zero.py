@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from muonq.config import OPTIMIZERS, ModelConfig, preset
+from muonq.config import OPTIMIZERS, ModelConfig, compose_config, preset
 from muonq.models import build_model
 from muonq.optim.build import build_optimizer
 from muonq.optim.shard_format import shard_file
 from muonq.optim.zero import ShardedOptimizer, assign_owners, build_sharded_optimizer
+from muonq.plan import plan
 
 from muonq.train.hooks import PLUGINS_ENV
 
@@ -273,3 +274,8 @@ def test_every_optimizer_trains_on_two_ranks(tmp_path, shakespeare_data, name) -
     assert len(losses(rows)) == 3 and all(math.isfinite(v) for v in losses(rows).values())
     b = _state_bytes(rows)
     assert b["optim/state_bytes_rank_max"] <= 0.55 * b["optim/state_bytes_total"], b
+    # the planner (meta tensors, no run) predicts the logged bytes exactly
+    planned, whole = plan(compose_config([*TINY, f"optimizer_params={name}"]), 2)
+    assert (planned.params, planned.grads, planned.state, whole.state) == (
+        b["memory/param_bytes_rank_max"], b["memory/grad_bytes_rank_max"], b["optim/state_bytes_rank_max"],
+        b["optim/state_bytes_total"]), (planned, whole, b)

@@ -130,13 +130,17 @@ def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others
     costs: dict[str, tuple[float, float]] = {}
     muon = spec.muon
     select = store_selector(muon.store, kernels="reference") if muon is not None and named_hidden else None
+    nbytes_of_shape: dict[tuple[int, ...], int] = {}  # a store's init is real work (MuonQ's R0): once per shape
     for name, p in named_hidden:
         if select is None:
             costs[name] = adamw(p)
             continue
         m, n = sorted(p.shape[-2:])
         ns_flops = muon.ns_steps * (4 * m * m * n + 2 * m**3)
-        costs[name] = (float(momentum_nbytes(select, p.shape)), float(p.numel() + ns_flops))
+        shape = tuple(p.shape)
+        if shape not in nbytes_of_shape:
+            nbytes_of_shape[shape] = momentum_nbytes(select, shape)
+        costs[name] = (float(nbytes_of_shape[shape]), float(p.numel() + ns_flops))
     for name, p in named_others:
         costs[name] = adamw(p)
     return costs
