@@ -281,6 +281,18 @@ def test_bad_inputs(tmp_path: pathlib.Path) -> None:
         run(shard_tokens=0)
     with pytest.raises(ValueError, match="--input"):
         run(name="fineweb10B", tokenizer="gpt2")  # offline: no datasets package or no network
+    # empty or nearly empty text files: refused, naming the files, with nothing left behind
+    (tmp_path / "empty").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "empty" / name).write_text("")
+    with pytest.raises(ValueError, match=r"empty/a\.txt, \S+empty/b\.txt: every input file is empty \(0 bytes\)"):
+        run(name="e", input=str(tmp_path / "empty" / "*.txt"), tokenizer="gpt2")
+    (tmp_path / "empty" / "c.txt").write_text("hello world")
+    for tokenizer in ("gpt2", "bpe-512"):
+        with pytest.raises(ValueError, match=r"a\.txt, \S+b\.txt, \S+c\.txt: only \d tokens of text for the train split "
+                                             r"\(\d tokens with the end-of-document tokens\), fewer than one training window"):
+            run(name="e", input=str(tmp_path / "empty" / "*.txt"), tokenizer=tokenizer)
+        assert not (tmp_path / "out" / f"e-{tokenizer}").exists()
     stale = tmp_path / "out" / "tiny_shakespeare-gpt2"
     stale.mkdir(parents=True)
     (stale / "train_000001.bin").write_bytes(b"")
