@@ -228,7 +228,8 @@ def test_vocab_above_65535_writes_uint32(cli: dict, tmp_path: pathlib.Path) -> N
     big.save(str(tok_dir / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    texts = ["To be, or not <x59999> to be.\n", "Exit <x123>, pursued by a bear <|endoftext|>."]
+    # 5 x 31 tokens: more than one training window (prepare refuses less)
+    texts = ["To be, or not <x59999> to be.\n", "Exit <x123>, pursued by a bear <|endoftext|>."] * 5
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text)
     folder = prepare(
