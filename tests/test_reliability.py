@@ -483,15 +483,66 @@ def assert_torchrun_nonfinite_exit(output: str) -> None:
 
 
 def test_nonfinite_skip_counts_the_step_and_goes_on(tmp_path: Path, shakespeare_data: Path, matrix) -> None:
+    """Also: with output to a file (no terminal), progress shows as plain lines (every step here)."""
     ref = reference(matrix)
     code, output = run(command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params=muonq",
-                               "recipe.training_params.nonfinite=skip"), tmp_path, env=faults.nan_at(2))
+                               "recipe.training_params.nonfinite=skip", "logging_params.progress_every_s=0"),
+                       tmp_path, env=faults.nan_at(2))
     assert code == 0, output[-3000:]
+    assert re.search(r"^progress llama-tiny_muonq: step 4/4 \(100\.0%\), [\d.]+ steps/s, 0:00:00 left$", output, re.M), \
+        output[-3000:]
+    assert "\r" not in output
     assert re.search(r"step 2: non-finite loss/gradient \(first in \S*layers\.0\.\S+, Muon group\); step skipped \(1 so far\)", output)
     got = losses(tmp_path / "out")
     assert got[1] == ref[1] and 2 not in got and sorted(got) == [1, 3, 4]
     assert summary(tmp_path / "out")["skipped_steps"] == 1
     assert any(r.get("train/skipped_steps") == 1 for r in rows(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("case", ["in-a-row", "every-step"])
+def test_nonfinite_skip_stops_when_nothing_trains(tmp_path: Path, shakespeare_data: Path, case: str) -> None:
+    """nonfinite=skip does not skip forever: 2 non-finite steps in a row with
+    max_consecutive_skips=2 stop the run; a run whose every step was skipped fails at its end."""
+    limit, nan_steps, steps = (["recipe.training_params.max_consecutive_skips=2"], (2, 3), 4) if case == "in-a-row" \
+        else ([], (1, 2), 2)
+    code, output = run(command(tmp_path / "out", shakespeare_data, *TINY, f"recipe.training_params.max_steps={steps}",
+                               "optimizer_params=muon", "recipe.training_params.nonfinite=skip", *limit),
+                       tmp_path, env=faults.nan_at(*nan_steps))
+    assert code == guard.EXIT_NONFINITE, output[-3000:]
+    expected = (r"error: step 3: 2 non-finite steps in a row skipped \(steps 2-3, the last in \S+, Muon group\), "
+                r"recipe\.training_params\.max_consecutive_skips=2: the weights of step 1 fail on every batch; "
+                r"nothing was saved; to retry with a lower learning rate, start over" if case == "in-a-row" else
+                r"error: every step of this run \(1-2\) was non-finite and skipped: nothing was trained; nothing was "
+                r"saved; these are the initial weights, which no learning rate changes")
+    assert re.search(expected, output), output[-3000:]
+    assert "Traceback" not in output and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_weights_that_overflow_are_never_saved_and_the_advice_trains_on(tmp_path: Path, shakespeare_data: Path) -> None:
+    """Step 3's loss and gradients are finite but its update leaves infinite weights (injected);
+    step 4's loss is NaN. The checkpoint of step 3 would make every resume fail again, so it is
+    not written; the message's advice (resume=true, lower lr) is followed and trains to the end.
+    Each run has its own log file."""
+    ckpt = tmp_path / "ckpt"
+    cmd = command(tmp_path / "out", shakespeare_data, *CKPT, "optimizer_params=adamw", f"logging_params.checkpoint_dir={ckpt}")
+    code, output = run(cmd, tmp_path, env=faults.inf_weights_at(3))
+    assert code == guard.EXIT_NONFINITE, output[-3000:]
+    assert re.search(r"error: step 3: the weights are not finite \(first in \S*layers\.0\.\S+\) .*this state is not "
+                     r"saved; the newest checkpoint is step 2 in \S+step_000002: rerun with resume=true and a lower "
+                     r"learning rate", output), output[-3000:]
+    assert CheckpointManager(ckpt).steps() == [2]
+    code, output2 = run([*cmd, "hydra.run.dir=" + str(tmp_path / "out2"), "resume=true", "optimizer_params.args.lr=0.0005"],
+                        tmp_path)
+    assert code == 0, output2[-3000:]
+    assert summary(tmp_path / "out2")["resumed_from"] == 2 and sorted(losses(tmp_path / "out2")) == [3, 4]
+    assert CheckpointManager(ckpt).steps() == [2, 4]
+    logs = sorted((tmp_path / "logs").glob("llama-tiny_adamw_*.log"))
+    assert len(logs) == 2, logs
+    for log_file, console in zip(logs, (output, output2)):  # named by start time: in order
+        assert f"log file {log_file.relative_to(tmp_path)}" in console
+    first, second = (f.read_text() for f in logs)  # each holds its own run only
+    assert "step 1/4" in first and "step 4/4" not in first
+    assert "step 4/4" in second and "step 1/4" not in second
 
 
 def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path, shakespeare_data: Path) -> None:
@@ -503,7 +554,10 @@ def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path,
                        timeout=BOUND_S + 120)
     assert code != 0
     assert re.search(r"error: step 3: non-finite loss or gradient \(first in rank 0: \S*layers\.0\.\S+, AdamW group\); "
-                     r"checkpoint of step 2 saved", output), output[-3000:]
+                     r"checkpoint of step 2 saved in \S+; to skip step 3 and go on, rerun with resume=true "
+                     r"recipe\.training_params\.nonfinite=skip; a lower learning rate does not change step 3's gradient, "
+                     r"which comes from the weights of step 2: to retry with a lower learning rate, start over",
+                     output), output[-3000:]
     assert_torchrun_nonfinite_exit(output)
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [2] and mgr.verify(2) is None
@@ -520,8 +574,9 @@ def test_nonfinite_abort_on_one_rank_stops_both_without_saving_the_damage(tmp_pa
                        env=faults.nan_at(3), timeout=BOUND_S + 120)
     assert code != 0
     assert re.search(r"error: step 3: non-finite loss or gradient \(rank 0: loss [\d.]+, gradient norm nan\); with "
-                     r"recipe\.training_params\.nonfinite=abort .* the newest checkpoint is step 2 in \S+step_000002 "
-                     r"\(rerun with resume=true\)", output), output[-3000:]
+                     r"recipe\.training_params\.nonfinite=abort .* the newest checkpoint is step 2 in \S+step_000002: "
+                     r"to skip step 3, rerun with resume=true recipe\.training_params\.nonfinite=skip; to retry with "
+                     r"a lower learning rate, start over", output), output[-3000:]
     assert_torchrun_nonfinite_exit(output)
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [2] and mgr.verify(2) is None
@@ -585,6 +640,14 @@ BAD_INPUT = [
     ("no-gpu", ["device=cuda"], {}, 2, r"error: device=cuda was requested but no CUDA device is available"),
     ("wandb-online-without-key", [], {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": "/nonexistent"}, 2,
      r"error: WANDB_MODE=online needs WANDB_API_KEY"),
+    # the validation split (1222 windows of 65 tokens) cannot fill one batch: found before step 1,
+    # not at the first validation
+    ("val-smaller-than-a-batch", ["recipe.training_params.batch_size=2048", "recipe.training_params.tokens_processed=131072"],
+     {}, 2, r"error: the val split of \S+ has 1222 windows of seq_len \+ 1 = 65 tokens, fewer than one validation batch, "
+            r"recipe\.training_params\.batch_size x ranks = 2048 x 1 \(2048\); lower batch_size"),
+    ("train-smaller-than-a-step", ["recipe.training_params.tokens_processed=2097152"], {}, 2,
+     r"error: the train split of \S+ has 22021 windows .* fewer than one optimizer step, "
+     r"recipe\.training_params\.tokens_processed / context_length = 2097152 / 64 \(32768\)"),
 ]
 
 
@@ -598,6 +661,57 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path: Path, shakespe
     assert "Traceback" not in output
     assert not (tmp_path / "out").exists()  # checked before Hydra makes its folder
     assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("where", ["checkpoint_dir", "run_dir", "logs"])
+def test_unwritable_output_folders_fail_before_anything_is_written(tmp_path: Path, shakespeare_data: Path,
+                                                                  where: str) -> None:
+    """A file where the run would make a folder (running as root, permissions cannot be taken
+    away): found by preflight, not by the first checkpoint or by Hydra's mkdir."""
+    blocker = tmp_path / ("logs" if where == "logs" else "afile")
+    blocker.write_text("")
+    out = tmp_path / "afile" / "out" if where == "run_dir" else tmp_path / "out"
+    extra = [f"logging_params.checkpoint_dir={blocker / 'ckpt'}"] if where == "checkpoint_dir" else []
+    code, output = run(command(out, shakespeare_data, *CKPT, *extra), tmp_path, timeout=300)
+    assert code == 2, output[-3000:]
+    key = {"checkpoint_dir": r"logging_params\.checkpoint_dir: \S+/afile/ckpt is under \S+/afile, which is a file",
+           "run_dir": r"hydra\.run\.dir: \S+/afile/out is under \S+/afile, which is a file",
+           "logs": r"the log folder: \S+/logs is a file"}[where]
+    assert re.search(rf"error: {key}; it must be a folder", output), output[-3000:]
+    assert "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("console-")) == [blocker.name]
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path: Path, shakespeare_data: Path) -> None:
+    code, output = run(command(tmp_path / "out", shakespeare_data, *BASE, "optimizer_params.args.lr=-1", nproc=2),
+                       tmp_path, timeout=300)
+    assert code != 0
+    assert output.count("config error: optimizer_params.args.lr: must be > 0") == 1, output[-3000:]
+    assert str(REPO / "src") not in output  # torchrun prints its own ChildFailedError traceback, none of ours
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_resume_at_or_past_the_last_step_says_so(tmp_path: Path, shakespeare_data: Path, matrix, max_steps: int) -> None:
+    """The newest checkpoint is step 4: a run of 3 steps would train nothing and report a final
+    loss of a 4-step run (refused); a run of 4 is complete, and a repeat of its command says so."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(matrix.root / "checkpoints" / "llama-tiny_muonq", ckpt)
+    overrides = [o for o in CKPT if "max_steps" not in o]
+    code, output = run(command(tmp_path / "out", shakespeare_data, *overrides, f"recipe.training_params.max_steps={max_steps}",
+                               "optimizer_params=muonq", f"logging_params.checkpoint_dir={ckpt}", "resume=auto"),
+                       tmp_path, timeout=300)
+    assert "Traceback" not in output
+    if max_steps == 3:
+        assert code == 2, output[-3000:]
+        assert re.search(r"error: \S+step_000004 is at step 4, past this run's 3 steps \(recipe\.training_params\.max_steps", output)
+    else:
+        assert code == 0, output[-3000:]
+        assert re.search(r"nothing to train: \S+step_000004 already holds all 4 steps of this run; raise "
+                         r"recipe\.training_params\.max_steps", output), output[-3000:]
+        assert "final val loss" not in output
+    assert CheckpointManager(ckpt).steps() == [2, 4]
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated-shard", "no-meta"])

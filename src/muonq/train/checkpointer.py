@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from muonq.config import checkpoint_dir_for
 from muonq.data import TokenLoader
 from muonq.errors import MissingInputError, UserError
 from muonq.optim.shard_format import shard_file
 from muonq.optim.zero import ShardedOptimizer
 from muonq.train import distributed as dist_utils
+from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager
 from muonq.train.distributed import DistInfo
 from muonq.train.parallelize import full_model_state, load_full_model_state
@@ -65,8 +67,7 @@ class Checkpointer:
     def __init__(self, cfg: DictConfig, *, run_name: str, dist: DistInfo, model: torch.nn.Module,
                  optimizer: ShardedOptimizer, loader: TokenLoader, state: TrainState) -> None:
         log_cfg = cfg.logging_params
-        self.manager = CheckpointManager(log_cfg.checkpoint_dir or Path("checkpoints") / run_name,
-                                         keep_last=log_cfg.keep_last)
+        self.manager = CheckpointManager(checkpoint_dir_for(cfg, run_name), keep_last=log_cfg.keep_last)
         self.cfg, self.dist, self.model, self.optimizer, self.loader, self.state = cfg, dist, model, optimizer, loader, state
         self.enabled, self.every = log_cfg.save_checkpoint, log_cfg.save_ckpt_step
         self.saved_at: int | None = None  # the step of the newest checkpoint of this run's current state
@@ -106,8 +107,10 @@ class Checkpointer:
     def save(self) -> None:
         """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
         when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
-        manifest. Under FSDP2 gathering the whole model and AdamW state are collectives."""
+        manifest. Weights that are not finite are never saved (:meth:`check_weights_finite`). Under
+        FSDP2 gathering the whole model and the AdamW state are collectives."""
         step = self.state.step
+        self.check_weights_finite()
         if self.dist.is_main:
             self.manager.begin(step)
         dist_utils.barrier()
@@ -122,6 +125,26 @@ class Checkpointer:
             self._commit(step)
         dist_utils.barrier()
         self.saved_at = step
+
+    def check_weights_finite(self) -> None:
+        """Raise :class:`~muonq.train.guard.NonFiniteError` if a weight is not finite on some rank.
+
+        The non-finite policies look at the loss and the gradients; an optimizer step can still
+        turn finite gradients into infinite weights (an overflowing update), which only the next
+        step's loss shows. A checkpoint of such weights would make every resume fail again."""
+        params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in self.model.named_parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params]) if params else torch.ones(1, dtype=torch.bool)
+        first = None if bool(finite.all()) else params[int((~finite).nonzero()[0])][0]
+        if not guard.agree(first is not None, device=self.dist.device)[0]:
+            return
+        where = guard.first_report(first)
+        newest = (f"the newest checkpoint is step {self.saved_at} in {self.step_dir(self.saved_at)}: rerun with "
+                  "resume=true and a lower learning rate" if self.saved_at is not None else
+                  "no checkpoint was saved: start over with a lower learning rate")
+        raise guard.NonFiniteError(
+            f"step {self.state.step}: the weights are not finite (first in {where}) though the loss and gradients "
+            f"checked so far were: an optimizer update overflowed; this state is not saved; {newest}"
+        )
 
     def _commit(self, step: int) -> None:
         partial = self.manager.partial_dir(step)
