@@ -71,7 +71,7 @@ def test_unknown_key_is_rejected() -> None:
 
 def test_missing_recipe_lists_the_valid_ones() -> None:
     with pytest.raises(MissingConfigException) as err:
-        _compose("recipe=llama-7b")
+        _compose("recipe=llama-13b")
     assert "llama-60m" in str(err.value)
 
 

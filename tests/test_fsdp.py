@@ -152,6 +152,16 @@ def test_checkpoints_move_between_fsdp_and_ddp(curves, fsdp_tmp, shakespeare_dat
     assert math.isclose(evaluated["muonq_2"], evaluated["muonq_1"], rel_tol=REL_TOL), evaluated
 
 
+def test_activation_checkpointing_and_per_block_compile_compose_with_fsdp(curves, fsdp_tmp, shakespeare_data):
+    """Both applied per transformer block before fully_shard: the run follows the plain FSDP curve
+    (compiled kernels may round differently; recomputation alone is bit-exact, see test_models)."""
+    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 2, "parallelism=fsdp", "recipe.training_params.activation_checkpointing=true",
+                "recipe.training_params.compile=true", tag="_ac_compiled")
+    plain, got = losses(curves["muonq", "fsdp"]), losses(rows)
+    assert sorted(got) == sorted(plain)
+    assert all(math.isclose(got[s], plain[s], rel_tol=REL_TOL) for s in plain), (got, plain)
+
+
 def test_fsdp_preflight_rejects(tmp_path, shakespeare_data):
     cases = (
         ((), 1, "parallelism: fsdp shards over ranks and needs more than one process"),

@@ -626,7 +626,7 @@ def test_wandb_resume_reuses_the_run_id_and_secrets_never_leak(tmp_path: Path, s
 
 BAD_INPUT = [
     # (id, overrides, env, exit code, message regex)
-    ("unknown-recipe", ["recipe=llama-7b"], {}, 1, r"Could not find 'recipe/llama-7b'[\s\S]*llama-60m"),
+    ("unknown-recipe", ["recipe=llama-13b"], {}, 1, r"Could not find 'recipe/llama-13b'[\s\S]*llama-60m"),
     ("unknown-optimizer", ["optimizer_params=sgd"], {}, 1, r"Could not find 'optimizer_params/sgd'[\s\S]*muonq"),
     ("wrong-type", ["recipe.training_params.batch_size=abc"], {}, 1,
      r"Value 'abc' of type 'str' could not be converted to Integer[\s\S]*recipe.training_params.batch_size"),

@@ -34,7 +34,10 @@ class TrainingParams:
     gradnorm: float = 1.0  # global-norm clip; 0 disables clipping
     autocast: bool = True  # bf16/fp16 autocast on CUDA (always fp32 on CPU)
     mixed_precision: str = "bfloat16"
-    compile: bool = False
+    compile: bool = False  # torch.compile: the whole model (ddp), each transformer block (fsdp)
+    # recompute each transformer block's activations in the backward pass: only the blocks' inputs
+    # are kept, for about one more forward pass of compute
+    activation_checkpointing: bool = False
     max_steps: Optional[int] = None  # cap on optimizer steps (None: the token budget decides)
     tensorcore_precision: str = "high"  # torch.set_float32_matmul_precision on CUDA
     # what a non-finite loss/grad does: skip the step, or stop with a checkpoint of the last good
