@@ -22,7 +22,7 @@ from muonq.data import TokenLoader
 from muonq.errors import MissingInputError, UserError
 from muonq.optim.zero import ShardedOptimizer, shard_file
 from muonq.train import distributed as dist_utils
-from muonq.train.checkpoint import CheckpointManager
+from muonq.train.checkpoint import CheckpointManager, every_checkpoint_rejected
 from muonq.train.distributed import DistInfo
 
 log = logging.getLogger("muonq")
@@ -136,9 +136,12 @@ class Checkpointer:
         True if one was loaded."""
         if mode == "false":
             return False
-        step = self.manager.latest_valid() if self.dist.is_main else None
-        step = dist_utils.broadcast_object(step)
+        found = self.manager.newest_intact() if self.dist.is_main else None
+        step, rejected = dist_utils.broadcast_object(found)
         if step is None:
+            if rejected:  # starting over would silently drop the run's progress
+                raise UserError(f"resume={mode}: {every_checkpoint_rejected(self.manager.directory, rejected)}; "
+                                "move them away (or use another logging_params.checkpoint_dir) to start over")
             if mode == "true":
                 raise MissingInputError(
                     f"resume=true but no complete checkpoint in {self.manager.directory}; "
