@@ -323,6 +323,8 @@ def test_sigkill_mid_step_then_same_command_continues_exactly(tmp_path: Path, sh
     assert len(left) <= 3, left  # keep_last=2, +1 if killed between a commit and its pruning
     code, output = run(cmd, tmp_path)  # the very same command
     assert code == 0, output[-4000:]
+    assert re.search(rf"checkpoint folder \S+llama-tiny_muonq: taking over the lock of a run that ended without "
+                     rf"releasing it \(pid {proc.pid} on ", output), output[-3000:]
     assert_matches(ref, losses(tmp_path / "out"), range(1, STEPS + 1))
     assert summary(tmp_path / "out")["resumed_from"] == (left[-1] if left else None)
     assert mgr.steps() == [STEPS - 1, STEPS]
@@ -435,6 +437,7 @@ def test_preemption_saves_a_checkpoint_and_exits_75(tmp_path: Path, shakespeare_
     stopped = int(match.group(2))
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [stopped] and mgr.verify(stopped) is None
+    assert not (ckpt / "run.lock").exists()  # released on the way out
     if how == "SIGINT twice":
         return
     code, output = run([*cmd, "resume=true"], tmp_path)
@@ -507,6 +510,7 @@ def test_nonfinite_stop_on_one_rank_stops_both_with_a_checkpoint(tmp_path: Path,
     assert_torchrun_nonfinite_exit(output)
     mgr = CheckpointManager(ckpt)
     assert mgr.steps() == [2] and mgr.verify(2) is None
+    assert not (ckpt / "run.lock").exists()
 
 
 def test_nonfinite_abort_on_one_rank_stops_both_without_saving_the_damage(tmp_path: Path, shakespeare_data: Path) -> None:
@@ -641,7 +645,7 @@ def test_checkpoint_of_another_model_or_optimizer_is_refused(tmp_path: Path, sha
 def test_resume_auto_with_every_checkpoint_corrupt_refuses_to_start_over(tmp_path: Path, shakespeare_data: Path,
                                                                         matrix) -> None:
     """Starting from step 0 would silently drop the run: exit 2 before training, naming each
-    rejected checkpoint and why; the checkpoints are left as they are."""
+    rejected checkpoint and why; the checkpoints are left as they are and the folder unlocked."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(matrix.root / "checkpoints" / "llama-tiny_muonq", ckpt)
     damage(ckpt / "step_000004", "flipped")
@@ -655,7 +659,7 @@ def test_resume_auto_with_every_checkpoint_corrupt_refuses_to_start_over(tmp_pat
                      output), output[-3000:]
     assert "Traceback" not in output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".hydra", "run_hydra.log"]  # no training
-    assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # nothing written
+    assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # nothing written, lock released
 
 
 SETUP_BUG = """

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -16,6 +17,9 @@ from muonq.config import ConfigError, register_configs, validate
 from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
 from muonq.errors import UserError
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
+
+if TYPE_CHECKING:
+    from muonq.train.trainer import Trainer
 
 log = logging.getLogger("muonq")
 
@@ -102,19 +106,42 @@ def run(cfg: DictConfig) -> dict:
     if not _preflight_done:  # multirun jobs, or a root config without the callback
         _preflight_or_exit(cfg)
     _preflight_done = False
-    from muonq.train.guard import StopRequested
-    from muonq.train.trainer import NonFiniteError, Trainer
+    from muonq.train.trainer import Trainer
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         # Setup failures caused by the user's input (data, checkpoint, devices, plugins named in
-        # MUONQ_PLUGINS) end in one line; anything else is a bug: it keeps its traceback.
+        # MUONQ_PLUGINS, a checkpoint folder in use) end in one line; anything else is a bug: it
+        # keeps its traceback.
         trainer = Trainer(cfg, run_name=run_name_for(cfg), run_dir=run_dir)
+    except UserError as err:
+        _exit_bad_input(err)
+    except BaseException:
+        shutdown(graceful=False)
+        raise
+    try:
+        return _resume_and_fit(trainer, run_dir)
+    finally:  # every exit: finished, bad input, stopped, non-finite, a bug
+        trainer.close()
+
+
+def _exit_bad_input(err: UserError) -> NoReturn:
+    from muonq.train.distributed import shutdown
+
+    shutdown(graceful=False)
+    _print_user_error(err)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _resume_and_fit(trainer: Trainer, run_dir: Path) -> dict:
+    from muonq.train.distributed import shutdown
+    from muonq.train.guard import StopRequested
+    from muonq.train.trainer import NonFiniteError
+
+    try:
         trainer.maybe_resume()
     except UserError as err:
-        shutdown(graceful=False)
-        _print_user_error(err)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit_bad_input(err)
     except BaseException:
         shutdown(graceful=False)
         raise

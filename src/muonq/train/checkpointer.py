@@ -3,7 +3,8 @@
 Storage (atomic folders, checksums, pruning) is :class:`~muonq.train.checkpoint.CheckpointManager`;
 this adds the run's side: the payload (model, loader, RNG streams, counters, config), the ZeRO-1
 optimizer shards written by their ranks, the cadence (``logging_params.save_checkpoint`` every
-``save_ckpt_step`` steps) and which step is already on disk, so no state is written twice.
+``save_ckpt_step`` steps), which step is already on disk, so no state is written twice, and the
+lock that keeps other runs out of the folder (:mod:`muonq.train.folder_lock`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from muonq.optim.zero import ShardedOptimizer, shard_file
 from muonq.train import distributed as dist_utils
 from muonq.train.checkpoint import CheckpointManager, every_checkpoint_rejected
 from muonq.train.distributed import DistInfo
+from muonq.train.folder_lock import FolderLock
 
 log = logging.getLogger("muonq")
 
@@ -129,6 +131,20 @@ class Checkpointer:
             )
         path = self.manager.commit(step, extra={"optimizer": self.optimizer.manifest()})
         log.info("checkpoint %s", path)
+
+    def lock_folder(self, run_dir: Path) -> FolderLock | None:
+        """Rank 0 locks the checkpoint folder for this run (other ranks hold nothing, so they
+        never race for it); when another live run holds it, every rank raises the same UserError."""
+        lock, problem = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock.take(self.manager.directory, run_dir=run_dir)
+            except UserError as err:
+                problem = str(err)
+        problem = dist_utils.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        return lock
 
     # -- resuming --------------------------------------------------------------------------------
     def resume(self, mode: str) -> bool:
