@@ -401,6 +401,56 @@ def test_rank_that_raises_ends_the_job_on_every_rank(tmp_path: Path, shakespeare
     assert elapsed < BOUND_S
 
 
+def test_one_run_per_checkpoint_folder_and_workers_end_with_their_launcher(tmp_path: Path,
+                                                                          shakespeare_data: Path) -> None:
+    """A 2-rank run holds its checkpoint folder (rank 0 alone takes the lock): a second run with
+    the same checkpoint_dir exits 2 at startup naming the holder. SIGKILL of torchrun alone ends
+    both workers within a bound and no checkpoint is written after; the second run's command then
+    runs, taking over the dead run's lock if it was left behind, and leaves the folder unlocked."""
+    ckpt = tmp_path / "ckpt"
+    first = Proc(command(tmp_path / "first", shakespeare_data, *TINY, "recipe.training_params.max_steps=1000",
+                         "optimizer_params=adamw", "logging_params.save_checkpoint=true", "logging_params.save_ckpt_step=1",
+                         f"logging_params.checkpoint_dir={ckpt}", nproc=2), tmp_path)
+    second = command(tmp_path / "second", shakespeare_data, *BASE, "optimizer_params=adamw",
+                     f"logging_params.checkpoint_dir={ckpt}")
+    workers: dict[int, int] = {}
+    try:
+        wait_for(lambda: 1 in losses(tmp_path / "first"), first, "step 1")
+        workers = worker_ranks(first.pid)
+        assert set(workers) == {0, 1}, workers
+        assert json.loads((ckpt / "run.lock").read_text())["pid"] == workers[0]
+        code, output = run(second, tmp_path, timeout=300)
+        assert code == guard.EXIT_BAD_INPUT, output[-3000:]
+        assert re.search(rf"error: checkpoint folder {re.escape(str(ckpt))} is in use by another run \(pid "
+                         rf"{workers[0]} on {re.escape(os.uname().nodename)}, started \S+, output \S+first\)", output), \
+            output[-3000:]
+        assert "Traceback" not in output and first.p.poll() is None
+        os.kill(first.pid, signal.SIGKILL)  # the launcher only: its workers run in sessions of their own
+        t0 = time.monotonic()
+        while any(alive(pid) for pid in workers.values()) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        assert not any(alive(pid) for pid in workers.values()), f"workers outlived their launcher: {first.text()[-2000:]}"
+        written = sorted(p.name for p in ckpt.iterdir())
+        time.sleep(2)
+        assert sorted(p.name for p in ckpt.iterdir()) == written  # nothing written after
+        # the lock is left behind when rank 0 was SIGKILLed first, and released when rank 0 saw
+        # rank 1 die first (its next collective failed) and ended with that error
+        stale = "run.lock" in written
+    finally:
+        first.kill_all()
+        for pid in workers.values():  # our own grandchildren, by their ids
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    print(f"\n[reliability] both workers ended {elapsed:.1f} s after torchrun was SIGKILLed")
+    assert elapsed < 10
+    code, output = run(second, tmp_path, timeout=300)
+    assert code == 0, output[-3000:]
+    assert bool(re.search(rf"checkpoint folder \S+ckpt: taking over the lock of a run that ended without releasing "
+                          rf"it \(pid {workers[0]} on ", output)) == stale, output[-3000:]
+    assert not (ckpt / "run.lock").exists()
+
+
 # -- preemption ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT twice", "SIGTERM, nonfinite=abort"])

@@ -17,6 +17,7 @@ from muonq.config import ConfigError, register_configs, validate
 from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
 from muonq.errors import UserError
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
+from muonq.train.orphans import end_with_launcher
 
 if TYPE_CHECKING:
     from muonq.train.trainer import Trainer
@@ -29,8 +30,10 @@ def prepare_argv(argv: list[str]) -> None:
 
     Hydra names its folder from the clock, which differs between processes. Under torchrun the
     folder is named from ``MUONQ_RUN_DIR`` (run.sh sets it) or the rendezvous run id, which all
-    ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file.
+    ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file. A torchrun worker also
+    ends when torchrun dies (:mod:`muonq.train.orphans`).
     """
+    end_with_launcher()
     load_dotenv_once()  # .env of the working directory or a parent, as process_data.py reads it
     register_configs()
     if "WORLD_SIZE" not in os.environ:
