@@ -95,9 +95,11 @@ def test_export_refuses_a_corrupt_checkpoint_or_another_file(tmp_path, checkpoin
     from .test_evaluate import damaged_copy
 
     if what == "flipped":
-        source, message = damaged_copy(checkpoints["llama"], tmp_path, "flipped"), r"is corrupt or incomplete \(checksum mismatch in main\.pt\)"
+        source = damaged_copy(checkpoints["llama"], tmp_path, "flipped")
+        message = r"is corrupt or incomplete \(checksum mismatch in main\.pt\)"
     else:
-        source, message = shakespeare_data / "tiny_shakespeare-bpe-8192" / "meta.json", r"meta\.json is not a MuonQ checkpoint"
+        source = shakespeare_data / "tiny_shakespeare-bpe-8192" / "meta.json"
+        message = r"meta\.json is not a MuonQ checkpoint"
     out = tmp_path / "hf"
     proc = run_tool("muonq.export", f"checkpoint={source}", f"out={out}", f"data_dir={shakespeare_data}")
     assert proc.returncode == 2, proc.stderr[-3000:]
