@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -18,7 +19,11 @@ from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
 from muonq.errors import UserError
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
 from muonq.run_log import LOG_DIR
+from muonq.train.orphans import end_with_launcher
 from muonq.writable import check_writable_dir
+
+if TYPE_CHECKING:
+    from muonq.train.trainer import Trainer
 
 log = logging.getLogger("muonq")
 
@@ -28,8 +33,10 @@ def prepare_argv(argv: list[str]) -> None:
 
     Hydra names its folder from the clock, which differs between processes. Under torchrun the
     folder is named from ``MUONQ_RUN_DIR`` (run.sh sets it) or the rendezvous run id, which all
-    ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file.
+    ranks share; ranks other than 0 skip ``.hydra/`` and Hydra's log file. A torchrun worker also
+    ends when torchrun dies (:mod:`muonq.train.orphans`).
     """
+    end_with_launcher()
     load_dotenv_once()  # .env of the working directory or a parent, as process_data.py reads it
     register_configs()
     if "WORLD_SIZE" not in os.environ:
@@ -135,37 +142,22 @@ def run(cfg: DictConfig) -> dict:
     if not _preflight_done:  # multirun jobs, or a root config without the callback
         _preflight_or_exit(cfg, run_dir=run_dir, run_name=run_name_for(cfg))
     _preflight_done = False
-    from muonq.train.guard import StopRequested
-    from muonq.train.trainer import NonFiniteError, Trainer
+    from muonq.train.trainer import Trainer
 
     try:
         # Setup failures caused by the user's input (data, checkpoint, devices, plugins named in
-        # MUONQ_PLUGINS) end in one line; anything else is a bug: it keeps its traceback.
+        # MUONQ_PLUGINS, a checkpoint folder in use) end in one line; anything else is a bug: it
+        # keeps its traceback.
         trainer = Trainer(cfg, run_name=run_name_for(cfg), run_dir=run_dir)
-        if trainer.maybe_resume():
-            _check_steps_left(trainer.state.step, trainer.total_steps, trainer.checkpointer.step_dir(trainer.state.step))
     except UserError as err:
-        shutdown(graceful=False)
-        _print_user_error(err)
-        sys.exit(EXIT_BAD_INPUT)
+        _exit_bad_input(err)
     except BaseException:
         shutdown(graceful=False)
         raise
-    summary, exit_code, message = None, 0, ""
-    if trainer.state.step == trainer.total_steps:  # resumed from the run's final checkpoint: a repeated command
-        message = (f"nothing to train: {trainer.checkpointer.step_dir(trainer.state.step)} already holds all "
-                   f"{trainer.total_steps} steps of this run; raise recipe.training_params.max_steps or "
-                   "recipe.dataset.total_tokens_B to train further")
-    else:
-        try:
-            summary = trainer.fit()
-        except StopRequested as stop:  # every rank stopped at the same step; the checkpoint is complete
-            exit_code, message = EXIT_PREEMPTED, str(stop)
-        except NonFiniteError as err:
-            exit_code, message = EXIT_NONFINITE, f"error: {err}"
-        except BaseException:
-            shutdown(graceful=False)
-            raise
+    try:
+        summary, exit_code, message = _resume_and_fit(trainer)
+    finally:  # every exit: finished, bad input, stopped, non-finite, a bug
+        trainer.close()
     is_main = trainer.dist.is_main
     # Free the model (DDP's reducer, FSDP's state), the optimizer and their pending collectives while
     # the process group and the interpreter are alive: reference cycles otherwise keep them until
@@ -180,3 +172,41 @@ def run(cfg: DictConfig) -> dict:
     if is_main and summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary or {}
+
+
+def _exit_bad_input(err: UserError) -> NoReturn:
+    from muonq.train.distributed import shutdown
+
+    shutdown(graceful=False)
+    _print_user_error(err)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _resume_and_fit(trainer: Trainer) -> tuple[dict | None, int, str]:
+    """(the run's summary or None, its exit code, what rank 0 prints at the end). Bad input exits
+    here; a bug propagates after the process group is left."""
+    from muonq.train.distributed import shutdown
+    from muonq.train.guard import StopRequested
+    from muonq.train.trainer import NonFiniteError
+
+    try:
+        if trainer.maybe_resume():
+            _check_steps_left(trainer.state.step, trainer.total_steps, trainer.checkpointer.step_dir(trainer.state.step))
+    except UserError as err:
+        _exit_bad_input(err)
+    except BaseException:
+        shutdown(graceful=False)
+        raise
+    if trainer.state.step == trainer.total_steps:  # resumed from the run's final checkpoint: a repeated command
+        return None, 0, (f"nothing to train: {trainer.checkpointer.step_dir(trainer.state.step)} already holds all "
+                         f"{trainer.total_steps} steps of this run; raise recipe.training_params.max_steps or "
+                         "recipe.dataset.total_tokens_B to train further")
+    try:
+        return trainer.fit(), 0, ""
+    except StopRequested as stop:  # every rank stopped at the same step; the checkpoint is complete
+        return None, EXIT_PREEMPTED, str(stop)
+    except NonFiniteError as err:
+        return None, EXIT_NONFINITE, f"error: {err}"
+    except BaseException:
+        shutdown(graceful=False)
+        raise

@@ -2,8 +2,10 @@
 
 Storage (atomic folders, checksums, pruning) is :class:`~muonq.train.checkpoint.CheckpointManager`;
 this adds the run's side: the payload (the whole model, loader, RNG streams, counters, config), the
-optimizer shards written by their ranks (ZeRO-1's or FSDP's owners: one format for both), the cadence (``logging_params.save_checkpoint`` every
-``save_ckpt_step`` steps) and which step is already on disk, so no state is written twice.
+optimizer shards written by their ranks (ZeRO-1's or FSDP's owners: one format for both), the
+cadence (``logging_params.save_checkpoint`` every ``save_ckpt_step`` steps), which step is already
+on disk, so no state is written twice, and the lock that keeps other runs out of the folder
+(:mod:`muonq.train.folder_lock`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from muonq.optim.shard_format import shard_file
 from muonq.optim.zero import ShardedOptimizer
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
-from muonq.train.checkpoint import CheckpointManager
+from muonq.train.checkpoint import CheckpointManager, every_checkpoint_rejected
 from muonq.train.distributed import DistInfo
+from muonq.train.folder_lock import FolderLock
 from muonq.train.parallelize import full_model_state, load_full_model_state
 
 log = logging.getLogger("muonq")
@@ -157,15 +160,32 @@ class Checkpointer:
         path = self.manager.commit(step, extra={"optimizer": self.optimizer.manifest()})
         log.info("checkpoint %s", path)
 
+    def lock_folder(self, run_dir: Path) -> FolderLock | None:
+        """Rank 0 locks the checkpoint folder for this run (other ranks hold nothing, so they
+        never race for it); when another live run holds it, every rank raises the same UserError."""
+        lock, problem = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock.take(self.manager.directory, run_dir=run_dir)
+            except UserError as err:
+                problem = str(err)
+        problem = dist_utils.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        return lock
+
     # -- resuming --------------------------------------------------------------------------------
     def resume(self, mode: str) -> bool:
         """Load the newest intact checkpoint when ``mode`` (the ``resume`` setting) asks for it;
         True if one was loaded."""
         if mode == "false":
             return False
-        step = self.manager.latest_valid() if self.dist.is_main else None
-        step = dist_utils.broadcast_object(step)
+        found = self.manager.newest_intact() if self.dist.is_main else None
+        step, rejected = dist_utils.broadcast_object(found)
         if step is None:
+            if rejected:  # starting over would silently drop the run's progress
+                raise UserError(f"resume={mode}: {every_checkpoint_rejected(self.manager.directory, rejected)}; "
+                                "move them away (or use another logging_params.checkpoint_dir) to start over")
             if mode == "true":
                 raise MissingInputError(
                     f"resume=true but no complete checkpoint in {self.manager.directory}; "

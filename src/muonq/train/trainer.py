@@ -119,6 +119,13 @@ class Trainer:
         self.preemption: Preemption | None = None  # while fit() runs
         self.hooks = Hooks()
         load_plugins(self)  # $MUONQ_PLUGINS: extensions and the tests' fault injection
+        # last, so a failure above leaves no lock behind; released by close()
+        self.folder_lock = self.checkpointer.lock_folder(self.run_dir)
+
+    def close(self) -> None:
+        """Release the checkpoint folder for other runs (rank 0; a no-op elsewhere)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def _build_model_and_optimizer(self) -> None:
         tp = self.cfg.recipe.training_params
