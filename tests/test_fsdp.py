@@ -98,6 +98,23 @@ def test_fsdp_halves_per_rank_bytes(curves, name):
     assert _first(fsdp, M.STATE_BYTES_TOTAL) == pytest.approx(_first(single, M.STATE_BYTES_TOTAL), rel=0.01)
 
 
+def test_four_ranks_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_tmp, shakespeare_data):
+    """muonq at 4 FSDP ranks (no accumulation): the single-process losses to 1e-4, and the largest
+    rank's parameters + gradients + optimizer state within 10% of a quarter of one process's."""
+    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 4, "parallelism=fsdp")
+    single, four = losses(curves["muonq", "single"]), losses(rows)
+    assert all(math.isclose(four[s], single[s], rel_tol=REL_TOL) for s in single), (four, single)
+    keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
+    ratio = sum(_first(rows, k) for k in keys) / sum(_first(curves["muonq", "single"], k) for k in keys)
+    print(f"muonq at 4 ranks: largest rank's bytes {ratio:.3f} of one process's")
+    assert 0.25 * 0.9 <= ratio <= 0.25 * 1.1, ratio
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    planned, _ = plan(compose_config([*COMMON, "optimizer_params=muonq", "parallelism=fsdp"]), 4)
+    assert (planned.params, planned.grads, planned.state) == tuple(_first(rows, k) for k in keys)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_planner_predicts_the_logged_bytes(curves, name):
     """``python -m muonq.plan`` on meta tensors gives the bytes the real runs log, exactly."""
