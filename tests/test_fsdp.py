@@ -115,6 +115,28 @@ def test_four_ranks_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_
     assert (planned.params, planned.grads, planned.state) == tuple(_first(rows, k) for k in keys)
 
 
+def test_hsdp_two_replicas_of_two_shards(curves, fsdp_tmp, shakespeare_data):
+    """parallelism.dp_shard=2 at 4 ranks: two shard groups replicating each other; the losses of
+    one process to 1e-4, every rank holds what a 2-rank FSDP rank holds (as planned), and its
+    checkpoint resumes under plain FSDP at 2 ranks."""
+    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 4, "parallelism=fsdp", "parallelism.dp_shard=2",
+                "logging_params.save_checkpoint=true", f"logging_params.save_ckpt_step={SAVE_AT}", tag="_hsdp")
+    single, hsdp = losses(curves["muonq", "single"]), losses(rows)
+    assert all(math.isclose(hsdp[s], single[s], rel_tol=REL_TOL) for s in single), (hsdp, single)
+    keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
+    assert [_first(rows, k) for k in keys] == [_first(curves["muonq", "fsdp"], k) for k in keys]
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    planned, _ = plan(compose_config([*COMMON, "optimizer_params=muonq", "parallelism=fsdp", "parallelism.dp_shard=2"]), 4)
+    assert [planned.params, planned.grads, planned.state] == [_first(rows, k) for k in keys]
+    step = fsdp_tmp / "ckpt" / "muonq_4_hsdp" / f"step_{SAVE_AT:06d}"
+    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", shard_file(0), shard_file(1)]  # one replica writes
+    resumed = _resumed(fsdp_tmp, shakespeare_data, "muonq", 2, "muonq_4_hsdp", "parallelism=fsdp")
+    fsdp = losses(curves["muonq", "fsdp"])
+    assert all(math.isclose(resumed[s], fsdp[s], rel_tol=REL_TOL) for s in resumed), (resumed, fsdp)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_planner_predicts_the_logged_bytes(curves, name):
     """``python -m muonq.plan`` on meta tensors gives the bytes the real runs log, exactly."""
@@ -183,6 +205,7 @@ def test_fsdp_preflight_rejects(tmp_path, shakespeare_data):
     cases = (
         ((), 1, "parallelism: fsdp shards over ranks and needs more than one process"),
         (("optimizer_params.zero=false",), 2, "optimizer_params.zero: false (replicated optimizer state) does not apply"),
+        (("parallelism.dp_shard=3",), 2, "parallelism.dp_shard: 3 ranks per shard group do not divide the 2 processes"),
     )
     for i, (extra, nproc, message) in enumerate(cases):
         proc, _ = run_training(tmp_path / f"bad{i}", shakespeare_data, *COMMON, "parallelism=fsdp", *extra, nproc=nproc)

@@ -153,6 +153,9 @@ class ParallelismConfig:
 
     name: str = "ddp"  # ddp: replicated parameters + ZeRO-1 | fsdp: FSDP2 fully_shard per block and root
     reshard_after_forward: bool = True  # fsdp: free the gathered parameters after each block's forward
+    # fsdp: ranks per shard group; the groups are replicas of each other (HSDP: a 2-D mesh,
+    # all-reduce across groups). None: one group of every rank (plain FSDP)
+    dp_shard: Optional[int] = None
 
 
 @dataclass
@@ -298,7 +301,11 @@ def _check_parallelism(cfg: Any, world_size: int) -> None:
     par = cfg.parallelism
     _check_choice(par.name, "parallelism", ("ddp", "fsdp"))
     if par.name != "fsdp":
+        _check(par.dp_shard is None, "parallelism.dp_shard", "applies to parallelism=fsdp only")
         return
+    if par.dp_shard is not None:
+        _check(1 <= par.dp_shard <= world_size and world_size % par.dp_shard == 0, "parallelism.dp_shard",
+               f"{par.dp_shard} ranks per shard group do not divide the {world_size} processes")
     _check(world_size > 1, "parallelism", "fsdp shards over ranks and needs more than one process; run it under "
            "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
     _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",

@@ -72,14 +72,16 @@ def plan(cfg: Any, world_size: int) -> tuple[RankBytes, RankBytes]:
     whole = RankBytes(whole_params, whole_params, whole_state, 2 * whole_params + whole_state)
 
     per_rank = [[0, 0, 0] for _ in range(world_size)]
-    if cfg.parallelism.name == "fsdp":
+    if cfg.parallelism.name == "fsdp":  # every shard group (HSDP: dp_shard ranks) holds the same
+        shard = cfg.parallelism.dp_shard or world_size
+        per_rank = per_rank[:shard]
         muon = named_hidden if spec.muon is not None else []
-        owners = assign_owners(optimizer_costs(spec, muon, []), world_size, COST_WEIGHTS)
+        owners = assign_owners(optimizer_costs(spec, muon, []), shard, COST_WEIGHTS)
         for name, owner in owners.items():
             per_rank[owner][2] += int(costs[name][0])
         for name, p in named:
             cols = p.numel() // p.shape[0]
-            for r, rows in enumerate(_rows(p.shape[0], world_size)):
+            for r, rows in enumerate(_rows(p.shape[0], shard)):
                 per_rank[r][0] += rows * cols * p.element_size()
                 per_rank[r][1] += rows * cols * p.element_size()
                 if name not in owners:  # AdamW on this rank's rows
@@ -106,6 +108,8 @@ def main(argv: list[str]) -> int:
     validate(cfg, world_size=world_size)
     rank, whole = plan(cfg, world_size)
     layout = cfg.parallelism.name
+    if layout == "fsdp" and cfg.parallelism.dp_shard not in (None, world_size):
+        layout = f"hsdp ({world_size // cfg.parallelism.dp_shard} replicas x {cfg.parallelism.dp_shard} shards)"
     if layout == "ddp":
         layout += " + ZeRO-1" if world_size > 1 and cfg.optimizer_params.zero is not False else " (replicated state)"
     print(f"{cfg.optimizer_params.name} on {model_summary(cfg)}, {layout}, {world_size} rank(s)")

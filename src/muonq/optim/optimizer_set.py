@@ -62,6 +62,7 @@ class WrapsOptimizerSet:
     inner: OptimizerSet
     world_size: int
     _device: torch.device
+    _group: Any = None  # the process group of the world_size ranks (None: every rank)
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -78,8 +79,8 @@ class WrapsOptimizerSet:
         self.inner.set_lr_multiplier(multiplier)
 
     def state_report(self) -> dict[str, Any]:
-        """Optimizer-state bytes of every rank (one all-gather of a few numbers over ``world_size``
-        ranks, on ``_device``).
+        """Optimizer-state bytes of every rank (one all-gather of a few numbers over the
+        ``world_size`` ranks of ``_group``, on ``_device``).
 
         ``per_rank``: total bytes per rank; ``total``: their sum; ``per_optimizer`` and ``numel``
         (elements of the parameters with state) per inner optimizer, summed over ranks.
@@ -94,7 +95,7 @@ class WrapsOptimizerSet:
         if self.world_size > 1:
             mine = torch.tensor(row, dtype=torch.float64, device=self._device)
             gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
+            dist.all_gather(gathered, mine, group=self._group)
             rows = [t.tolist() for t in gathered]
         k = len(names)
         return {

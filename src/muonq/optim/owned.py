@@ -34,7 +34,7 @@ Checkpoints use ZeRO-1's shard format (:mod:`muonq.optim.shard_format`): each ow
 matrices' Muon state, and each AdamW tensor's whole state (gathered from every rank's rows) is
 written by one rank, so FSDP and DDP runs, at any world size, resume from each other's checkpoints.
 
-Not yet: HSDP.
+HSDP (``parallelism.dp_shard``): all of the above within each shard group.
 """
 
 from __future__ import annotations
@@ -73,15 +73,18 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
     :class:`~muonq.optim.zero.ShardedOptimizer` (step, zero_grad, lr multiplier, state report).
 
     ``named_hidden`` / ``named_others``: ``(name, parameter)`` pairs in model order, parameters as
-    ``fully_shard`` left them (DTensors with ``Shard(0)`` on dim 0).
+    ``fully_shard`` left them (DTensors with ``Shard(0)`` on dim 0). ``rank`` / ``world_size`` /
+    ``group``: this rank's place among the ranks the rows are sharded over (``group`` None: all of
+    them). Under HSDP that is the shard group: each group holds and steps its own copy of the
+    state, on gradients that FSDP has already averaged over the replicas.
     """
 
     def __init__(self, spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams, *,
-                 rank: int, world_size: int, device_type: str = "cpu",
+                 rank: int, world_size: int, group: Any = None, device_type: str = "cpu",
                  round_bytes: int = DEFAULT_ROUND_BYTES) -> None:
         from muonq.optim.build import build_adamw, build_muon
 
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self._group = rank, world_size, group
         self._params = [p for _, p in [*named_hidden, *named_others]]
         self._device = self._params[0].device if self._params else torch.device("cpu")
         optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -250,7 +253,7 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
             out.copy_(inp)
             return None
         return dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
-                                      async_op=True)
+                                      group=self._group, async_op=True)
 
     # -- accounting ----------------------------------------------------------------------------------
     def state_report(self) -> dict[str, Any]:
@@ -340,6 +343,7 @@ def _rows_like(value: Any, param: torch.Tensor) -> Any:
         return value
     from torch.distributed.tensor import DTensor
 
-    start, end = shard_rows(param.shape[0], param.device_mesh.size())[param.device_mesh.get_local_rank()]
+    mesh = param.device_mesh  # rows are sharded over its last dimension (HSDP: the first replicates)
+    start, end = shard_rows(param.shape[0], mesh.size(mesh.ndim - 1))[mesh.get_local_rank(mesh.ndim - 1)]
     local = value[start:end].to(device=_local(param).device).contiguous()
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

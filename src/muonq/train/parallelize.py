@@ -36,7 +36,8 @@ def parallelize(model: torch.nn.Module, dist: DistInfo, training_params: Any, pa
         if training_params.compile:
             for block in transformer_blocks(model):
                 block.compile()
-        return shard_fsdp(model, dist, training_params, reshard_after_forward=parallelism.reshard_after_forward)
+        return shard_fsdp(model, dist, training_params, reshard_after_forward=parallelism.reshard_after_forward,
+                          dp_shard=parallelism.dp_shard)
     train_model = model
     if dist.distributed:
         train_model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -57,14 +58,18 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def shard_fsdp(model: torch.nn.Module, dist: DistInfo, training_params: Any, *,
-               reshard_after_forward: bool = True) -> torch.nn.Module:
+               reshard_after_forward: bool = True, dp_shard: int | None = None) -> torch.nn.Module:
     """FSDP2 ``fully_shard`` on every transformer block, then on the root (embeddings, final norm,
-    head). On CUDA with ``autocast`` the recipe's ``mixed_precision`` becomes the parameters'
+    head), over all ranks, or HSDP with ``dp_shard`` ranks per shard group. On CUDA with ``autocast`` the recipe's ``mixed_precision`` becomes the parameters'
     compute dtype, gradients are reduced in fp32; fp32 throughout on the CPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    shard = dp_shard or dist.world_size
+    if shard == dist.world_size:
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    else:  # HSDP: rows sharded within a group of `shard` consecutive ranks, groups replicate each other
+        mesh = init_device_mesh(dist.device.type, (dist.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if dist.device.type == "cuda" and training_params.autocast and training_params.mixed_precision != "float32":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, training_params.mixed_precision),
@@ -73,6 +78,17 @@ def shard_fsdp(model: torch.nn.Module, dist: DistInfo, training_params: Any, *,
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
+
+
+def shard_group(model: torch.nn.Module) -> tuple[Any, int, int]:
+    """(process group, this rank's index in it, its size) of the ranks among which ``model``'s
+    parameters are row-sharded: every rank under FSDP, this rank's shard group under HSDP."""
+    import torch.distributed as torch_dist
+
+    mesh = next(p for p in model.parameters() if hasattr(p, "device_mesh")).device_mesh
+    if mesh.ndim == 1:
+        return None, torch_dist.get_rank(), torch_dist.get_world_size()
+    return mesh.get_group("shard"), mesh.get_local_rank("shard"), mesh.size(1)
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -33,7 +33,7 @@ from muonq.train.checkpointer import Checkpointer, TrainState
 from muonq.train.hooks import Hooks, load_plugins
 from muonq.train.metrics import LogWindow, MetricsLogger, state_bytes_metrics
 from muonq.train.nonfinite import POLICIES, NonFiniteError, NonFinitePolicy
-from muonq.train.parallelize import autocast_context, gradient_sync, is_fsdp, local_bytes, parallelize
+from muonq.train.parallelize import autocast_context, gradient_sync, is_fsdp, local_bytes, parallelize, shard_group
 from muonq.train.preemption import Preemption
 from muonq.train.progress import Progress, progress
 from muonq.train.schedule import lr_multiplier, total_steps
@@ -147,8 +147,9 @@ class Trainer:
         # the parameters it owns; world size 1 is the same code with everything owned locally.
         self.optimizer_spec = optimizer_spec(self.cfg.optimizer_params)
         if is_fsdp(self.cfg.parallelism):  # AdamW on the shards, each Muon matrix whole on its owner
-            self.optimizer = OwnedMuonOptimizer(self.optimizer_spec, named_hidden, named_others, rank=self.dist.rank,
-                                                world_size=self.dist.world_size, device_type=self.device.type)
+            group, rank, size = shard_group(self.model)  # HSDP: each shard group steps its own copy
+            self.optimizer = OwnedMuonOptimizer(self.optimizer_spec, named_hidden, named_others, rank=rank,
+                                                world_size=size, group=group, device_type=self.device.type)
             return
         self.optimizer: ShardedOptimizer = build_sharded_optimizer(
             self.optimizer_spec, named_hidden=named_hidden, named_others=named_others,
