@@ -15,6 +15,9 @@ Family = Literal["adamw", "muon"]
 FAMILIES: tuple[str, ...] = ("adamw", "muon")
 KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "reference")
 VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw")
+# The dtype of the Muon family's matmuls; auto: bf16 where the machine runs it natively (CUDA, CPUs
+# with AMX-BF16 or AVX512-BF16), fp32 where bf16 is emulated (see muonq.optim.precision).
+MATMUL_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class MuonSpec:
     normalize: bool  # MuonQ's pre-quantization normalization of gradient and momentum
     store: MomentumSpec
     equilibrate: EquilibrateSpec | None = None
+    matmul_dtype: str = "auto"  # Newton–Schulz, power iteration and NS input: one of MATMUL_DTYPES
 
 
 @dataclass(frozen=True)

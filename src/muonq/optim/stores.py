@@ -57,18 +57,21 @@ class _ShapeBound(MomentumStore):
         self.shape = torch.Size(shape)
         self.generator = generator
 
-    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12, matmul_dtype=None):
         if not self.kernels.applies(grad):
-            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
-        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+                                      matmul_dtype=matmul_dtype)
+        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+                           matmul_dtype=matmul_dtype)
 
-    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12):
+    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12, matmul_dtype=None):
         if not self.kernels.applies(grad):
             return super().ns_input(
-                state, grad, beta=beta, ema=ema, renormalize=renormalize, nesterov=nesterov, dtype=dtype, eps=eps
+                state, grad, beta=beta, ema=ema, renormalize=renormalize, nesterov=nesterov, dtype=dtype, eps=eps,
+                matmul_dtype=matmul_dtype,
             )
         return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps, nesterov=nesterov,
-                           dtype=dtype)
+                           dtype=dtype, matmul_dtype=matmul_dtype)
 
     def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
         """The fused update (kwargs of :meth:`ns_input`); returns NS's input."""
@@ -105,10 +108,10 @@ class QuantizedStore(_ShapeBound):
     def load(self, state: StateDict) -> torch.Tensor:
         return self.codec.decode(_read(state, "momentum", self.codec), self.shape)
 
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+    def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
         _write(state, "momentum", self.codec.encode(momentum, generator=self.generator))
 
-    def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _fused(self, state: StateDict, grad: torch.Tensor, *, matmul_dtype=None, **kwargs) -> torch.Tensor:
         from muonq.optim.kernels.fused import quantized_update
 
         return quantized_update(self.codec, _read(state, "momentum", self.codec), grad, **kwargs)
@@ -173,9 +176,9 @@ class DecomposedStore(_ShapeBound):
         residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape)
         return residual.addmm_(self._factor(state, "P"), self._factor(state, "R").mT)
 
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+    def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
         momentum = momentum.float()
-        p, r = power_iteration_step(momentum, self._factor(state, "R"))
+        p, r = power_iteration_step(momentum, self._factor(state, "R"), matmul_dtype=matmul_dtype)
         residual = momentum - p @ r.mT
         _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
         _write(state, "R", self.factor_codec.encode(r, generator=self.generator))

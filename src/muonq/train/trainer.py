@@ -27,6 +27,7 @@ from muonq import metric_names as M
 from muonq.config import optimizer_spec
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir
 from muonq.models import build_model
+from muonq.optim.precision import matmul_dtype_line
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
@@ -254,6 +255,7 @@ class Trainer:
             self.run_name, cfg.recipe.model.model_type, self.model.num_params() / 1e6, self.total_steps,
             tp.tokens_processed, self.dist.world_size, tp.batch_size, tp.context_length, self.grad_accum, self.device,
         )
+        log.info("%s", matmul_dtype_line(self.optimizer_spec.muon, self.device))
         show_bar = self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, dynamic_ncols=True,
                    desc=self.run_name, leave=False, mininterval=2.0)
