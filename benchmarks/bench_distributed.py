@@ -18,6 +18,7 @@ bytes x (world - 1) / world. Payload, not wire bytes: gloo's broadcast algorithm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,8 +68,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
         hidden = model.hidden_matrices()
         ids = {id(p) for _, p in hidden}
         others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
-        cfg = preset(name)
-        cfg.zero = True
+        cfg = dataclasses.replace(preset(name), zero=True)
         opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
                                       device_type=device.type)
         train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -17,6 +17,7 @@ ulp, so their codes may differ by one level at a few boundary values.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -366,8 +367,7 @@ def test_bad_mode_is_a_value_error():
 def test_build_optimizer_passes_the_kernels_setting_to_the_stores():
     from muonq.optim.build import build_optimizer
 
-    cfg = preset("muonq")
-    cfg.kernels = "reference"
+    cfg = dataclasses.replace(preset("muonq"), kernels="reference")
     param = torch.nn.Parameter(torch.zeros(256, 256))
     opt = build_optimizer(cfg, hidden=[param], others=[])
     assert opt.optimizers["muon"].store_for(param).kernels.mode == "reference"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muonq.config import compose_config
+from muonq.config import compose_config, optimizer_spec
 from muonq.config import OPTIMIZERS
 from muonq.optim.zero import build_sharded_optimizer
 
@@ -32,7 +32,7 @@ def meta_step(name: str, *overrides: str, steps: int = 3) -> torch.optim.Optimiz
     cfg = compose_config(["recipe=llama-tiny", f"optimizer_params={name}", *overrides])
     hidden = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in HIDDEN.items()]
     others = [(n, torch.nn.Parameter(torch.empty(s, device="meta"))) for n, s in OTHERS.items()]
-    optimizer = build_sharded_optimizer(cfg.optimizer_params, named_hidden=hidden, named_others=others,
+    optimizer = build_sharded_optimizer(optimizer_spec(cfg.optimizer_params), named_hidden=hidden, named_others=others,
                                         rank=0, world_size=1, device_type="meta")
     for _ in range(steps):  # the first step creates the state, the later ones read it
         for _, p in hidden + others:

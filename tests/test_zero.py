@@ -8,6 +8,7 @@ gradients DDP's average would. The end-to-end cases run the real entry point und
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,8 +60,7 @@ def _train(model, opt, steps) -> None:
 def _run_world(rank: int, world: int, tmp: Path, resume_from: int | None) -> None:
     for name in OPTIMIZERS:
         out = tmp / name
-        cfg = preset(name)
-        cfg.zero = True
+        cfg = dataclasses.replace(preset(name), zero=True)
         if world == 1:  # the reference: the plain, unsharded OptimizerSet
             model, hidden, others = _model()
             opt = build_optimizer(cfg, hidden=[p for _, p in hidden], others=[p for _, p in others])
