@@ -15,7 +15,7 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def _accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
+def accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
     return buf.lerp_(grad, 1.0 - beta) if ema else buf.mul_(beta).add_(grad)
 
 
@@ -55,7 +55,7 @@ class MomentumStore(ABC):
         Stores B and returns it unquantized: Newton–Schulz runs on this step's exact momentum and
         quantization only affects what is carried to the next step. Fused kernels override this.
         """
-        momentum = _accumulate_into(self.load(state), grad, beta, ema)
+        momentum = accumulate_into(self.load(state), grad, beta, ema)
         if renormalize:
             momentum.div_(momentum.norm().clamp_min(eps))
         self.save(state, momentum, matmul_dtype=matmul_dtype)
@@ -102,7 +102,7 @@ class FullPrecisionStore(MomentumStore):
         state["momentum_buffer"].copy_(momentum)
 
     def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12, matmul_dtype=None):
-        buf = _accumulate_into(state["momentum_buffer"], grad, beta, ema)
+        buf = accumulate_into(state["momentum_buffer"], grad, beta, ema)
         if renormalize:
             buf.div_(buf.norm().clamp_min(eps))
         return buf

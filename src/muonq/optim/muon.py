@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore, StoreSelector
-from muonq.optim.stores import preserve_state_dtypes
+from muonq.optim.stores import Scratch, preserve_state_dtypes
 from muonq.optim.newton_schulz import QUINTIC_COEFFS, zeropower_via_newtonschulz
 from muonq.optim.precision import check_matmul_dtype, resolve_matmul_dtype
 
@@ -105,6 +105,7 @@ class Muon(torch.optim.Optimizer):
             store = FullPrecisionStore()
         self._select_store: StoreSelector = store if not isinstance(store, MomentumStore) else (lambda _p, s=store: s)
         self._stores: dict[torch.Tensor, MomentumStore] = {}
+        self._scratch = Scratch()  # the normalized gradient's CPU buffer (the store consumes it)
         # torch casts loaded state to the parameter dtype; codes and fp16 scales must stay as saved.
         preserve_state_dtypes(self)
 
@@ -157,7 +158,9 @@ class Muon(torch.optim.Optimizer):
             store.init(state, p)
         grad = p.grad.float()
         if self.normalize:
-            grad = grad / grad.norm().clamp_min(group["eps"])
+            norm = grad.norm().clamp_min(group["eps"])
+            buffer = self._scratch.get("grad", grad)
+            grad = grad / norm if buffer is None else torch.div(grad, norm, out=buffer)
         matmul_dtype = self.resolved_matmul_dtype(grad.device)
         update = store.ns_input(
             state, grad, beta=group["momentum"], ema=self.momentum_form == "ema", renormalize=self.normalize,
