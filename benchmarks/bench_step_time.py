@@ -13,7 +13,8 @@ picks on this machine (bf16 where the CPU multiplies bf16 natively, fp32 where i
 the header says which. ``torch.optim.Muon`` runs in the same round, like for like with the row
 above it: the same matrices and gradients, the EMA momentum, AdamW-matched scale, no Nesterov,
 and bf16 Newton–Schulz (torch's is always bf16, so that project row pins matmul_dtype=bfloat16).
-AdamW rows are for reference (they run no Newton–Schulz).
+Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys). AdamW rows are
+for reference (they run no Newton–Schulz).
 
     python benchmarks/bench_step_time.py [--rounds 15] [--threads 1]
 """
@@ -47,6 +48,8 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
     ("grasp", "grasp", {}),
     ("muoneq (row, fp32 momentum)", "muoneq", {}),
+    ("muon, matmul_dtype=float32", "muon", {"matmul_dtype": "float32"}),
+    ("muonq, matmul_dtype=float32", "muonq", {"matmul_dtype": "float32"}),
     (LIKE_TORCH, "muon", {"momentum_form": "ema", "matmul_dtype": "bfloat16"}),
     (TORCH, "torch", {}),
     ("adamw (reference)", "adamw", {}),
