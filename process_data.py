@@ -46,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from muonq.data.prepare import prepare
+    from muonq.errors import UserError
 
     try:
         prepare(
             args.name, args.tokenizer, data_dir=args.data_dir, input=args.input, num_proc=args.num_proc,
             max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as err:
+    except UserError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"process_data.py: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

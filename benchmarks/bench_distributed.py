@@ -72,7 +72,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
         for label, overlap in variants:
             torch.manual_seed(0)
             model = build_model(ModelConfig(**model_cfg))
-            model.init_weights()
             model.to(device)
             hidden = model.hidden_matrices()
             ids = {id(p) for _, p in hidden}

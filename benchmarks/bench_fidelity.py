@@ -27,7 +27,7 @@ norm, at 512x512, 1376x512, 1024x2736; and, with ``--captured FILE``, every matr
 
     python benchmarks/bench_fidelity.py [--captured benchmarks/data/momentum_llama-tiny-256.pt]
         [--stream benchmarks/data/cache/grad_stream_llama-tiny-256.pt] [--synthetic-stream 50]
-        [--candidates] [--summary] [--warm-saves 8] [--seed 0]
+        [--candidates | --orders] [--summary] [--warm-saves 8] [--seed 0]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon8 (per-tensor)", "muon8", {}),
     ("muon4 (naive per-tensor)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
+    ("muonq mu-law after the scale", "muonq", {"compand": False, "quant": "mulaw-after-scale"}),
     ("muonq compand off", "muonq", {"compand": False}),
     ("muonq rank 0", "muonq", {"rank": 0}),
     ("muonq norm off", "muonq", {"norm": False}),
@@ -67,9 +68,14 @@ ROWS: list[tuple[str, str, dict]] = [
 ]
 STREAM_ONLY = {"muonq norm off"}
 
+# mu-law after the scale: codes at mu-law levels of x / absmax, instead of MuonQ's companding of the
+# raw values before the scale (compand).
+_AFTER_SCALE = {"compand": False, "quant": "mulaw-after-scale"}
+
 # "Beating the paper": more compression at no loss, or less loss at the same bytes (all keep MuonQ's
 # normalisation; fp16 scales). mu is the mu-law parameter (the paper's 255; smaller is closer to
-# linear codes), rank/r means k = min(m, n) // r.
+# linear codes; MuonQ's companding of raw entries ~1/sqrt(mn) is about mu x absmax strong),
+# rank/r means k = min(m, n) // r.
 CANDIDATES: list[tuple[str, str, dict]] = [
     ("muonq + residual b256", "muonq", {"residual_block_size": 256}),
     ("muonq + residual b64", "muonq", {"residual_block_size": 64}),
@@ -81,12 +87,36 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     ("muonq 8-bit factors + residual b128", "muonq", {"factor_bits": 8, "residual_block_size": 128}),
     ("muonq rank 0 + b128 (mu-law blocks only)", "muonq", {"rank": 0, "gran": "block", "block_size": 128}),
     ("muonq linear + grid-128 residual", "muonq", {"compand": False, "grid": True}),
-    ("muonq mu 31", "muonq", {"mu": 31.0}),
-    ("muonq mu 15", "muonq", {"mu": 15.0}),
-    ("muonq mu 7 + residual b128", "muonq", {"mu": 7.0, "residual_block_size": 128}),
-    ("muonq mu 15 + residual b128", "muonq", {"mu": 15.0, "residual_block_size": 128}),
-    ("muonq mu 15 rank/32 + residual b128", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 128}),
-    ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
+    ("muonq mu 1000 + residual b128", "muonq", {"mu": 1000.0, "residual_block_size": 128}),
+    ("muonq mu 1000 rank/32 + residual b256", "muonq", {"mu": 1000.0, "rank": 32, "residual_block_size": 256}),
+    # mu-law after the scale (x / absmax companded at full strength mu), with smaller mu
+    ("muonq after-scale mu 31", "muonq", {**_AFTER_SCALE, "mu": 31.0}),
+    ("muonq after-scale mu 15", "muonq", {**_AFTER_SCALE, "mu": 15.0}),
+    ("muonq after-scale mu 7 + residual b128", "muonq", {**_AFTER_SCALE, "mu": 7.0, "residual_block_size": 128}),
+    ("muonq after-scale mu 15 + residual b128", "muonq", {**_AFTER_SCALE, "mu": 15.0, "residual_block_size": 128}),
+    ("muonq after-scale mu 15 rank/32 + residual b128", "muonq",
+     {**_AFTER_SCALE, "mu": 15.0, "rank": 32, "residual_block_size": 128}),
+    ("muonq after-scale mu 15 rank/32 + residual b256", "muonq",
+     {**_AFTER_SCALE, "mu": 15.0, "rank": 32, "residual_block_size": 256}),
+]
+
+# Where mu-law sits in the quantizer: "paper order" (MuonQ's: compand the raw values, then take the
+# scale from the companded values) against "scale first" (divide by the group absmax, then compand
+# with full strength mu). Per-tensor and 128-block residual scales.
+ORDERS: list[tuple[str, str, dict]] = [
+    ("muonq, paper order (compand, then scale)", "muonq", {}),
+    ("muonq, scale first (absmax, then mu-law)", "muonq", _AFTER_SCALE),
+    ("muonq + residual b128, paper order", "muonq-block128", {}),
+    ("muonq + residual b128, scale first", "muonq-block128", _AFTER_SCALE),
+    ("muonq mu 1000, paper order", "muonq", {"mu": 1000.0}),
+    ("muonq mu 1000 + residual b128, paper order", "muonq-block128", {"mu": 1000.0}),
+    ("muonq mu 4000, paper order", "muonq", {"mu": 4000.0}),
+    ("muonq mu 4000 + residual b128, paper order", "muonq-block128", {"mu": 4000.0}),
+    ("muonq mu 15, scale first", "muonq", {**_AFTER_SCALE, "mu": 15.0}),
+    ("muonq mu 15 + residual b128, scale first", "muonq-block128", {**_AFTER_SCALE, "mu": 15.0}),
+    ("muonq mu 7 + residual b128, scale first", "muonq-block128", {**_AFTER_SCALE, "mu": 7.0}),
+    ("muonq linear (compand off)", "muonq", {"compand": False}),
+    ("muonq linear + residual b128", "muonq-block128", {"compand": False}),
 ]
 
 
@@ -264,6 +294,7 @@ def main() -> None:
     parser.add_argument("--stream", help="captured gradient stream (capture_momentum.py --stream-out)")
     parser.add_argument("--synthetic-stream", type=int, default=50, help="steps of the synthetic stream (0: skip)")
     parser.add_argument("--candidates", action="store_true", help="add the 'beating the paper' candidates")
+    parser.add_argument("--orders", action="store_true", help="only the rows comparing where mu-law sits")
     parser.add_argument("--summary", action="store_true", help="print only the summary tables (no per-matrix tables)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the single synthetic matrices")
     parser.add_argument("--warm-saves", type=int, default=8, help="saves before measuring (>= 1)")
@@ -274,7 +305,7 @@ def main() -> None:
         parser.error("--warm-saves must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = ROWS + (CANDIDATES if args.candidates else [])
+    rows = ORDERS if args.orders else ROWS + (CANDIDATES if args.candidates else [])
     t0 = time.perf_counter()
     print(f"warm saves: {args.warm_saves}; NS: 5 quintic steps in fp32; matrices normalised to unit Frobenius norm; "
           "B/elem llama-60m: exact state bytes per element over llama-60m's hidden matrices")

@@ -57,8 +57,9 @@ PASSES: list[tuple[str, QuantCodec, bool]] = [
     ("muon8bit: 8-bit dynamic, block 256", make_codec(8, "dynamic", "block", block_size=256), False),
     ("muon8: 8-bit linear, tensor", make_codec(8, "linear", "tensor"), False),
     ("muon4: 4-bit linear, tensor", make_codec(4, "linear", "tensor"), False),
-    ("muonq residual: 4-bit mu-law, tensor, renorm", make_codec(4, "mulaw", "tensor"), True),
-    ("muonq-block128 residual: 4-bit mu-law, block 128, renorm", make_codec(4, "mulaw", "block", block_size=128), True),
+    ("muonq residual: 4-bit mu-law on raw values, tensor, renorm", make_codec(4, "linear", "tensor", compand=True), True),
+    ("muonq-block128 residual: 4-bit mu-law on raw values, block 128, renorm",
+     make_codec(4, "linear", "block", block_size=128, compand=True), True),
     ("grasp residual: 4-bit linear, grid 128", make_codec(4, "linear", "grid", tile_size=128), False),
 ]
 # (label, variant, ns_batch_size)

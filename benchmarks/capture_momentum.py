@@ -66,7 +66,6 @@ def capture(args: argparse.Namespace) -> None:
     cfg = ModelConfig(model_type="llama", n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
                       intermediate_size=args.ffn, vocab_size=8192)
     model = build_model(cfg)
-    model.init_weights()
     named = dict(model.hidden_matrices())
     missing = [name for name in args.matrices if name not in named]
     if missing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,12 @@ def run_training(out_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1,
     metrics_file = out_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     return proc, rows
+
+
+def run_tool(module: str, *args: object, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a tool's real command line, ``python -m <module> key=value ...``, from the repo root."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def losses(rows: list[dict]) -> dict[int, float]:

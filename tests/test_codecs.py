@@ -61,9 +61,9 @@ def test_linear_error_is_at_most_half_a_step(bits, gran, make_input):
 
 
 @pytest.mark.parametrize("gran", ["tensor", "block", "column"])
-def test_mulaw_error_is_half_a_step_in_the_companded_domain(gran):
+def test_mulaw_after_scale_error_is_half_a_step_in_the_companded_domain(gran):
     x = heavy_tailed((64, 128))
-    codec = make_codec(4, "mulaw", gran, block_size=128, mu=MU)
+    codec = make_codec(4, "mulaw-after-scale", gran, block_size=128, mu=MU)
     encoded = codec.encode(x)
     x_hat = codec.decode(encoded, x.shape)
     scale = elementwise_scale(codec, encoded, x.shape)
@@ -104,8 +104,8 @@ def test_dynamic_map_is_the_256_value_tree_and_rounds_to_nearest():
         (8, "dynamic", "block", (1000,), 1000 + 4 * 4),  # ragged last block
         (8, "linear", "tensor", (33, 7), 231 + 4),
         (4, "linear", "tensor", (512, 512), 131072 + 2),
-        (4, "mulaw", "column", (512, 32), 8192 + 64),
-        (4, "mulaw", "tensor", (513, 7), 1796 + 2),  # odd element count: one nibble of padding
+        (4, "mulaw-after-scale", "column", (512, 32), 8192 + 64),
+        (4, "mulaw-after-scale", "tensor", (513, 7), 1796 + 2),  # odd element count: one nibble of padding
         (4, "linear", "block", (512, 512), 131072 + 2048 * 2),
         (4, "linear", "grid", (300, 200), 30000 + (300 * 2 + 3 * 200) * 2),
         (32, "linear", "tensor", (10, 10), 400),
@@ -142,9 +142,13 @@ ALL_CODECS = [
     ("dynamic-8-block", lambda: make_codec(8, "dynamic", "block", block_size=64)),
     ("linear-8-tensor", lambda: make_codec(8, "linear", "tensor")),
     ("linear-4-tensor", lambda: make_codec(4, "linear", "tensor")),
-    ("mulaw-4-tensor", lambda: make_codec(4, "mulaw", "tensor")),
-    ("mulaw-4-column", lambda: make_codec(4, "mulaw", "column")),
-    ("mulaw-4-row", lambda: make_codec(4, "mulaw", "row")),
+    ("mulaw-4-tensor", lambda: make_codec(4, "mulaw-after-scale", "tensor")),
+    ("mulaw-4-column", lambda: make_codec(4, "mulaw-after-scale", "column")),
+    ("mulaw-4-row", lambda: make_codec(4, "mulaw-after-scale", "row")),
+    ("compand-4-tensor", lambda: make_codec(4, "linear", "tensor", compand=True)),
+    ("compand-4-column", lambda: make_codec(4, "linear", "column", compand=True)),
+    ("compand-8-block", lambda: make_codec(8, "linear", "block", block_size=64, compand=True)),
+    ("compand-4-grid", lambda: make_codec(4, "linear", "grid", tile_size=16, compand=True)),
     ("linear-4-block", lambda: make_codec(4, "linear", "block", block_size=64)),
     ("linear-4-grid", lambda: make_codec(4, "linear", "grid", tile_size=16)),
     ("raw", lambda: RawCodec()),
@@ -309,44 +313,62 @@ def test_value_maps_share_one_interface():
 
 
 def _reference_decode(codec: QuantCodec, encoded: dict, shape) -> torch.Tensor:
-    """Decoding spelled out: the value map's decode of the unpacked codes, times the scales."""
+    """Decoding spelled out: the value map's decode (levels, when companding) of the unpacked
+    codes, times the scales, expanded when companding."""
     from muonq.optim.codecs.grid import grid_scale
 
     numel = math.prod(shape)
-    values = codec.value_map.decode(unpack(encoded["codes"], codec.bits, numel))
+    codes = unpack(encoded["codes"], codec.bits, numel)
+    values = codec.value_map.decode(codes) if codec.compander is None else codec.value_map.decode_steps(codes)
     if codec.granularity == "grid":
-        return values.view(shape) * grid_scale(encoded["row_scale"], encoded["col_scale"], codec.tile_size)
-    groups, dim = codec._groups(values.view(shape))
-    view = [1, 1]
-    view[1 - dim] = groups.shape[1 - dim]
-    return (groups * encoded["scale"].float().view(view)).reshape(-1)[:numel].view(shape)
+        scaled = values.view(shape) * grid_scale(encoded["row_scale"], encoded["col_scale"], codec.tile_size)
+    else:
+        groups, dim = codec._groups(values.view(shape))
+        view = [1, 1]
+        view[1 - dim] = groups.shape[1 - dim]
+        scaled = (groups * encoded["scale"].float().view(view)).reshape(-1)[:numel].view(shape)
+    return scaled if codec.compander is None else codec.compander.expand(scaled)
 
 
+# (bits, value map, compand before the scale, granularity); "linear" with compand is MuonQ's quantizer
 CPU_PATH_CASES = [
-    (bits, value_map, gran)
+    (bits, value_map, compand, gran)
     for bits in (8, 4)
-    for value_map in ("linear", "mulaw", "dynamic")
+    for value_map, compand in (("linear", False), ("mulaw-after-scale", False), ("dynamic", False), ("linear", True))
     for gran in ("tensor", "block", "row", "column", "grid")
     if not (value_map == "dynamic" and bits == 4)
 ]
 
 
-@pytest.mark.parametrize("bits,value_map,gran", CPU_PATH_CASES)
-def test_cpu_encoding_and_decoding_paths_give_the_reference_bytes_and_values(bits, value_map, gran):
+def _cpu_path_inputs(shape, g: torch.Generator, scale: float):
+    x = torch.randn(shape, generator=g) * scale
+    yield x
+    yield (x**3).T.contiguous().T  # heavy tails, tiny values; a non-contiguous input
+    zeros = x.clone()
+    zeros.view(-1)[::7], zeros.view(-1)[1::11] = 0.0, -0.0
+    yield zeros
+    big = x.clone()
+    big.view(-1)[3], big.view(-1)[4] = 1e38, -1e38  # saturated fp16 scales clip; companding clamps
+    yield big
+    inf = x.clone()
+    inf.view(-1)[5], inf.view(-1)[-1] = float("inf"), -float("inf")
+    yield inf
+    nan = x.clone()
+    nan.view(-1)[6] = float("nan")
+    yield nan
+
+
+@pytest.mark.parametrize("bits,value_map,compand,gran", CPU_PATH_CASES)
+def test_cpu_encoding_and_decoding_paths_give_the_reference_bytes_and_values(bits, value_map, compand, gran):
     g = torch.Generator().manual_seed(bits)
-    # large enough to be encoded in slices; ragged blocks, tiles and an odd count of 4-bit codes
-    for shape, block, tile in (((700, 300), 256, 128), ((257, 263), 100, 33), ((300, 700), 7, 5)):
-        codec = make_codec(bits, value_map, gran, block_size=block, tile_size=tile)
-        for kind in range(4):
-            x = torch.randn(shape, generator=g) * 1e-3
-            if kind == 1:
-                x = x**3  # heavy tails, tiny values
-            if kind == 2:
-                x.view(-1)[::7], x.view(-1)[1::11] = 0.0, -0.0
-            if kind == 3:
-                x.view(-1)[3], x.view(-1)[4] = 1e38, -1e38  # saturated fp16 scales: values clip
-            encoded = codec.encode(x.T.contiguous().T if kind == 1 else x)  # and a non-contiguous input
-            whole = codec._encode_whole(torch.nan_to_num(x, nan=0.0), shape, None)
+    # large enough to be encoded in slices; ragged blocks, tiles and an odd count of 4-bit codes;
+    # momentum-sized entries and entries beyond [-1, 1], which companding clamps
+    cases = (((700, 300), 256, 128, 1e-3), ((257, 263), 100, 33, 0.5), ((300, 700), 7, 5, 3.0))
+    for shape, block, tile, scale in cases:
+        codec = make_codec(bits, value_map, gran, block_size=block, tile_size=tile, compand=compand)
+        for x in _cpu_path_inputs(shape, g, scale):
+            encoded = codec.encode(x)
+            whole = codec._encode_whole(x.float(), shape, None)
             assert encoded.keys() == whole.keys()
             for key in encoded:
                 assert encoded[key].dtype == whole[key].dtype and torch.equal(encoded[key], whole[key]), key
@@ -355,6 +377,137 @@ def test_cpu_encoding_and_decoding_paths_give_the_reference_bytes_and_values(bit
             for got in (codec.decode(encoded, shape), codec.decode(encoded, shape, out=out)):
                 assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # bitwise, -0.0 included
             assert codec.decode(encoded, shape, out=out).data_ptr() == out.data_ptr()
-    nan = torch.randn(600, 200, generator=g)
-    nan[0, 0], nan[1, 1] = float("nan"), float("inf")  # non-finite input: the whole path sanitises
-    assert torch.equal(codec.encode(nan)["codes"], codec._encode_whole(torch.nan_to_num(nan, nan=0.0), nan.shape, None)["codes"])
+
+
+@pytest.mark.parametrize("gran", ["tensor", "column", "block"])
+def test_companded_cpu_encoder_falls_back_when_the_absmax_it_predicts_is_not_the_one_it_meets(gran):
+    """The one-pass encoder takes the companded absmax to be the companding of the raw absmax; a
+    compander whose :meth:`compand` disagrees with the magnitudes the slices compute (standing in
+    for a log1p that is not monotone) must send the encoding to the whole path, not keep scales
+    that do not bound the slices."""
+    from muonq.optim.codecs import MuLawCompander
+
+    class Inflated(MuLawCompander):
+        def compand(self, x):
+            return super().compand(x) * (1 + 2**-8)
+
+    codec = make_codec(4, "linear", gran, block_size=256, compand=True)
+    codec.compander = Inflated(MU)
+    x = gaussian((512, 512)) * 1e-3
+    encoded, whole = codec.encode(x), codec._encode_whole(x, x.shape, None)
+    assert all(torch.equal(encoded[key], whole[key]) for key in whole)
+    honest = make_codec(4, "linear", gran, block_size=256, compand=True)
+    assert not torch.equal(honest.encode(x)["scale"], encoded["scale"])  # the inflation shows in the scales
+
+
+# -- MuonQ's quantizer: mu-law on the raw values, before the scale ---------------------------------
+
+
+def original_quantize(x: torch.Tensor, dim: int | None, mu: float = 255.0, levels: int = 7, eps: float = 1e-8):
+    """The original MuonQ quantizer, written out here (nothing of the codec used): clamp to
+    [-1, 1]; compand the raw values, y = sign(x) ln(1 + mu |x|) / ln(1 + mu) (as a product with
+    1 / ln(1 + mu)); per group (the whole tensor, or each column with ``dim=0``) the step
+    s = max(absmax(y) / 7, eps) in fp32; codes = round-half-even(y / s) clamped to [-7, 7]; s is
+    stored as fp16. Decoded: expand(code * fp16 s), expand(z) = sign(z) ((1 + mu)**|z| - 1) / mu
+    (as expm1(|z| ln(1 + mu)) times 1 / mu). Returns (integer codes, fp16 steps, decoded fp32)."""
+    v = x.float().clamp(-1.0, 1.0)
+    y = v.sign() * torch.log1p(mu * v.abs()) * (1.0 / math.log1p(mu))
+    absmax = y.abs().amax() if dim is None else y.abs().amax(dim=dim, keepdim=True)
+    s = (absmax / levels).clamp(min=eps)
+    q = torch.round(y / s).clamp(-levels, levels)
+    s16 = s.to(torch.float16)
+    z = q * s16.float()
+    return q, s16, z.sign() * torch.expm1(z.abs() * math.log1p(mu)) * (1.0 / mu)
+
+
+def unit_norm_gaussian(shape, seed=0) -> torch.Tensor:
+    x = gaussian(shape, seed)
+    return x / x.norm()
+
+
+ORIGINAL_CASES = {
+    "unit-norm 256x256": lambda: unit_norm_gaussian((256, 256)),
+    "odd 513x7": lambda: unit_norm_gaussian((513, 7), seed=1),
+    "odd 77x33": lambda: unit_norm_gaussian((77, 33), seed=2),
+    "beyond [-1, 1]": lambda: gaussian((64, 48), seed=3) * 0.7,  # a third of the entries clamp
+    "zero rows and columns": lambda: unit_norm_gaussian((40, 24), seed=4).index_fill_(0, torch.arange(0, 40, 3), 0.0)
+    .index_fill_(1, torch.tensor([0, 5, 23]), 0.0),
+    "tiny (steps at the 1e-8 floor, below fp16)": lambda: unit_norm_gaussian((16, 16), seed=5) * 1e-8,
+    "all zero": lambda: torch.zeros(32, 8),
+}
+
+
+@pytest.mark.parametrize("gran", ["tensor", "column"])
+@pytest.mark.parametrize("case", list(ORIGINAL_CASES))
+def test_compander_codec_is_the_original_quantizer_bit_for_bit(case, gran):
+    """MuonQ's E (per tensor) and P, R (per column): codes, fp16 steps and decoded values equal
+    the original quantizer's exactly (same fp32 arithmetic on the CPU)."""
+    x = ORIGINAL_CASES[case]()
+    codec = make_codec(4, "linear", gran, compand=True, mu=MU)
+    encoded = codec.encode(x)
+    q, s, decoded = original_quantize(x, None if gran == "tensor" else 0, MU)
+    assert encoded["scale"].dtype == torch.float16
+    assert torch.equal(encoded["scale"], s.reshape(-1))
+    codes = unpack(encoded["codes"], 4, x.numel()).float() - codec.value_map.zero_code
+    assert torch.equal(codes.view(x.shape), q)
+    assert torch.equal(codec.decode(encoded, x.shape), decoded)
+    assert torch.all(decoded[x == 0] == 0) and torch.isfinite(decoded).all()
+
+
+def test_muonq_preset_stores_momentum_with_the_original_quantizer():
+    """The muonq YAML's stores: E per tensor and P, R per column with the original quantizer, and
+    exactly 147,586 bytes for a 512 x 512 matrix (E 131072 + 2, P and R 8192 + 64 each)."""
+    from muonq.config import preset
+    from muonq.optim.selection import store_selector
+    from muonq.optim.stores import DecomposedStore
+
+    store = store_selector(preset("muonq").muon.store)(torch.zeros(512, 512))
+    assert isinstance(store, DecomposedStore) and store.rank == 32
+    e, p = unit_norm_gaussian((512, 512), seed=6), torch.linalg.qr(gaussian((512, 32), seed=7))[0]
+    for codec, x, dim in ((store.residual_codec, e, None), (store.factor_codec, p, 0)):
+        encoded = codec.encode(x)
+        q, s, decoded = original_quantize(x, dim, MU)
+        assert torch.equal(encoded["scale"], s.reshape(-1))
+        assert torch.equal(codec.decode(encoded, x.shape), decoded)
+    sizes = [store.residual_codec.nbytes((512, 512)), store.factor_codec.nbytes((512, 32)),
+             store.factor_codec.nbytes((512, 32))]
+    assert sizes == [131072 + 2, 8192 + 64, 8192 + 64] and sum(sizes) == 147_586
+
+
+def test_compander_order_is_gentler_than_companding_after_the_scale():
+    """The original order compands raw entries ~1/sqrt(mn): on a unit-norm Gaussian 256 x 256 its
+    4-bit error is ~0.135, where companding x / absmax with mu = 255 gives ~0.235."""
+    x = unit_norm_gaussian((256, 256))
+    original = make_codec(4, "linear", "tensor", compand=True)
+    err = ((original.decode(original.encode(x), x.shape) - x).norm() / x.norm()).item()
+    assert err == pytest.approx(0.135, abs=0.005)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "block", "column", "grid"])
+def test_compander_error_is_half_a_step_in_the_companded_domain(gran):
+    x = heavy_tailed((64, 128))
+    x = x / x.norm()  # momentum scale: the companding acts on raw values
+    codec = make_codec(4, "linear", gran, block_size=128, tile_size=32, compand=True, mu=MU)
+    encoded = codec.encode(x)
+    x_hat = codec.decode(encoded, x.shape)
+    plain = QuantCodec(codec.value_map, gran, block_size=128, tile_size=32, scale_dtype=codec.scale_dtype)
+    step = elementwise_scale(plain, encoded, x.shape)  # the stored step of each element
+    compand = codec.compander.compand
+    gap = (compand(x) - compand(x_hat)).abs()
+    # codes round y / (fp32 step); decoding multiplies by the fp16 step: up to 7 x 2**-11 steps more
+    assert torch.all(gap <= step * (0.5 + 4e-3) + 1e-7)
+    # finer levels near zero than linear codes with the same scales
+    linear = make_codec(4, "linear", gran, block_size=128, tile_size=32)
+    small = x.abs() < 0.1 * x.abs().max()
+    err_compand = (x_hat - x)[small].abs().mean()
+    err_linear = (linear.decode(linear.encode(x), x.shape) - x)[small].abs().mean()
+    assert err_compand < 0.7 * err_linear
+
+
+def test_compander_needs_linear_codes_and_a_positive_mu():
+    from muonq.optim.codecs import MuLawCompander
+
+    with pytest.raises(ValueError, match="linear codes"):
+        make_codec(8, "dynamic", compand=True)
+    with pytest.raises(ValueError, match="mu"):
+        MuLawCompander(mu=0.0)

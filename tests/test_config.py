@@ -87,12 +87,29 @@ def test_missing_recipe_lists_the_valid_ones() -> None:
         ("lr_schedule.name=linear", "lr_schedule.name"),
         ("recipe.model.n_head=5", "recipe.model.n_head"),
         ("resume=maybe", "resume"),
+        ("seed=-1", "seed"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     cfg = _compose(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_mu_law_keys_say_where_the_companding_sits() -> None:
+    """compand (MuonQ): mu-law of the raw values before the scale, linear codes; the value map
+    mulaw-after-scale: mu-law levels of x / absmax. The old name 'mulaw' fails, pointing to both."""
+    d = preset("muonq").muon.store
+    assert (d.residual.value_map, d.residual.compand, d.factor.compand) == ("linear", True, True)
+    after = preset("muonq", compand=False, quant="mulaw-after-scale", mu=15.0).muon.store
+    assert (after.residual.value_map, after.residual.compand, after.residual.mu) == ("mulaw-after-scale", False, 15.0)
+    assert preset("muon8bit", quant="mulaw-after-scale").muon.store.codec.value_map == "mulaw-after-scale"
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.quant: got 'mulaw'.*compand=true.*mulaw-after-scale"):
+        preset("muonq", compand=False, quant="mulaw")
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.compand: .*linear codes.*quant=mulaw-after-scale"):
+        preset("muonq", quant="mulaw-after-scale")
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.mu"):
+        preset("muonq", mu=0.0)
 
 
 def test_divisibility_counts_the_world_size() -> None:
@@ -132,7 +149,8 @@ def test_spec_spells_out_each_store() -> None:
     assert isinstance(q, QuantizedMomentum) and (q.codec.bits, q.codec.granularity, q.codec.block_size) == (8, "block", 256)
     d = preset("muonq").muon.store
     assert isinstance(d, DecomposedMomentum) and d.rank_divisor == 16
-    assert (d.factor.granularity, d.residual.granularity, d.residual.value_map) == ("column", "tensor", "mulaw")
+    assert (d.factor.granularity, d.residual.granularity, d.residual.value_map) == ("column", "tensor", "linear")
+    assert d.factor.compand and d.residual.compand and d.residual.mu == 255.0  # mu-law on raw values
     assert preset("muonq", residual_block_size=128).muon.store.residual.granularity == "block"
     grasp = preset("grasp").muon.store
     assert (grasp.factor.bits, grasp.residual.granularity, grasp.narrow.codec.granularity) == (8, "grid", "grid")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import types
 
@@ -15,7 +13,7 @@ import pytest
 from muonq.data import validation_batches
 from muonq.data.tokenizers import load_tokenizer
 
-from .conftest import REPO, TINY, run_training
+from .conftest import TINY, run_tool, run_training
 
 DATASET = ("mini", "bpe-1024")
 
@@ -48,12 +46,12 @@ def trained(tmp_path_factory, shakespeare_data):
 
 
 def test_loss_equals_trainer_final_full_validation(trained, tmp_path) -> None:
-    from muonq.evaluate import main
-
     out = tmp_path / "eval.json"
     # seq_len is read from the checkpoint's loader state; TINY's batch_size is 4
-    assert main([f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}", f"dataset={DATASET[0]}",
-                 f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=none", f"out={out}"]) == 0
+    proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=none", f"out={out}",
+                    env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["seq_len"] == 64
     assert math.isclose(result["val_loss"], trained["final"], rel_tol=1e-6, abs_tol=1e-6), (result["val_loss"], trained["final"])
@@ -63,11 +61,9 @@ def test_loss_equals_trainer_final_full_validation(trained, tmp_path) -> None:
 
 def test_cli_offline_reports_unavailable_tasks_and_exits_0(trained) -> None:
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
-         f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[hellaswag,arc_easy]", "limit=4"],
-        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, **env},
-    )
+    proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[hellaswag,arc_easy]",
+                    "limit=4", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     loss_line = next(line for line in lines if line.startswith("validation loss"))
@@ -96,7 +92,7 @@ def test_zero_shot_reasons_one_line_each(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", fake)
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks_mod)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from muonq.evaluate import zero_shot
+    from muonq.evaluation import zero_shot
 
     def no_export():
         raise AssertionError("no task can run: nothing should be exported")
@@ -111,7 +107,7 @@ def test_zero_shot_reasons_one_line_each(monkeypatch) -> None:
 
 def test_zero_shot_without_lm_eval(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
-    from muonq.evaluate import zero_shot
+    from muonq.evaluation import zero_shot
 
     results, unavailable = zero_shot(None, ["piqa"], limit=None, device="cpu")
     assert results == {} and "not installed" in unavailable["piqa"]
@@ -122,7 +118,6 @@ def test_zero_shot_on_a_local_task_through_the_exported_model(trained, tmp_path)
     end on the exported HF model (offline)."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("datasets")
-    from muonq.evaluate import main
 
     rows = [{"question": "To be, or not to be,", "choices": [" that is the question", " purple xylophone"], "label": 0},
             {"question": "Now is the winter of our", "choices": [" discontent", " spreadsheet"], "label": 0}]
@@ -134,8 +129,9 @@ def test_zero_shot_on_a_local_task_through_the_exported_model(trained, tmp_path)
         "metric_list:\n  - metric: acc\n"
     )
     out = tmp_path / "eval.json"
-    assert main([f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}", f"dataset={DATASET[0]}",
-                 f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[muonq_toy]", f"tasks_dir={tmp_path}",
-                 "device=cpu", f"out={out}"]) == 0
+    proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[muonq_toy]",
+                    f"tasks_dir={tmp_path}", "device=cpu", f"out={out}", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["zero_shot"]) == {"muonq_toy"} and 0.0 <= result["zero_shot"]["muonq_toy"]["acc"] <= 1.0

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from .conftest import REPO, TINY, run_training
+from .conftest import TINY, run_tool, run_training
 
 FAMILIES = {  # recipe, HF class
     "llama": ("llama-tiny", "LlamaForCausalLM"),
@@ -40,11 +38,12 @@ def checkpoints(tmp_path_factory, shakespeare_data):
 def test_export_round_trip_logits(tmp_path, checkpoints, shakespeare_data, family) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from muonq.checkpoints import build_from_checkpoint, load_checkpoint
     from muonq.data.tokenizers import load_tokenizer
-    from muonq.export import build_from_checkpoint, load_checkpoint, main
 
     out = tmp_path / "hf"
-    assert main([f"checkpoint={checkpoints[family]}", f"out={out}", f"data_dir={shakespeare_data}"]) == 0
+    proc = run_tool("muonq.export", f"checkpoint={checkpoints[family]}", f"out={out}", f"data_dir={shakespeare_data}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
 
@@ -72,21 +71,19 @@ def test_export_round_trip_logits(tmp_path, checkpoints, shakespeare_data, famil
 def test_export_bfloat16_and_no_tokenizer(tmp_path, checkpoints) -> None:
     from transformers import AutoModelForCausalLM
 
-    from muonq.export import main
-
     out = tmp_path / "hf"
-    assert main([f"checkpoint={checkpoints['llama']}", f"out={out}", "tokenizer=none", "dtype=bfloat16"]) == 0
+    proc = run_tool("muonq.export", f"checkpoint={checkpoints['llama']}", f"out={out}", "tokenizer=none", "dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "tokenizer.json").exists()
     hf = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_export_cli_errors_in_one_line(tmp_path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "muonq.export", f"checkpoint={tmp_path / 'nope'}", f"out={tmp_path / 'o'}"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = run_tool("muonq.export", f"checkpoint={tmp_path / 'nope'}", f"out={tmp_path / 'o'}", timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint") and "not found" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "muonq.export", "checkpoint=x"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = run_tool("muonq.export", "checkpoint=x", timeout=300)
     assert proc.returncode == 2 and "out= are required" in proc.stderr
 
 
@@ -112,7 +109,7 @@ def test_exported_tokenizer_matches_data_tokenizer(tmp_path, spec, meta) -> None
     segments text exactly like the tokenizer that prepared the data, and decodes it back."""
     from transformers import AutoTokenizer
 
-    from muonq.export import hf_tokenizer
+    from muonq.hf.tokenizer import hf_tokenizer
 
     reference = _offline_tokenizer(spec)
     hf_tokenizer({"tokenizer": spec, **meta}, tmp_path).save_pretrained(tmp_path / "tok")

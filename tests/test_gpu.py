@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from muonq.config import compose_config
-from muonq.config import OPTIMIZERS, preset
+from muonq.config import OPTIMIZERS, compose_config, optimizer_spec, preset
 from muonq.models import build_model
 from muonq.optim.zero import build_sharded_optimizer
 from muonq.train import guard
@@ -61,12 +60,11 @@ def test_training_step_never_waits_for_the_gpu(optimizer):
     cfg = compose_config(["recipe=llama-tiny", f"optimizer_params={optimizer}", "device=cuda"])
     torch.manual_seed(0)
     model = build_model(cfg.recipe.model)
-    model.init_weights()
     model.cuda()
     hidden = model.hidden_matrices()
     hidden_ids = {id(p) for _, p in hidden}
     others = [(n, p) for n, p in model.named_parameters() if id(p) not in hidden_ids]
-    optimizer_set = build_sharded_optimizer(cfg.optimizer_params, named_hidden=hidden, named_others=others,
+    optimizer_set = build_sharded_optimizer(optimizer_spec(cfg.optimizer_params), named_hidden=hidden, named_others=others,
                                             rank=0, world_size=1, device_type="cuda")
     params = list(model.parameters())
     tokens = torch.randint(0, cfg.recipe.model.vocab_size, (4, 129))  # a host batch, as the loader gives

@@ -8,7 +8,10 @@ dispatcher tests need no kernels and run in the parent only.
 
 Exactness (same inputs): decoding, scales, and linear and dynamic-map codes are bit-identical to
 the codecs; mu-law codes may differ by one level at values within a few ulp of a decision boundary
-(the codec rounds log1p in fp32, the kernel compares with exact boundaries). Through an optimizer
+(the codec rounds log1p in fp32, the kernel compares with exact boundaries). Companded codecs
+(MuonQ's mu-law on the raw values) compute log1p / expm1 in the kernel from log / exp: decoded
+values and fp32 scales agree to a few ulp, fp16 steps to one fp16 ulp, codes to one level at
+boundary values. Through an optimizer
 step, sum momentum without renormalization stays bit-identical (decomposed stores: on the CPU only,
 as cuBLAS's addmm rounds its epilogue differently); EMA momentum (FMA in the kernel, none in the
 interpreter) and renormalized momentum (the norm is reduced in another order) differ by about one
@@ -47,6 +50,23 @@ else:
 parent_only = pytest.mark.skipif(IN_CHILD, reason="dispatcher tests run once, in the parent process")
 QUANTIZED_VARIANTS = [name for name in VARIANTS if name not in ("muon", "muon8bit-linear")]  # = muon8bit
 MULAW_MISMATCH = 2e-3  # max fraction of codes one level apart (see the module docstring)
+DECODE_RTOL = 1e-6  # companded codecs: decoded values, a few ulp (see the module docstring)
+
+
+def companded(codec) -> bool:
+    return getattr(codec, "compander", None) is not None
+
+
+def exact_codec(codec) -> bool:
+    """Whether the kernel reproduces ``codec`` bit for bit (module docstring)."""
+    return not isinstance(codec.value_map, MuLawMap) and not companded(codec)
+
+
+def make_test_codec(bits: int, value_map: str, gran: str, **kwargs) -> QuantCodec:
+    """``value_map`` "compand": linear codes of mu-law companded raw values (MuonQ's quantizer)."""
+    if value_map == "compand":
+        return make_codec(bits, "linear", gran, compand=True, **kwargs)
+    return make_codec(bits, value_map, gran, **kwargs)
 
 
 @pytest.fixture(params=DEVICES or [None], ids=lambda d: d or "none")
@@ -75,17 +95,33 @@ def assert_codes_match(ref: torch.Tensor, got: torch.Tensor, bits: int, numel: i
         assert (diff > 0).float().mean() <= MULAW_MISMATCH
 
 
+def assert_scales_match(codec: QuantCodec, ref: torch.Tensor, got: torch.Tensor, key: str) -> None:
+    if companded(codec):  # a few fp32 ulp, then rounded to the scale dtype: one ulp of fp16
+        rtol = max(torch.finfo(ref.dtype).eps, DECODE_RTOL)
+        torch.testing.assert_close(got.cpu().float(), ref.cpu().float(), rtol=rtol, atol=0, msg=f"{key} differs")
+    else:
+        assert torch.equal(ref.cpu(), got.cpu()), f"{key} differs"
+
+
 def assert_encodings_match(codec: QuantCodec, ref: dict, got: dict, shape, exact_codes: bool) -> None:
     assert ref.keys() == got.keys()
     for key in ref:
         if key != "codes":
-            assert torch.equal(ref[key].cpu(), got[key].cpu()), f"{key} differs"
+            assert_scales_match(codec, ref[key], got[key], key)
     assert_codes_match(ref["codes"], got["codes"], codec.bits, math.prod(shape), exact_codes)
+
+
+def assert_decoded_match(codec: QuantCodec, got: torch.Tensor, ref: torch.Tensor) -> None:
+    if companded(codec):
+        torch.testing.assert_close(got.cpu(), ref.cpu(), rtol=DECODE_RTOL, atol=0)
+    else:
+        assert torch.equal(got.cpu(), ref.cpu())
 
 
 # -- kernels against the codecs ---------------------------------------------------------------------
 
-CODECS = [(8, "linear"), (8, "dynamic"), (4, "linear"), (4, "mulaw"), (8, "mulaw")]
+CODECS = [(8, "linear"), (8, "dynamic"), (4, "linear"), (4, "mulaw-after-scale"), (8, "mulaw-after-scale"),
+          (4, "compand"), (8, "compand")]
 GRANS = ["tensor", "block", "row", "column", "grid"]
 
 
@@ -97,16 +133,19 @@ def test_encode_and_decode_match_the_codec(device, bits, value_map, gran, shape)
     from muonq.optim.kernels.fused import encode_into
     from muonq.optim.kernels.spec import kernel_spec
 
-    codec = make_codec(bits, value_map, gran, block_size=128 if shape[1] % 2 == 0 else 99, tile_size=32)
+    codec = make_test_codec(bits, value_map, gran, block_size=128 if shape[1] % 2 == 0 else 99, tile_size=32)
     x = heavy(shape, 0, device)
+    if companded(codec):
+        x = x / x.norm()  # momentum scale (the companding acts on raw values in [-1, 1])
+        x[6, 6] = 1.5  # and one value that clamps
     x[:5].zero_()  # all-zero blocks, rows and tiles
     x[:, :3] = 0.0  # and columns
     ref = codec.encode(x)
     got = codec.zeros(shape, device)
     encode_into(codec, x.contiguous(), got)
-    assert_encodings_match(codec, ref, got, shape, exact_codes=value_map != "mulaw")
+    assert_encodings_match(codec, ref, got, shape, exact_codes=exact_codec(codec))
     decoded, _ = qk.decode_update(kernel_spec(codec, shape), ref, torch.Size(shape))
-    assert torch.equal(decoded, codec.decode(ref, shape))
+    assert_decoded_match(codec, decoded, codec.decode(ref, shape))
     assert torch.all(decoded[:5] == 0)
 
 
@@ -162,8 +201,11 @@ def test_fused_accumulate_matches_the_reference(device, name, shape, ema, renorm
     reference = store_selector(preset(name, **overrides).muon.store, kernels="reference")(torch.empty(shape))
     if isinstance(fused, FullPrecisionStore):
         pytest.skip(f"{name} keeps fp32 momentum for {shape}")
-    # cuBLAS's addmm epilogue rounds differently from the kernel's separate add (CPU BLAS does not)
+    # cuBLAS's addmm epilogue rounds differently from the kernel's separate add (CPU BLAS does not);
+    # companded codecs decode to a few ulp
     exact = not ema and not renormalize and (isinstance(fused, QuantizedStore) or device.type == "cpu")
+    codecs = [fused.codec] if isinstance(fused, QuantizedStore) else [fused.factor_codec, fused.residual_codec]
+    exact = exact and all(map(exact_codec, codecs))
     got_state, got = run_store(fused, shape, device, steps=3, ema=ema, renormalize=renormalize)
     ref_state, ref = run_store(reference, shape, device, steps=3, ema=ema, renormalize=renormalize)
     assert torch.count_nonzero(got[0]) == 0
@@ -179,31 +221,34 @@ def test_fused_accumulate_matches_the_reference(device, name, shape, ema, renorm
         elif exact:
             assert torch.equal(ref_state[key], got_state[key]), key
         else:
-            torch.testing.assert_close(got_state[key].float(), ref_state[key].float(), rtol=1e-5, atol=0)
+            rtol = max(1e-5, torch.finfo(ref_state[key].dtype).eps)  # companded fp16 steps: one ulp
+            torch.testing.assert_close(got_state[key].float(), ref_state[key].float(), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize(
     "codec,shape",
     [
         (make_codec(8, "linear", "column"), (48, 80)),
-        (make_codec(4, "mulaw", "row"), (48, 81)),  # odd rows: 4-bit pairs straddle rows
+        (make_codec(4, "mulaw-after-scale", "row"), (48, 81)),  # odd rows: 4-bit pairs straddle rows
         (make_codec(8, "dynamic", "grid", tile_size=16), (48, 80)),
         (make_codec(4, "linear", "grid", tile_size=16), (47, 81)),  # odd rows, ragged tiles
         (make_codec(4, "linear", "grid", tile_size=24), (48, 80)),  # tile not a power of two
         (make_codec(4, "linear", "block", block_size=100), (48, 80)),  # ragged last block
         (make_codec(4, "linear", "block", block_size=99), (48, 80)),  # odd blocks
+        (make_codec(4, "linear", "row", compand=True), (48, 81)),
+        (make_codec(4, "linear", "grid", tile_size=16, compand=True), (47, 81)),
     ],
     ids=["column-linear8", "row-mulaw4-odd", "grid-dynamic8", "grid-linear4-odd", "grid24-linear4", "block100-linear4",
-         "block99-linear4"],
+         "block99-linear4", "row-compand4-odd", "grid-compand4-odd"],
 )
 def test_other_layouts_accumulate_like_the_reference(device, codec, shape):
     got_state, got = run_store(QuantizedStore(codec, shape, kernels="triton"), shape, device, steps=3, ema=False,
                                renormalize=False)
     ref_state, ref = run_store(QuantizedStore(codec, shape, kernels="reference"), shape, device, steps=3, ema=False,
                                renormalize=False)
-    exact = not isinstance(codec.value_map, MuLawMap)
+    exact = exact_codec(codec)
     for b_got, b_ref in zip(got, ref):
-        torch.testing.assert_close(b_got, b_ref, rtol=0, atol=0 if exact else 1e-6)
+        torch.testing.assert_close(b_got, b_ref, rtol=0, atol=0 if exact else 1e-6 * b_ref.abs().max().item())
     assert_encodings_match(codec, {k[9:]: v for k, v in ref_state.items()}, {k[9:]: v for k, v in got_state.items()},
                            shape, exact_codes=exact)
 
@@ -212,16 +257,18 @@ NS_INPUT_CASES = [  # (codec, renormalize, nesterov): one-pass (block) and two-p
     (make_codec(8, "linear", "block", block_size=256), False, True),
     (make_codec(8, "linear", "block", block_size=256), False, False),
     (make_codec(4, "linear", "grid", tile_size=32), False, True),
-    (make_codec(4, "mulaw", "tensor"), True, True),
-    (make_codec(4, "mulaw", "tensor"), True, False),
+    (make_codec(4, "mulaw-after-scale", "tensor"), True, True),
+    (make_codec(4, "mulaw-after-scale", "tensor"), True, False),
     (make_codec(8, "linear", "tensor"), False, True),
+    (make_codec(4, "linear", "tensor", compand=True), True, True),
+    (make_codec(4, "linear", "block", block_size=128, compand=True), False, False),
 ]
 
 
 @pytest.mark.parametrize("ema", [False, True], ids=["sum", "ema"])
 @pytest.mark.parametrize("codec,renormalize,nesterov", NS_INPUT_CASES,
                          ids=["block-nesterov", "block", "grid-nesterov", "tensor-renorm-nesterov", "tensor-renorm",
-                              "tensor-nesterov"])
+                              "tensor-nesterov", "compand-tensor-renorm-nesterov", "compand-block"])
 def test_fused_ns_input_in_bf16_matches_the_reference(device, codec, renormalize, nesterov, ema):
     """The kernels write Newton–Schulz's bf16 input (momentum or its Nesterov form) as a by-product
     of the update; it equals the reference's fp32 result cast to bf16 up to one bf16 rounding step,
@@ -239,7 +286,7 @@ def test_fused_ns_input_in_bf16_matches_the_reference(device, codec, renormalize
         ref = stores["reference"].ns_input(states["reference"], grad, **kwargs)
         assert got.dtype == torch.bfloat16 and got.shape == shape
         torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-6 * ref.float().abs().max().item())
-    exact = not ema and not renormalize and not isinstance(codec.value_map, MuLawMap)
+    exact = not ema and not renormalize and exact_codec(codec)
     for key in states["reference"]:
         if key.endswith(".codes"):
             assert_codes_match(states["reference"][key], states["triton"][key], codec.bits, math.prod(shape), exact=exact)
@@ -359,7 +406,8 @@ def test_only_stochastic_rounding_and_foreign_codecs_lack_kernels():
     from muonq.optim.kernels.spec import unfusable_reason
 
     for gran in ("tensor", "block", "row", "column", "grid"):
-        assert unfusable_reason(make_codec(4, "mulaw", gran, block_size=99, tile_size=24)) is None
+        assert unfusable_reason(make_codec(4, "mulaw-after-scale", gran, block_size=99, tile_size=24)) is None
+        assert unfusable_reason(make_codec(4, "linear", gran, block_size=99, tile_size=24, compand=True)) is None
     assert "not a quantizing codec" in unfusable_reason(RawCodec())
     assert "stochastic" in unfusable_reason(make_codec(8, "linear", "block", stochastic=True))
 
@@ -427,7 +475,7 @@ def test_kernel_configurations_compile_for_cuda_without_a_gpu(monkeypatch):
     # every feature at least once: rules, granularities, paired / odd 4-bit layouts, scale dtypes, passes
     spec, enc, x, shape = setup(make_codec(8, "dynamic", "block"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, requantize=True)
-    spec, enc, x, shape = setup(make_codec(4, "mulaw", "tensor"), (64, 64))
+    spec, enc, x, shape = setup(make_codec(4, "mulaw-after-scale", "tensor"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, ema=True, stats=True)
     qk.dense_stats(spec, x)
     qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1))
@@ -442,10 +490,18 @@ def test_kernel_configurations_compile_for_cuda_without_a_gpu(monkeypatch):
     ns = torch.empty(64, 64, dtype=torch.bfloat16)
     spec, enc, x, shape = setup(make_codec(8, "linear", "block"), (64, 64))
     qk.decode_update(spec, enc, shape, grad=x, ema=True, requantize=True, write_out=False, ns_out=ns, nesterov=True)
-    spec, enc, x, shape = setup(make_codec(4, "mulaw", "tensor"), (64, 64))
+    spec, enc, x, shape = setup(make_codec(4, "mulaw-after-scale", "tensor"), (64, 64))
     qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1), overwrite=False, ns_out=ns, grad=x,
                      beta=0.9, nesterov=qk.UPDATE_SUM)
-    assert len(compiled) == 10
+    # MuonQ's quantizer: compand, step scales (tensor and column two-pass, block in the tile), expand
+    spec, enc, x, shape = setup(make_codec(4, "linear", "tensor", compand=True), (64, 64))
+    qk.decode_update(spec, enc, shape, grad=x, stats=True, addend=x)
+    qk.quantize_into(spec, x, enc, absmax=torch.ones(1), divisor=torch.ones(1))
+    spec, enc, x, shape = setup(make_codec(4, "linear", "column", compand=True), (64, 8))
+    qk.quantize_into(spec, x, enc, absmax=torch.ones(8))
+    spec, enc, x, shape = setup(make_codec(8, "linear", "block", block_size=128, compand=True), (64, 64))
+    qk.decode_update(spec, enc, shape, grad=x, requantize=True)
+    assert len(compiled) == 14
 
 
 @parent_only
@@ -455,7 +511,7 @@ def test_interpreter_suite():
     must be on before the kernels are defined)."""
     env = {**os.environ, CHILD_ENV: "1", "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail

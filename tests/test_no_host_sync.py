@@ -17,8 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muonq.config import compose_config, optimizer_spec
-from muonq.config import OPTIMIZERS
+from muonq.config import OPTIMIZERS, compose_config, optimizer_spec
 from muonq.optim.zero import build_sharded_optimizer
 
 # Square, wide, tall and odd shapes (odd: partial blocks, tiles and 4-bit pairs); two of one shape

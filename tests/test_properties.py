@@ -2,12 +2,14 @@
 
 * Codecs: any shape, any mix of zeros, subnormals, ordinary and huge values (incl. inf/NaN)
   decodes to finite values; zeros stay exact zeros; signs never flip; wherever the stored scale
-  covers an element, the error is at most one gap of the code map times that scale.
+  covers an element, the error is at most one gap of the code map times that scale (companded
+  codecs: at most one stored step in the companded domain, of the value clamped to [-1, 1]).
 * Shard reading: tests/test_data_shards.py already fuzzes ``parse_header`` field by field and
   truncations of real shards; here, whole files of arbitrary bytes, and random damage to a
   complete dataset folder (any shard or meta.json byte, truncation, extension), must end in a
-  ``ValueError`` / ``FileNotFoundError`` naming the problem or in a consistent read, never in
-  another exception or a silently wrong token count.
+  ``UserError`` (a ``ValueError``; ``MissingInputError`` for a missing file) naming the problem or
+  in a consistent read, never in another exception (which the entry points would report as a
+  bug) or a silently wrong token count.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from hypothesis import strategies as st
 
 from muonq.data.loader import check_dataset
 from muonq.data.shards import HEADER_BYTES, MAGIC, list_shards, open_tokens, read_header, write_shard
-from muonq.optim.codecs import make_codec
+from muonq.errors import UserError
+from muonq.optim.codecs import QuantCodec, make_codec
 
 # -- codecs ------------------------------------------------------------------------------------
 
@@ -43,11 +46,12 @@ MAGNITUDES = {  # (low, high) of |x| for each kind of value
 @st.composite
 def codec_cases(draw):
     bits = draw(st.sampled_from([4, 8]))
-    value_map = draw(st.sampled_from(["linear", "mulaw"] + (["dynamic"] if bits == 8 else [])))
+    value_map = draw(st.sampled_from(["linear", "mulaw-after-scale"] + (["dynamic"] if bits == 8 else [])))
     gran = draw(st.sampled_from(["tensor", "block", "row", "column", "grid"]))
     rows, cols = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     codec = make_codec(bits, value_map, gran, block_size=draw(st.sampled_from([1, 3, 16, 64])),
-                       tile_size=draw(st.sampled_from([1, 4, 16])), stochastic=draw(st.booleans()))
+                       tile_size=draw(st.sampled_from([1, 4, 16])), stochastic=draw(st.booleans()),
+                       compand=value_map == "linear" and draw(st.booleans()))
     kinds = draw(st.lists(st.sampled_from(sorted(MAGNITUDES)), min_size=1, max_size=3))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -93,6 +97,9 @@ def test_codec_round_trip_is_finite_exact_at_zero_and_bounded(case) -> None:
     assert torch.isfinite(x_hat).all()
     assert torch.all(x_hat[x == 0] == 0)
     assert torch.all(torch.sign(x_hat) * torch.sign(x) >= 0), "a sign flipped"
+    if codec.compander is not None:
+        check_companded(codec, encoded, x, x_hat)
+        return
     scale = elementwise_scale(codec, encoded, x.shape)
     assert torch.isfinite(scale).all() and (scale >= 0).all()
     covered = scale >= x.abs()  # false only where an fp16 scale saturated at 65504
@@ -106,11 +113,30 @@ def test_codec_round_trip_is_finite_exact_at_zero_and_bounded(case) -> None:
         assert torch.all((again - x_hat).abs() <= scale * max_level_gap(codec) * 1e-3 + 1e-30)
 
 
+def check_companded(codec, encoded, x, x_hat) -> None:
+    """Companded codecs: in the companded domain, the error is at most half a stored step (one step
+    with stochastic rounding) of the value clamped to [-1, 1], and requantizing changes nothing
+    (beyond the fp16 rounding of the step)."""
+    plain = QuantCodec(codec.value_map, codec.granularity, block_size=codec.block_size, tile_size=codec.tile_size,
+                       scale_dtype=codec.scale_dtype)
+    step = elementwise_scale(plain, encoded, x.shape)  # the stored step of each element
+    assert torch.isfinite(step).all() and (step >= 0).all()
+    compand = codec.compander.compand
+    target = compand(torch.nan_to_num(x, nan=0.0).clamp(-1.0, 1.0))
+    gap = (target - compand(x_hat)).abs()
+    rounding = 1.0 if codec.stochastic else 0.5
+    # codes round y / (fp32 step); decoding multiplies by the stored step, 2**-11 away in fp16
+    assert torch.all(gap <= step * (rounding + 4e-3) + 1e-6), float((gap - step * rounding).max())
+    if not codec.stochastic:
+        again = codec.decode(codec.encode(x_hat), x.shape)
+        assert torch.all((compand(again) - compand(x_hat)).abs() <= step * 1e-3 + 1e-6)
+
+
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(1, 64), cols=st.integers(1, 64), bits=st.sampled_from([4, 8]),
-       gran=st.sampled_from(["tensor", "block", "row", "column", "grid"]))
-def test_all_zero_state_encodes_to_the_zero_encoding(rows: int, cols: int, bits: int, gran: str) -> None:
-    codec = make_codec(bits, "linear", gran, block_size=32, tile_size=8)
+       gran=st.sampled_from(["tensor", "block", "row", "column", "grid"]), compand=st.booleans())
+def test_all_zero_state_encodes_to_the_zero_encoding(rows: int, cols: int, bits: int, gran: str, compand: bool) -> None:
+    codec = make_codec(bits, "linear", gran, block_size=32, tile_size=8, compand=compand)
     encoded = codec.encode(torch.zeros(rows, cols))
     zero = codec.zeros((rows, cols))
     assert encoded.keys() == zero.keys() and all(torch.equal(encoded[k], zero[k]) for k in zero)
@@ -129,7 +155,7 @@ def test_arbitrary_bytes_are_rejected_or_read_consistently(tmp_path: pathlib.Pat
     path.write_bytes(bytes(raw))
     try:
         header = read_header(path)
-    except ValueError as err:
+    except UserError as err:
         assert str(path) in str(err)
         return
     assert path.stat().st_size == HEADER_BYTES + header.num_tokens * header.dtype.itemsize
@@ -181,7 +207,7 @@ def test_malformed_meta_json_is_rejected_cleanly(tmp_path: pathlib.Path, small_d
     (folder / "meta.json").write_text(json.dumps(meta))
     try:
         got = check_dataset(folder, seq_len=16, model_vocab_size=300)
-    except (ValueError, FileNotFoundError):
+    except UserError:
         return
     assert got.vocab_size <= 300 and got.train_tokens == sum(read_header(p).num_tokens for p in list_shards(folder, "train"))
 
@@ -213,7 +239,7 @@ def test_damaged_dataset_is_rejected_or_read_consistently(
     path.write_bytes(bytes(data))
     try:
         meta = check_dataset(folder, seq_len=16, model_vocab_size=300)
-    except (ValueError, FileNotFoundError):
+    except UserError:
         return
     # accepted: then what is read must agree with the files
     for split in ("train", "val"):

@@ -638,6 +638,37 @@ def test_checkpoint_of_another_model_or_optimizer_is_refused(tmp_path: Path, sha
     assert not (tmp_path / "logs").exists()
 
 
+SETUP_BUG = """
+def install(trainer):
+    raise ValueError("internal invariant broken (injected into the trainer's setup)")
+"""
+
+
+@pytest.mark.parametrize("case", ["bad-plugin-spec", "internal-valueerror"])
+def test_setup_errors_keep_their_traceback_unless_the_user_caused_them(tmp_path: Path, shakespeare_data: Path,
+                                                                        case: str) -> None:
+    """Only user errors end in one line and exit 2: a MUONQ_PLUGINS entry that does not import is
+    the user's; a ValueError raised while the trainer is built (here by a plugin, as a bug deep in
+    the setup would) is a bug and keeps its traceback."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "setup_bug.py").write_text(SETUP_BUG)
+    path = os.pathsep.join(p for p in (str(plugins), os.environ.get("PYTHONPATH", "")) if p)
+    spec = "no_such_plugin_module:install" if case == "bad-plugin-spec" else "setup_bug:install"
+    code, output = run(command(tmp_path / "out", shakespeare_data, *BASE), tmp_path,
+                       env={"PYTHONPATH": path, "MUONQ_PLUGINS": spec}, timeout=300)
+    if case == "bad-plugin-spec":
+        assert code == 2, output[-3000:]
+        assert re.search(r"error: MUONQ_PLUGINS: cannot load 'no_such_plugin_module:install' \(ModuleNotFoundError", output), \
+            output[-3000:]
+        assert "Traceback" not in output
+    else:
+        assert code not in (0, 2), output[-3000:]
+        assert "Traceback" in output and "ValueError: internal invariant broken" in output, output[-3000:]
+        assert "setup_bug.py" in output  # the frame that raised is shown
+    assert not (tmp_path / "logs").exists()  # no training started
+
+
 def test_sweep_under_torchrun_is_refused_instead_of_hanging(tmp_path: Path, shakespeare_data: Path) -> None:
     cmd = command(tmp_path / "out", shakespeare_data, *BASE, nproc=2)
     cmd.insert(cmd.index(str(REPO / "run_hydra.py")) + 1, "-m")

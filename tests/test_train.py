@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+
 import numpy as np
 import pytest
+import torch
 
 from muonq.data import TokenLoader, check_dataset, validation_batches
 
@@ -85,3 +88,30 @@ def test_missing_dataset_names_the_command(tmp_path) -> None:
     proc, _ = run_training(tmp_path / "out", tmp_path / "empty", *TINY, "recipe.training_params.max_steps=2")
     assert proc.returncode == 2
     assert "process_data.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+PROBE = '''
+import os, torch
+def install(trainer):
+    torch.save(trainer.model.state_dict(), os.environ["PROBE_OUT"])
+'''
+
+
+def test_the_run_starts_from_the_seeded_model_initialized_once(tmp_path, shakespeare_data) -> None:
+    """The trainer's starting weights are exactly ``build_model`` under the run's seed: the model is
+    initialized once (a second init_weights would draw new weights from the advanced RNG)."""
+    from muonq.config import compose_config
+    from muonq.models import build_model
+    from muonq.train.hooks import PLUGINS_ENV
+
+    (tmp_path / "probe_init.py").write_text(PROBE)
+    out = tmp_path / "weights.pt"
+    pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    proc, _ = run_training(tmp_path / "out", shakespeare_data, *TINY, "seed=7", "recipe.training_params.max_steps=1",
+                           env={PLUGINS_ENV: "probe_init:install", "PROBE_OUT": str(out), "PYTHONPATH": pythonpath})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.manual_seed(7)
+    expected = build_model(compose_config(list(TINY)).recipe.model).state_dict()
+    got = torch.load(out, weights_only=True)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -42,7 +42,6 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _model() -> tuple[torch.nn.Module, list, list]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(**MODEL))
-    model.init_weights()
     hidden = model.hidden_matrices()
     ids = {id(p) for _, p in hidden}
     return model, hidden, [(n, p) for n, p in model.named_parameters() if id(p) not in ids]

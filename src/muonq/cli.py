@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from muonq.errors import UserError
 
-class UsageError(ValueError):
+
+class UsageError(UserError):
     """A bad command line; the tool prints it with its usage and exits 2."""
 
 
@@ -74,8 +76,16 @@ def as_list(value: Any, key: str) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def as_int(value: Any, key: str, *, minimum: int) -> int:
+    """An integer argument: ``value`` if it is one and at least ``minimum``, else a UsageError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{key}= must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def run_cli(main: Any, usage: str, argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; print usage for -h/--help, and one-line errors (exit 2) for bad input."""
+    """Call ``main(argv)``; print usage for -h/--help, and one-line errors (exit 2) for bad input
+    (:class:`~muonq.errors.UserError`); any other exception is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(usage)
@@ -85,6 +95,6 @@ def run_cli(main: Any, usage: str, argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}\n\n{usage}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from muonq.errors import UserError
 from muonq.optim.spec import FAMILIES, KERNEL_MODES, MATMUL_DTYPES, VALUE_MAPS, OptimizerSpec
 
 MODEL_TYPES = ("llama", "gpt")
@@ -89,14 +90,14 @@ class OptimizerArgs:
     adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments, 8 = torchao's blockwise AdamW8bit
     # quantized state
     qbit: int = 32  # 32 = full precision; 8 or 4
-    quant: str = "linear"  # linear | dynamic | mulaw
+    quant: str = "linear"  # code map after the scale: linear | dynamic | mulaw-after-scale (mu-law of x / absmax)
     gran: str = "block"  # tensor | block (per-tensor or blockwise scales)
     block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-bit AdamW state
     min_quant_numel: int = 4096  # smaller matrices keep fp32 momentum
     stochastic: bool = False  # stochastic rounding when encoding
     # MuonQ parts
     norm: bool = False  # pre-quantization normalization
-    compand: bool = False  # mu-law companding
+    compand: bool = False  # MuonQ's mu-law: compand the raw values, then the scale and linear codes
     mu: float = 255.0
     rank: int = 0  # structural decomposition rank divisor: k = min(m, n) // rank; 0 = off
     residual_block_size: int = 0  # MuonQ residual: 0 = one scale per tensor, else per block
@@ -142,8 +143,17 @@ class LoggingParams:
 
 
 @dataclass
+class ParallelismConfig:
+    """How the model is spread over the ranks (``hydra_conf/parallelism/``)."""
+
+    name: str = "ddp"  # ddp: replicated parameters + ZeRO-1 | fsdp: FSDP2 fully_shard per block and root
+    reshard_after_forward: bool = True  # fsdp: free the gathered parameters after each block's forward
+
+
+@dataclass
 class RunConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     optimizer_params: OptimizerParams = field(default_factory=OptimizerParams)
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     logging_params: LoggingParams = field(default_factory=LoggingParams)
@@ -170,7 +180,7 @@ def compose_config(overrides: list[str]) -> Any:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("test_hydra", overrides=[o for o in overrides if not o.startswith("hydra.")])
     except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"bad override in {' '.join(overrides)}: {err}") from err
+        raise ConfigError(f"bad override in {' '.join(overrides)}: {err}") from err
     finally:
         GlobalHydra.instance().clear()
 
@@ -180,7 +190,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot run; the message names the key."""
 
 
@@ -263,8 +273,25 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(log.save_ckpt_step > 0, "logging_params.save_ckpt_step", f"must be > 0, got {log.save_ckpt_step}")
     _check(log.keep_last >= 1, "logging_params.keep_last", f"must be >= 1, got {log.keep_last}")
     _check(log.val_tokens_processed >= 0, "logging_params.val_tokens_processed", f"must be >= 0, got {log.val_tokens_processed}")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(str(cfg.resume).lower() in ("false", "true", "auto"), "resume", f"got {cfg.resume!r}, expected false, true or auto")
     _check_choice(cfg.device, "device", ("auto", "cpu", "cuda"))
+    _check_parallelism(cfg, world_size)
+
+
+def _check_parallelism(cfg: Any, world_size: int) -> None:
+    par = cfg.parallelism
+    _check_choice(par.name, "parallelism", ("ddp", "fsdp"))
+    if par.name != "fsdp":
+        return
+    _check(world_size > 1, "parallelism", "fsdp shards over ranks and needs more than one process; run it under "
+           "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
+    _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",
+           "false (replicated optimizer state) does not apply under parallelism=fsdp, which always shards it")
+    _check(not cfg.logging_params.save_checkpoint, "logging_params.save_checkpoint",
+           "checkpoints under parallelism=fsdp are not supported yet; set it to false or use parallelism=ddp")
+    _check(str(cfg.resume).lower() == "false", "resume",
+           "resuming under parallelism=fsdp is not supported yet; set resume=false or use parallelism=ddp")
 
 
 # -- the optimizer: flat keys -> one typed spec -------------------------------------------------------
@@ -331,11 +358,15 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
     _check(args.adamw_bits in (8, 32), _ARGS + "adamw_bits", f"got {args.adamw_bits}, expected 32 or 8")
     _check(args.qbit in (4, 8, 32), _ARGS + "qbit", f"got {args.qbit}, expected one of 4, 8, 32")
     _check(args.factor_bits in (4, 8, 32), _ARGS + "factor_bits", f"got {args.factor_bits}, expected one of 4, 8, 32")
+    _check(args.quant != "mulaw", _ARGS + "quant",
+           "got 'mulaw': MuonQ's mu-law (on the raw values, before the scale) is compand=true with quant=linear; "
+           "mu-law levels of x / absmax (the value scaled first) are quant=mulaw-after-scale")
     _check_choice(args.quant, _ARGS + "quant", VALUE_MAPS)
     _check(not (args.quant == "dynamic" and args.qbit == 4), _ARGS + "quant",
            "the dynamic code map is 8-bit; use qbit=8 or quant=linear")
-    _check(not (args.compand and args.quant == "dynamic"), _ARGS + "compand",
-           "mu-law companding replaces the code map; it cannot be combined with quant=dynamic")
+    _check(not args.compand or args.quant == "linear", _ARGS + "compand",
+           f"mu-law companding of the raw values is followed by linear codes; it cannot be combined with "
+           f"quant={args.quant}")
     _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
     _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
     _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
@@ -354,7 +385,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     :class:`~muonq.optim.spec.OptimizerSpec` that is built; bad values raise :class:`ConfigError`.
 
     Momentum store of the Muon family: ``qbit`` 32 -> fp32. Otherwise codes of ``qbit`` bits with
-    the map ``quant`` (``mulaw`` when ``compand``); with ``rank`` > 0 the MuonQ / GRASP
+    the map ``quant``, of the raw values mu-law companded (``mu``) before the scale when ``compand``
+    (MuonQ's quantizer); with ``rank`` > 0 the MuonQ / GRASP
     decomposition: factors of ``factor_bits`` bits with one scale per column, the residual with
     ``grid`` scales (``tile_size``), else one per ``residual_block_size`` block when > 0, else one
     per tensor; matrices too narrow for the rank, and every matrix without ``rank``, use scales per
@@ -373,8 +405,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
         return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
 
     def codec(bits: int, granularity: str, block_size: int = a.block_size) -> CodecSpec:
-        return CodecSpec(bits, "mulaw" if a.compand else a.quant, granularity, block_size=block_size,
-                         tile_size=a.tile_size, mu=a.mu, stochastic=a.stochastic)
+        return CodecSpec(bits, a.quant, granularity, block_size=block_size, tile_size=a.tile_size, mu=a.mu,
+                         compand=a.compand, stochastic=a.stochastic)
 
     store: Any = FullPrecisionMomentum()
     if a.qbit != 32:
@@ -403,7 +435,7 @@ def preset(name: str, **arg_overrides: Any) -> OptimizerSpec:
 
     if name not in OPTIMIZERS and name not in VARIANTS:
         known = ", ".join(sorted(set(OPTIMIZERS) | set(VARIANTS)))
-        raise ValueError(f"unknown variant {name!r}; expected an optimizer YAML or a named variant: {known}")
+        raise ConfigError(f"unknown variant {name!r}; expected an optimizer YAML or a named variant: {known}")
     yaml_name, variant_args = VARIANTS.get(name, (name, {}))
     merged = OmegaConf.merge(_optimizer_yaml(yaml_name), {"args": {**variant_args, **arg_overrides}})
     return optimizer_spec(OmegaConf.to_object(merged))

@@ -1,34 +1,26 @@
-"""Evaluate a checkpoint: validation loss and perplexity on a prepared dataset, and zero-shot
-accuracy through lm-evaluation-harness where it and its task data are available.
+"""Command line: evaluate a checkpoint (validation loss and perplexity on a prepared dataset,
+zero-shot accuracy through lm-evaluation-harness where available). The work is in
+``muonq.evaluation``; what the numbers mean is said there.
 
     python -m muonq.evaluate checkpoint=checkpoints/llama-tiny_muonq
     python -m muonq.evaluate checkpoint=PATH dataset=fineweb100B tokenizer=llama2 data_dir=/data \\
         tasks=[hellaswag,arc_easy] limit=500
-
-The loss is computed on the same windows, in the same order and batches, as the trainer's final
-full validation (``val/final_loss`` in metrics.jsonl), so the numbers agree: the validation split
-cut into ``seq_len`` windows, ``batch_size`` at a time, the last partial batch dropped, mean of
-the batch means. A run on W ranks used W x batch_size windows per batch: pass that as batch_size.
-It is the trainer's own loop (:func:`muonq.train.validate.validation_loss`), in the run's precision:
-autocast on CUDA as the checkpoint's ``recipe.training_params`` (autocast, mixed_precision) says,
-fp32 on the CPU.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import pathlib
 import sys
 import tempfile
 import time
-from typing import Any
 
-import torch
-
-from muonq.cli import UsageError, as_list, parse_args, run_cli
-from muonq.export import build_from_checkpoint, dataset_folder, export, load_checkpoint
+from muonq.checkpoints import build_from_checkpoint, dataset_folder, load_checkpoint, recorded_layout
+from muonq.cli import UsageError, as_int, as_list, parse_args, run_cli
+from muonq.evaluation import checkpoint_validation_loss, zero_shot
+from muonq.hf.export import export
+from muonq.train.distributed import pick_device
+from muonq.train.validate import perplexity
 
 USAGE = """\
 usage: python -m muonq.evaluate checkpoint=PATH [dataset=NAME tokenizer=TOK data_dir=DIR | data=FOLDER]
@@ -55,92 +47,6 @@ usage: python -m muonq.evaluate checkpoint=PATH [dataset=NAME tokenizer=TOK data
 DEFAULT_TASKS = ["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande"]
 
 
-# -- validation loss ---------------------------------------------------------------------------
-def _recorded_precision(ckpt: Any) -> tuple[bool, str]:
-    """(autocast, mixed_precision) of the run's ``recipe.training_params`` where the checkpoint
-    records them, else the defaults: the forward passes run in the precision they trained in."""
-    from muonq.config import TrainingParams
-
-    tp = ((ckpt.run_config or {}).get("recipe") or {}).get("training_params") or {}
-    return bool(tp.get("autocast", TrainingParams.autocast)), str(tp.get("mixed_precision", TrainingParams.mixed_precision))
-
-
-# -- zero-shot ---------------------------------------------------------------------------------
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return f"{type(err).__name__}: {text[:200]}"
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def zero_shot(hf_dir: pathlib.Path | None, tasks: list[str], *, limit: int | None, device: str,
-              batch_size: int = 8, export_fn: Any = None, tasks_dir: str | None = None,
-              ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-    """({task: {metric: value}}, {task: why it is unavailable}). ``hf_dir`` is an exported model
-    folder; ``export_fn()`` makes one when needed (only if some task can run). ``tasks_dir``: more
-    task YAMLs for lm-evaluation-harness (its ``include_path``)."""
-    results: dict[str, dict[str, float]] = {}
-    unavailable: dict[str, str] = {}
-    if not tasks:
-        return results, unavailable
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager, get_task_dict
-    except ImportError as err:
-        why = "lm-evaluation-harness is not installed (pip install lm-eval)" if isinstance(err, ModuleNotFoundError) \
-            else f"lm-evaluation-harness does not import ({_one_line(err)})"
-        return results, {task: why for task in tasks}
-
-    manager = TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
-    runnable = []
-    for task in tasks:
-        if task not in manager.all_tasks:
-            unavailable[task] = f"not a task of lm-evaluation-harness {getattr(lm_eval, '__version__', '')}".rstrip()
-            continue
-        try:  # builds the task and loads its dataset (from the HF cache when offline)
-            if hasattr(manager, "load"):  # lm-eval >= 0.4.10; get_task_dict is deprecated there
-                manager.load([task])
-            else:
-                get_task_dict([task], manager)
-        except Exception as err:  # noqa: BLE001 - any failure to load task data makes the task unavailable
-            hint = " (offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set and its data not in the HF cache)" if _offline() else ""
-            unavailable[task] = f"its data could not be loaded{hint}: {_one_line(err)}"
-            continue
-        runnable.append(task)
-    if not runnable:
-        return results, unavailable
-
-    from lm_eval.models.huggingface import HFLM
-
-    if hf_dir is None:
-        hf_dir = export_fn()
-    lm = HFLM(pretrained=str(hf_dir), device=device, batch_size=batch_size, dtype="float32")
-    output = lm_eval.simple_evaluate(model=lm, tasks=runnable, task_manager=manager, limit=limit, num_fewshot=0,
-                                     log_samples=False)
-    for task in runnable:
-        metrics = (output or {}).get("results", {}).get(task, {})
-        picked = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and k.split(",")[0] in ("acc", "acc_norm")}
-        if picked:
-            results[task] = picked
-        else:
-            unavailable[task] = "lm-evaluation-harness returned no acc/acc_norm for it"
-    return results, unavailable
-
-
-# -- command line ------------------------------------------------------------------------------
-def _recorded_layout(ckpt: Any) -> tuple[int | None, int | None, str]:
-    """(seq_len, batch_size) of the run where the checkpoint records them."""
-    run = ckpt.run_config or {}
-    tp = (run.get("recipe") or {}).get("training_params") or {}
-    seq_len = tp.get("context_length") or (ckpt.payload.get("loader") or {}).get("seq_len")
-    batch = tp.get("batch_size")
-    world = ckpt.payload.get("world_size") or run.get("world_size") or 1
-    return seq_len, (batch * world if batch else None), "run config" if tp else "loader state"
-
-
 def main(argv: list[str]) -> int:
     values, _ = parse_args(argv, keys={"checkpoint": None, "dataset": None, "tokenizer": None, "data_dir": None,
                                        "data": None, "seq_len": None, "batch_size": None, "max_tokens": 0,
@@ -149,29 +55,28 @@ def main(argv: list[str]) -> int:
     if not values["checkpoint"]:
         raise UsageError("checkpoint= is required")
     ckpt = load_checkpoint(str(values["checkpoint"]))
-    data, how = dataset_folder(values, ckpt)
+    data, how = dataset_folder(ckpt, data=values["data"], dataset=values["dataset"], tokenizer=values["tokenizer"],
+                               data_dir=values["data_dir"])
     from muonq.data import check_dataset
 
     model = build_from_checkpoint(ckpt)
-    rec_seq, rec_batch, _ = _recorded_layout(ckpt)
-    seq_len = int(values["seq_len"] or rec_seq or 128)
-    batch_size = int(values["batch_size"] or rec_batch or 16)
+    rec_seq, rec_batch, _ = recorded_layout(ckpt)
+    seq_len = as_int(values["seq_len"] or rec_seq or 128, "seq_len", minimum=1)
+    batch_size = as_int(values["batch_size"] or rec_batch or 16, "batch_size", minimum=1)
+    max_tokens = as_int(values["max_tokens"] or 0, "max_tokens", minimum=0)
+    if values["limit"] is not None:
+        as_int(values["limit"], "limit", minimum=1)
+    if model.cfg.model_type == "gpt" and seq_len > model.cfg.block_size:
+        raise UsageError(f"seq_len={seq_len} exceeds the model's {model.cfg.block_size} learned positions (block_size)")
     meta = check_dataset(data, seq_len=seq_len, model_vocab_size=model.cfg.vocab_size)
-    device = str(values["device"])
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    from muonq.train.parallelize import autocast_context
-    from muonq.train.validate import validation_loss
+    if values["device"] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device= must be auto, cpu or cuda, got {values['device']!r}")
+    device = pick_device(values["device"], 0).type  # cuda without a GPU: a one-line error
 
     start = time.perf_counter()
-    autocast, mixed_precision = _recorded_precision(ckpt)
-    model.to(device)
-    loss, tokens = validation_loss(model, data, seq_len=seq_len, batch_size=batch_size,
-                                   max_tokens=int(values["max_tokens"] or 0), device=torch.device(device),
-                                   autocast=autocast_context(torch.device(device), autocast=autocast,
-                                                             mixed_precision=mixed_precision))
-    ppl = math.exp(min(loss, 50.0))
+    loss, tokens = checkpoint_validation_loss(model, ckpt, data, seq_len=seq_len, batch_size=batch_size,
+                                              max_tokens=max_tokens, device=device)
+    ppl = perplexity(loss)
     print(f"checkpoint {ckpt.path} (step {ckpt.step}, {ckpt.payload.get('optimizer_name')}, {ckpt.model_config['model_type']})")
     print(f"dataset {data} ({how}; tokenizer {meta.tokenizer})")
     print(f"validation loss {loss:.4f}  perplexity {ppl:.2f}  ({tokens:,} tokens, {seq_len}-token windows, "

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from muonq.config import ConfigError, register_configs, validate
 from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
+from muonq.errors import UserError
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
 
 log = logging.getLogger("muonq")
@@ -57,7 +58,7 @@ _preflight_done = False
 
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no model, no process group and no checkpoint: config values, the
-    device, the dataset's files and vocab, W&B credentials. Raises ValueError / FileNotFoundError."""
+    device, the dataset's files and vocab, W&B credentials. Bad input raises :class:`UserError`."""
     from muonq.data import check_dataset, dataset_dir, resolve_data_dir
     from muonq.train.distributed import pick_device, world_size_from_env
 
@@ -65,24 +66,22 @@ def preflight(cfg: DictConfig) -> None:
     pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     tp, ds = cfg.recipe.training_params, cfg.recipe.dataset
     folder = dataset_dir(resolve_data_dir(cfg.data_dir), ds.name, ds.tokenizer)
-    try:
-        check_dataset(folder, seq_len=tp.context_length, model_vocab_size=cfg.recipe.model.vocab_size)
-    except (KeyError, TypeError, AttributeError) as err:  # well-formed JSON of the wrong shape
-        raise ValueError(f"{folder}/meta.json is malformed ({type(err).__name__}: {err}); "
-                         "delete the folder and rerun process_data.py") from err
+    check_dataset(folder, seq_len=tp.context_length, model_vocab_size=cfg.recipe.model.vocab_size)
     if wandb_mode() == "online" and not wandb_logged_in():
-        raise ValueError("WANDB_MODE=online needs WANDB_API_KEY (in .env or the environment) or `wandb login`; "
-                             "or set WANDB_MODE=offline")
+        raise UserError("WANDB_MODE=online needs WANDB_API_KEY (in .env or the environment) or `wandb login`; "
+                        "or set WANDB_MODE=offline")
+
+
+def _print_user_error(err: UserError) -> None:
+    print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
 
 
 def _preflight_or_exit(cfg: DictConfig) -> None:
+    """Bad input ends in one line and exit 2; any other exception is a bug and keeps its traceback."""
     try:
         preflight(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        _print_user_error(err)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -108,13 +107,17 @@ def run(cfg: DictConfig) -> dict:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        # Setup failures caused by the user's input (data, checkpoint, devices) end in one line.
+        # Setup failures caused by the user's input (data, checkpoint, devices, plugins named in
+        # MUONQ_PLUGINS) end in one line; anything else is a bug: it keeps its traceback.
         trainer = Trainer(cfg, run_name=run_name_for(cfg), run_dir=run_dir)
         trainer.maybe_resume()
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         shutdown(graceful=False)
-        print(f"error: {err}", file=sys.stderr)
+        _print_user_error(err)
         sys.exit(EXIT_BAD_INPUT)
+    except BaseException:
+        shutdown(graceful=False)
+        raise
     try:
         summary = trainer.fit()
     except StopRequested as stop:  # every rank stopped at the same step; the checkpoint is complete

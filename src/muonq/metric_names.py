@@ -31,6 +31,9 @@ STATE_BYTES_RANK = "optim/state_bytes_rank"  # this (the logging) rank's share
 STATE_BYTES_RANK_MAX = "optim/state_bytes_rank_max"  # the largest rank's share
 STATE_BYTES_PREFIX = "optim/state_bytes_"  # + an optimizer's name ("muon", "adamw"): all ranks
 MUON_BYTES_PER_PARAM = "optim/muon_bytes_per_param"
+# parameters and gradients, logged with the state bytes: what the largest rank holds (its shards under fsdp)
+PARAM_BYTES_RANK_MAX = "memory/param_bytes_rank_max"
+GRAD_BYTES_RANK_MAX = "memory/grad_bytes_rank_max"
 MUON_RATIO_VS_FP32 = "optim/muon_ratio_vs_fp32"  # 4 bytes / MUON_BYTES_PER_PARAM
 
 

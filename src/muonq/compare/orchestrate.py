@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from muonq.cli import UsageError
 from muonq.commands import entry_command
 from muonq.compare.runs import RunResult, load_run
 from muonq.compare.table import fmt
+from muonq.errors import UserError
 
 
 def _given(overrides: list[str], key: str) -> bool:
@@ -62,7 +64,7 @@ def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list
         try:
             validate(cfg, world_size=world_size)
         except ConfigError as err:
-            raise ValueError(f"{opt}: {err}") from err
+            raise UserError(f"{opt}: {err}") from err
         planned.append((opt, runs_root / opt, overrides))
     return planned
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from muonq import metric_names as names
+from muonq.errors import MissingInputError
 
 
 @dataclass
@@ -73,7 +74,7 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
     run_dir = Path(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
     if not metrics_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a run folder, or the run never started)")
+        raise MissingInputError(f"{run_dir}: no metrics.jsonl (not a run folder, or the run never started)")
     rows = read_metrics(metrics_file)
     config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
     hydra = _read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}

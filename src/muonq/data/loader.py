@@ -21,6 +21,7 @@ import torch
 
 from muonq.data.paths import creation_command
 from muonq.data.shards import META_FILE, PROGRESS_FILE, SPLITS, VERSION, ShardHeader, list_shards, open_tokens, read_header
+from muonq.errors import MissingInputError, UserError
 
 _OPEN_SHARDS = 4  # memory maps kept open (a batch touches one or two shards)
 
@@ -42,29 +43,29 @@ def check_dataset(path: pathlib.Path, *, seq_len: int, model_vocab_size: int) ->
     path = pathlib.Path(path)
     meta_path = path / META_FILE
     if not meta_path.exists() and (path / PROGRESS_FILE).exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is incomplete (its preparation was interrupted); finish it with `{creation_command(path)}`"
         )
     headers = {split: _split_headers(path, split) for split in SPLITS}
     formats = {h.format for found in headers.values() for h in found}
     if len(formats) > 1:
-        raise ValueError(f"{path} mixes shard formats {sorted(formats)}")
+        raise UserError(f"{path} mixes shard formats {sorted(formats)}")
     fmt = formats.pop()
     if meta_path.exists():
         meta = _read_meta(meta_path, headers)
     elif fmt == "muonq":
-        raise FileNotFoundError(f"{path} has no {META_FILE}: its preparation did not finish; rerun `{creation_command(path)}`")
+        raise MissingInputError(f"{path} has no {META_FILE}: its preparation did not finish; rerun `{creation_command(path)}`")
     else:
         meta = _foreign_meta(fmt, headers)
     if meta.vocab_size > model_vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{path}: the data's vocab ({meta.vocab_size} ids, tokenizer {meta.tokenizer}) is larger than the model's "
             f"vocab_size {model_vocab_size}; pick a recipe/tokenizer that match"
         )
     for split, found in headers.items():
         longest = max(h.num_tokens for h in found)
         if longest < seq_len + 1:
-            raise ValueError(
+            raise UserError(
                 f"{path}: every {split} shard is shorter than seq_len + 1 = {seq_len + 1} tokens (longest: {longest})"
             )
     return meta
@@ -72,41 +73,41 @@ def check_dataset(path: pathlib.Path, *, seq_len: int, model_vocab_size: int) ->
 
 def _split_headers(path: pathlib.Path, split: str) -> list[ShardHeader]:
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset folder {path} not found; create it with `{creation_command(path)}`")
+        raise MissingInputError(f"dataset folder {path} not found; create it with `{creation_command(path)}`")
     headers = [read_header(p) for p in list_shards(path, split)]
     if not headers:
-        raise FileNotFoundError(f"{path} has no {split} shards ({split}_NNNNNN.bin); create them with `{creation_command(path)}`")
+        raise MissingInputError(f"{path} has no {split} shards ({split}_NNNNNN.bin); create them with `{creation_command(path)}`")
     return headers
 
 
 def _read_meta(meta_path: pathlib.Path, headers: dict[str, list[ShardHeader]]) -> DatasetMeta:
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{meta_path}: not valid JSON ({err})") from err
     try:
         return _meta_from_json(meta_path, meta, headers)
     except (KeyError, TypeError, AttributeError) as err:  # valid JSON of the wrong shape
-        raise ValueError(f"{meta_path}: not a MuonQ meta.json (missing or malformed {err!r})") from err
+        raise UserError(f"{meta_path}: not a MuonQ meta.json (missing or malformed {err!r})") from err
 
 
 def _meta_from_json(meta_path: pathlib.Path, meta: dict, headers: dict[str, list[ShardHeader]]) -> DatasetMeta:
     version, splits = meta["format_version"], meta["splits"]
     vocab_size, eos_id, tokenizer = meta["vocab_size"], meta["eos_id"], meta["tokenizer"]
     if version != VERSION:
-        raise ValueError(f"{meta_path}: format_version {version} is not supported (expected {VERSION})")
+        raise UserError(f"{meta_path}: format_version {version} is not supported (expected {VERSION})")
     for split, found in headers.items():
         names = [h.path.name for h in found]
         if names != splits[split]["shards"]:
-            raise ValueError(f"{meta_path} lists {split} shards {splits[split]['shards']} but the folder has {names}")
+            raise UserError(f"{meta_path} lists {split} shards {splits[split]['shards']} but the folder has {names}")
         tokens = sum(h.num_tokens for h in found)
         if tokens != splits[split]["tokens"]:
-            raise ValueError(f"{meta_path}: {split} shards hold {tokens} tokens, meta.json says {splits[split]['tokens']}")
+            raise UserError(f"{meta_path}: {split} shards hold {tokens} tokens, meta.json says {splits[split]['tokens']}")
         for h in found:
             if h.vocab_size is not None and h.vocab_size != vocab_size:
-                raise ValueError(f"{h.path}: header vocab {h.vocab_size} differs from meta.json's {vocab_size}")
+                raise UserError(f"{h.path}: header vocab {h.vocab_size} differs from meta.json's {vocab_size}")
     if not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"{meta_path}: vocab_size must be a positive integer, got {vocab_size!r}")
+        raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {vocab_size!r}")
     return DatasetMeta(
         vocab_size=vocab_size, eos_id=eos_id, tokenizer=tokenizer, train_tokens=splits["train"]["tokens"],
         val_tokens=splits["val"]["tokens"], bos_id=meta.get("bos_id"), format="muonq",
@@ -139,7 +140,7 @@ class _Windows:
 
     def require(self, windows: int, what: str) -> None:
         if self.total < windows:
-            raise ValueError(
+            raise UserError(
                 f"the {self.split} split of {self.path} has {self.total} windows of seq_len + 1 = {self.size} tokens, "
                 f"fewer than {what} ({windows})"
             )
@@ -176,6 +177,7 @@ def _as_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_layout(*, batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
+    # argument checks for direct callers (plain ValueError); a run's values were checked by config validation
     for key, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
         if value < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
@@ -240,10 +242,10 @@ class TokenLoader:
         mine = {"seed": self.seed, "seq_len": self.seq_len, "windows": self._windows.total}
         for key, value in mine.items():
             if state.get(key) != value:
-                raise ValueError(f"loader state has {key}={state.get(key)}, this loader {key}={value}: not the same data stream")
+                raise UserError(f"loader state has {key}={state.get(key)}, this loader {key}={value}: not the same data stream")
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self._windows.total or position % self._step:
-            raise ValueError(
+            raise UserError(
                 f"loader state epoch={epoch} position={position} does not fit batch_size x world_size = {self._step} "
                 f"and {self._windows.total} windows; resume with the same global batch"
             )

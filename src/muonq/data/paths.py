@@ -13,6 +13,7 @@ import re
 import shlex
 
 from muonq.environment import load_dotenv_once
+from muonq.errors import UserError
 
 LLAMA2_HUB_ID = "meta-llama/Llama-2-7b-hf"
 # CLI tokenizer names whose folder tag is not the name itself.
@@ -35,7 +36,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 def tokenizer_tag(tokenizer: str) -> str:
     """Folder tag of a tokenizer: ``llama2`` -> ``Llama-2-7b-hf``, a path -> its basename."""
     if not tokenizer or not tokenizer.strip():
-        raise ValueError("tokenizer name is empty")
+        raise UserError("tokenizer name is empty")
     if tokenizer in _TAG_OF_ALIAS:
         return _TAG_OF_ALIAS[tokenizer]
     base = pathlib.PurePath(tokenizer.rstrip("/\\")).name
@@ -46,7 +47,7 @@ def tokenizer_tag(tokenizer: str) -> str:
 def dataset_dir(data_dir: str | os.PathLike | None, name: str, tokenizer: str) -> pathlib.Path:
     """``{data root}/{name}-{tokenizer tag}``."""
     if not name or any(sep in name for sep in "/\\"):
-        raise ValueError(f"dataset name {name!r} must be a non-empty plain name (no path separators)")
+        raise UserError(f"dataset name {name!r} must be a non-empty plain name (no path separators)")
     return resolve_data_dir(data_dir) / f"{name}-{tokenizer_tag(tokenizer)}"
 
 

@@ -27,6 +27,7 @@ from muonq.data.shards import MAGIC, META_FILE, PROGRESS_FILE, VERSION, atomic_w
 from muonq.data.sources import EMBEDDED_NAME, Source, open_source
 from muonq.data.tokenizers import BPE_FILE, Tokenizer, bpe_vocab_size, load_tokenizer, train_bpe
 from muonq.data.writer import SplitState, SplitWriter
+from muonq.errors import UserError
 
 EOS_POLICY = "append"  # one EOS token after every document; BOS never added
 BPE_TRAIN_CHARS = 200_000_000  # a BPE is trained on at most this much train-split text
@@ -51,11 +52,11 @@ def prepare(
     validation (for the embedded corpus: whole works, at least 2), at most one shard of them.
     """
     if shard_tokens < 1 or shard_tokens >= 2**31:
-        raise ValueError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
+        raise UserError(f"shard_tokens must be in [1, 2**31), got {shard_tokens}")
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        raise UserError(f"max_tokens must be positive, got {max_tokens}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     num_proc = num_proc or os.cpu_count() or 1
     say = print if progress else lambda *args: None
     patterns = [input] if isinstance(input, str) else list(input or [])
@@ -65,7 +66,7 @@ def prepare(
     }  # fmt: skip
     folder = dataset_dir(data_dir, name, tokenizer)
     if (folder / META_FILE).exists():
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = _read_json(folder / META_FILE)
         _check_same_config(meta.get("config", {}), config, folder)
         splits = meta["splits"]
         tokens = f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens"
@@ -80,7 +81,7 @@ def prepare(
     documents = source.documents(restart)
     first = next(documents, None)  # surfaces an unreachable source before anything is written
     if first is None and restart == 0:
-        raise ValueError(f"{source.description}: no documents")
+        raise UserError(f"{source.description}: no documents")
     documents = itertools.chain([] if first is None else [first], documents)
     tok = _tokenizer(tokenizer, folder=folder, source=source, train=saved is None)
     folder.mkdir(parents=True, exist_ok=True)  # only now: a source or tokenizer that fails leaves nothing behind
@@ -157,7 +158,7 @@ def _take_chars(texts: Iterator[str], limit: int) -> Iterator[str]:
 def _check_same_config(saved: dict[str, Any], config: dict[str, Any], folder: pathlib.Path) -> None:
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
     if differ:
-        raise ValueError(
+        raise UserError(
             f"{folder} was prepared with other settings ({'; '.join(differ)}); delete it to rebuild, or use another --data-dir"
         )
 
@@ -166,13 +167,20 @@ def _load_progress(folder: pathlib.Path, config: dict[str, Any]) -> dict[str, Sp
     path = folder / PROGRESS_FILE
     if not path.exists():
         if list_shards(folder, "train") or list_shards(folder, "val"):
-            raise ValueError(
+            raise UserError(
                 f"{folder} holds shards but no {META_FILE} or {PROGRESS_FILE}; delete them or use another --data-dir"
             )
         return None
-    saved = json.loads(path.read_text())
+    saved = _read_json(path)
     _check_same_config(saved["config"], config, folder)
     return {split: SplitState(**saved[split]) for split in ("val", "train")}
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}); delete {path.parent} to rebuild it") from err
 
 
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:

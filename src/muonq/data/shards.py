@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from muonq.errors import UserError
+
 MAGIC = 20251123
 VERSION = 1
 HEADER_INTS = 256
@@ -66,33 +68,33 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def parse_header(raw: bytes, *, file_size: int, path: pathlib.Path) -> ShardHeader:
-    """Validate a header against the file size; ValueError names the file and the problem."""
+    """Validate a header against the file size; a :class:`UserError` names the file and the problem."""
     if len(raw) < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+        raise UserError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
     header = np.frombuffer(raw[:HEADER_BYTES], dtype="<i4")
     magic, version, count = (int(v) for v in header[:3])
     fmt = _FORMATS.get(magic)
     if fmt is None:
         known = ", ".join(f"{m} ({f.name} v{f.version})" for m, f in _FORMATS.items())
-        raise ValueError(f"{path}: unknown magic number {magic}; expected one of {known}")
+        raise UserError(f"{path}: unknown magic number {magic}; expected one of {known}")
     if version != fmt.version:
-        raise ValueError(f"{path}: {fmt.name} shard version {version} is not supported (expected {fmt.version})")
+        raise UserError(f"{path}: {fmt.name} shard version {version} is not supported (expected {fmt.version})")
     if count < 0:
-        raise ValueError(f"{path}: negative token count {count} in header")
+        raise UserError(f"{path}: negative token count {count} in header")
     vocab_size = eos_id = None
     dtype = fmt.dtype
     if dtype is None:
         itemsize, vocab_size, eos_id = (int(v) for v in header[3:6])
         if vocab_size < 1:
-            raise ValueError(f"{path}: vocab size {vocab_size} in header must be positive")
+            raise UserError(f"{path}: vocab size {vocab_size} in header must be positive")
         dtype = token_dtype(vocab_size)
         if itemsize != dtype.itemsize:
-            raise ValueError(f"{path}: header says {itemsize} bytes per token, vocab {vocab_size} needs {dtype.itemsize}")
+            raise UserError(f"{path}: header says {itemsize} bytes per token, vocab {vocab_size} needs {dtype.itemsize}")
         if not 0 <= eos_id < vocab_size:
-            raise ValueError(f"{path}: EOS id {eos_id} outside the vocab [0, {vocab_size})")
+            raise UserError(f"{path}: EOS id {eos_id} outside the vocab [0, {vocab_size})")
     expected = HEADER_BYTES + count * dtype.itemsize
     if file_size != expected:
-        raise ValueError(
+        raise UserError(
             f"{path}: file is {file_size} bytes but its header promises {count} tokens ({expected} bytes): "
             "truncated or corrupt shard"
         )
@@ -142,14 +144,14 @@ def write_shard(path: pathlib.Path, tokens: np.ndarray, *, vocab_size: int, eos_
     """Write a MuonQ shard atomically, after checking every id against the vocab."""
     dtype = token_dtype(vocab_size)
     if not 0 <= eos_id < vocab_size:
-        raise ValueError(f"EOS id {eos_id} outside the vocab [0, {vocab_size})")
+        raise UserError(f"{path.name}: the tokenizer's EOS id {eos_id} is outside its vocab [0, {vocab_size})")
     if tokens.size >= 2**31:
         raise ValueError(f"{path.name}: {tokens.size} tokens do not fit the int32 count; use smaller shards")
     if tokens.size:
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= vocab_size:
             bad = high if high >= vocab_size else low
-            raise ValueError(f"{path.name}: token id {bad} outside the tokenizer's vocab [0, {vocab_size})")
+            raise UserError(f"{path.name}: token id {bad} outside the tokenizer's vocab [0, {vocab_size})")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:6] = (MAGIC, VERSION, tokens.size, dtype.itemsize, vocab_size, eos_id)
     with atomic_writer(path) as f:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from muonq.data import assets
+from muonq.errors import MissingInputError, UserError
 
 EMBEDDED_NAME = "tiny_shakespeare"
 # name -> (hub dataset, config), as in the original MuonQ.
@@ -93,10 +94,10 @@ class LocalFiles:
         expanded = (glob.glob(str(pathlib.Path(pattern).expanduser()), recursive=True) for pattern in patterns)
         files = sorted({pathlib.Path(p) for paths in expanded for p in paths if pathlib.Path(p).is_file()})
         if not files:
-            raise FileNotFoundError(f"no files match --input {' '.join(patterns)}")
+            raise MissingInputError(f"no files match --input {' '.join(patterns)}")
         unsupported = [str(p) for p in files if p.suffix not in LOCAL_SUFFIXES]
         if unsupported:
-            raise ValueError(f"unsupported input files {unsupported[:3]}: use {', '.join(LOCAL_SUFFIXES)}")
+            raise UserError(f"unsupported input files {unsupported[:3]}: use {', '.join(LOCAL_SUFFIXES)}")
         self.files = files
         self.val_fraction = val_fraction
         self.description = f"local files: {' '.join(patterns)} ({len(files)} files)"
@@ -125,7 +126,7 @@ def _parquet_texts(path: pathlib.Path, *, skip: int) -> Iterator[str | None]:
 
     parquet = pq.ParquetFile(path)
     if "text" not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise UserError(f"{path}: no 'text' column (columns: {', '.join(parquet.schema_arrow.names)})")
     for group in range(parquet.num_row_groups):
         rows = parquet.metadata.row_group(group).num_rows
         if skip >= rows:  # skipped without reading
@@ -154,9 +155,9 @@ def _jsonl_texts(path: pathlib.Path, *, skip: int) -> Iterator[str | None]:
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' string ({err})") from err
+                raise UserError(f"{path}:{number}: expected a JSON object with a 'text' string ({err})") from err
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
+                raise UserError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
             yield text or ""
 
 
@@ -172,13 +173,13 @@ class HubDataset:
         try:
             import datasets
         except ImportError as err:
-            raise ValueError(f"streaming {self.hub_id} needs `pip install datasets` (or pass local files with --input)") from err
+            raise UserError(f"streaming {self.hub_id} needs `pip install datasets` (or pass local files with --input)") from err
         try:
             stream = iter(datasets.load_dataset(self.hub_id, name=self.config, split="train", streaming=True).skip(start))
             first = next(stream, None)
         except Exception as err:  # datasets raises many types for offline / auth / missing
             reason = (str(err).splitlines() or [""])[0]
-            raise ValueError(
+            raise UserError(
                 f"cannot stream {self.hub_id} ({self.config}): {type(err).__name__}: {reason}; "
                 "offline? download its parquet files and pass --input 'dir/*.parquet'"
             ) from err
@@ -196,7 +197,7 @@ def open_source(name: str, *, input: str | Sequence[str] | None, val_fraction: f
         return EmbeddedShakespeare(val_fraction=val_fraction)
     if name in HUB_DATASETS:
         return HubDataset(name, val_fraction=val_fraction)
-    raise ValueError(
+    raise UserError(
         f"unknown dataset {name!r}: use {EMBEDDED_NAME}, one of {', '.join(HUB_DATASETS)}, "
         "or give local files with --input 'path/*.parquet' (any --name then names the folder)"
     )

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from muonq.data import assets
 from muonq.data.paths import LLAMA2_HUB_ID
 from muonq.data.shards import atomic_writer
+from muonq.errors import MissingInputError, UserError
 
 BPE_FILE = "tokenizer.json"
 BPE_EOS = "<|endoftext|>"
@@ -107,7 +108,7 @@ def bpe_vocab_size(spec: str) -> int | None:
         return None
     vocab = int(match.group(1))
     if not _BPE_MIN_VOCAB <= vocab <= 4_000_000:
-        raise ValueError(f"{spec}: the BPE vocab size must be between {_BPE_MIN_VOCAB} and 4000000")
+        raise UserError(f"{spec}: the BPE vocab size must be between {_BPE_MIN_VOCAB} and 4000000")
     return vocab
 
 
@@ -124,13 +125,13 @@ def load_tokenizer(spec: str, *, folder: pathlib.Path | None = None) -> Tokenize
         return _load_huggingface(str(local), spec)
     if local.is_file():
         if local.suffix != ".model":
-            raise ValueError(f"tokenizer file {local}: only SentencePiece .model files are supported (or pass a directory)")
+            raise UserError(f"tokenizer file {local}: only SentencePiece .model files are supported (or pass a directory)")
         return _load_sentencepiece(local, name=str(local))
     if spec == "llama2":
         return _load_huggingface(LLAMA2_HUB_ID, spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return _load_huggingface(spec, spec)
-    raise ValueError(
+    raise UserError(
         f"unknown tokenizer {spec!r}: use llama2, gpt2, mistral-v1, bpe-<vocab>, a hub id org/name, "
         "a local tokenizer directory or a SentencePiece .model file"
     )
@@ -147,7 +148,7 @@ def _load_bpe(spec: str, folder: pathlib.Path | None) -> _ByteLevelBPE:
 
     path = (folder or pathlib.Path(".")) / BPE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {spec} is trained by prepare() / process_data.py on the corpus")
+        raise MissingInputError(f"{path} not found: {spec} is trained by prepare() / process_data.py on the corpus")
     tokenizer = HFTokenizer.from_file(str(path))
     return _wrap_bpe(tokenizer, str(path))
 
@@ -155,7 +156,7 @@ def _load_bpe(spec: str, folder: pathlib.Path | None) -> _ByteLevelBPE:
 def _wrap_bpe(tokenizer: Any, name: str) -> _ByteLevelBPE:
     eos = tokenizer.token_to_id(BPE_EOS)
     if eos is None:
-        raise ValueError(f"{name}: no {BPE_EOS} token; not a MuonQ-trained BPE")
+        raise UserError(f"{name}: no {BPE_EOS} token; not a MuonQ-trained BPE")
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" in a document stays text
     return _ByteLevelBPE(tokenizer, name, tokenizer.get_vocab_size(), eos)
 
@@ -177,7 +178,7 @@ def _load_sentencepiece(path: pathlib.Path, *, name: str) -> _SentencePiece:
 
     processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
     if processor.eos_id() < 0:
-        raise ValueError(f"{path}: the SentencePiece model has no EOS token to separate documents")
+        raise UserError(f"{path}: the SentencePiece model has no EOS token to separate documents")
     bos = processor.bos_id()
     return _SentencePiece(processor, name, processor.get_piece_size(), processor.eos_id(), bos if bos >= 0 else None)
 
@@ -189,13 +190,13 @@ def _load_huggingface(source: str, spec: str) -> _HuggingFace:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         if pathlib.Path(source).is_dir():
-            raise ValueError(f"cannot load a Hugging Face tokenizer from {source}: {err}") from err
-        raise ValueError(
+            raise UserError(f"cannot load a Hugging Face tokenizer from {source}: {err}") from err
+        raise UserError(
             f"cannot load tokenizer {spec!r} ({source}) from the Hugging Face hub: it needs network access, "
             f"a token for gated models, or a local HF cache; offline alternatives: {OFFLINE_CHOICES}"
         ) from err
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {source} has no EOS token to separate documents")
+        raise UserError(f"tokenizer {source} has no EOS token to separate documents")
     return _HuggingFace(tokenizer, source, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
 
 

@@ -14,7 +14,9 @@ from typing import Literal, Union
 Family = Literal["adamw", "muon"]
 FAMILIES: tuple[str, ...] = ("adamw", "muon")
 KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "reference")
-VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw")
+# "mulaw-after-scale": mu-law levels of x / absmax (the value is scaled first, then companded at full
+# strength mu). MuonQ's own mu-law acts on the raw values before the scale: CodecSpec.compand.
+VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw-after-scale")
 # The dtype of the Muon family's matmuls; auto: bf16 where the machine runs it natively (CUDA, CPUs
 # with AMX-BF16 or AVX512-BF16), fp32 where bf16 is emulated (see muonq.optim.precision).
 MATMUL_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
@@ -24,7 +26,9 @@ MATMUL_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 class CodecSpec:
     """One quantizer (see ``muonq.optim.codecs.make_codec``): ``bits`` 32 stores fp32 values;
     8 and 4 store codes of ``value_map`` with absmax scales per ``granularity`` (tensor, block of
-    ``block_size``, column, or ``tile_size`` grid)."""
+    ``block_size``, column, or ``tile_size`` grid). ``compand``: MuonQ's quantizer, mu-law
+    companding (``mu``) of the raw values clamped to [-1, 1] before the scale, then linear codes
+    with the quantization step as the stored scale."""
 
     bits: int
     value_map: str = "linear"
@@ -32,6 +36,7 @@ class CodecSpec:
     block_size: int = 256
     tile_size: int = 128
     mu: float = 255.0
+    compand: bool = False
     stochastic: bool = False
 
 

@@ -177,9 +177,10 @@ class DecomposedStore(_ShapeBound):
     """B ~ P R^T + E: a rank-k part tracked by warm-started power iteration, plus a residual.
 
     k = min(m, n) // rank_divisor. Each save runs one power-iteration step from the stored R
-    (R starts as a Gaussian seeded by the shape), then stores P (m x k), R (n x k) with
-    ``factor_codec`` and E = B - P R^T (m x n) with ``residual_codec``. Quantization error in the
-    factors then mostly perturbs singular values instead of rotating the dominant directions.
+    (R starts as a Gaussian with unit-norm columns, seeded by the shape), then stores P (m x k),
+    R (n x k) with ``factor_codec`` and E = B - P R^T (m x n) with ``residual_codec``. Quantization
+    error in the factors then mostly perturbs singular values instead of rotating the dominant
+    directions.
     """
 
     def __init__(

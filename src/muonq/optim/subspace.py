@@ -24,11 +24,14 @@ def shape_seed(shape: Sequence[int], k: int, base_seed: int = 0) -> int:
 
 
 def initial_basis(cols: int, k: int, *, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A Gaussian cols x k starting basis drawn from a local CPU generator (device-independent)."""
+    """A Gaussian cols x k starting basis drawn from a local CPU generator (device-independent), with
+    unit-norm columns: the power iteration normalises its start anyway, and at this scale a codec
+    that clamps to [-1, 1] (mu-law companding) stores the basis without clipping it."""
     if k < 1 or cols < k:
         raise ValueError(f"need 1 <= k <= cols for a basis, got k={k}, cols={cols}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(cols, k, generator=generator, dtype=torch.float32).to(device)
+    basis = torch.randn(cols, k, generator=generator, dtype=torch.float32)
+    return (basis / basis.norm(dim=0, keepdim=True)).to(device)
 
 
 def power_iteration_step(

@@ -55,14 +55,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from muonq.optim.optimizer_set import OptimizerSet
+from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
 from muonq.optim.spec import OptimizerSpec
 
 FORMAT = "muonq-zero1/1"
@@ -223,7 +223,7 @@ def _make_rounds(owned_by: Sequence[Sequence[torch.Tensor]], rank: int, round_by
             for j in range(count)]
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(WrapsOptimizerSet):
     """ZeRO-1 around an :class:`OptimizerSet`; the same surface the trainer uses on OptimizerSet.
 
     ``build_fn(hidden, others)`` builds the inner OptimizerSet (see the module docstring for why
@@ -295,21 +295,6 @@ class ShardedOptimizer:
                 f"rank {self.rank} assigned parameter owners differently from rank 0: the ranks built "
                 "different models or optimizer configs"
             )
-
-    # -- the OptimizerSet surface ------------------------------------------------------------------
-    @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self.inner.optimizers
-
-    def __iter__(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
-        return iter(self.inner)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    def set_lr_multiplier(self, multiplier: float) -> None:
-        self.inner.set_lr_multiplier(multiplier)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)  # the inner set holds every parameter
@@ -419,32 +404,6 @@ class ShardedOptimizer:
             "collectives": len(buckets), "bytes_sent": sent, "bytes_received": total - sent,
             "ideal_bytes_received": total * (self.world_size - 1) // self.world_size, "param_bytes": total,
         }  # fmt: skip
-
-    def state_report(self) -> dict[str, Any]:
-        """Optimizer-state bytes of every rank (one all-gather of a few numbers).
-
-        ``per_rank``: total bytes per rank; ``total``: their sum; ``per_optimizer`` and ``numel``
-        (elements of the parameters with state) per inner optimizer, summed over ranks.
-        """
-        from muonq.optim.state_bytes import state_bytes
-
-        names = [name for name, _ in self.inner]
-        local = {name: state_bytes(opt) for name, opt in self.inner}
-        row = [float(sum(c["total"] for c in local.values()))]
-        row += [float(local[n]["total"]) for n in names] + [float(local[n]["numel"]) for n in names]
-        rows = [row]
-        if self.world_size > 1:
-            mine = torch.tensor(row, dtype=torch.float64, device=self._device)
-            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-            dist.all_gather(gathered, mine)
-            rows = [t.tolist() for t in gathered]
-        k = len(names)
-        return {
-            "per_rank": [int(r[0]) for r in rows],
-            "total": int(sum(r[0] for r in rows)),
-            "per_optimizer": {n: int(sum(r[1 + i] for r in rows)) for i, n in enumerate(names)},
-            "numel": {n: int(sum(r[1 + k + i] for r in rows)) for i, n in enumerate(names)},
-        }
 
     # -- checkpoints -------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:

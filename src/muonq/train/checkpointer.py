@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from muonq.data import TokenLoader
+from muonq.errors import MissingInputError, UserError
 from muonq.optim.zero import ShardedOptimizer, shard_file
 from muonq.train import distributed as dist_utils
 from muonq.train.checkpoint import CheckpointManager
@@ -139,7 +140,7 @@ class Checkpointer:
         step = dist_utils.broadcast_object(step)
         if step is None:
             if mode == "true":
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"resume=true but no complete checkpoint in {self.manager.directory}; "
                     "use resume=auto to start fresh when none exists"
                 )
@@ -153,25 +154,28 @@ class Checkpointer:
         device = self.dist.device
         payload = self.manager.load(step, map_location=device)
         if payload["optimizer_name"] != self.cfg.optimizer_params.name:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {self.step_dir(step)} was written by optimizer "
                 f"{payload['optimizer_name']!r}, this run uses {self.cfg.optimizer_params.name!r}"
             )
         try:
             self.model.load_state_dict(payload["model"])
         except RuntimeError as err:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {self.step_dir(step)} holds a model of another shape "
                 f"({payload['model_config']}): {str(err).splitlines()[0]}"
             ) from err
         shards = self.manager.manifest(step).get("optimizer")
         if shards is None:
-            raise ValueError(f"checkpoint {self.step_dir(step)} has no optimizer shards (an older format)")
-        self.optimizer.load_state_dict([
-            self.manager.load(step, shard_file(r), map_location=device)
-            for r in self.optimizer.shards_to_read(shards["owners"])
-        ])
-        self.loader.load_state_dict(payload["loader"])
+            raise UserError(f"checkpoint {self.step_dir(step)} has no optimizer shards (an older format)")
+        try:  # both check the saved state against this run: a mismatch is the checkpoint's, not a bug
+            self.optimizer.load_state_dict([
+                self.manager.load(step, shard_file(r), map_location=device)
+                for r in self.optimizer.shards_to_read(shards["owners"])
+            ])
+            self.loader.load_state_dict(payload["loader"])
+        except ValueError as err:
+            raise UserError(f"checkpoint {self.step_dir(step)} does not fit this run: {err}") from err
         set_rng_state(payload["rng"])
         self.state.step = payload["step"]
         self.state.skipped_steps = payload["skipped_steps"]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from muonq.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,9 +37,9 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("device=cuda was requested but no CUDA device is available")
+        raise UserError("device=cuda was requested but no CUDA device is available")
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(
+        raise UserError(
             f"local rank {local_rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} "
             "are visible: lower --nproc-per-node or check CUDA_VISIBLE_DEVICES"
         )

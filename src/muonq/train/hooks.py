@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from muonq.errors import UserError
+
 PLUGINS_ENV = "MUONQ_PLUGINS"
 
 AfterBackward = Callable[[Any, int], None]
@@ -43,9 +45,9 @@ def load_plugins(trainer: Any, spec: str | None = None) -> None:
             continue
         module_name, _, function_name = item.partition(":")
         if not module_name or not function_name:
-            raise ValueError(f"{PLUGINS_ENV}: {item!r} is not module:function")
+            raise UserError(f"{PLUGINS_ENV}: {item!r} is not module:function")
         try:
             install = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"{PLUGINS_ENV}: cannot load {item!r} ({type(err).__name__}: {err})") from err
+            raise UserError(f"{PLUGINS_ENV}: cannot load {item!r} ({type(err).__name__}: {err})") from err
         install(trainer)

@@ -137,7 +137,8 @@ class LogWindow:
         self.t_last = time.perf_counter()
 
 
-def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool) -> tuple[dict[str, float], str]:
+def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool,
+                        sharding: str = "ZeRO-1") -> tuple[dict[str, float], str]:
     """The optimizer-state metrics and their console line, from ``ShardedOptimizer.state_report()``."""
     per_rank, total = report["per_rank"], report["total"]
     metrics: dict[str, float] = {M.STATE_BYTES_TOTAL: total, M.STATE_BYTES_RANK: per_rank[rank],
@@ -145,7 +146,7 @@ def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool)
     for name, nbytes in report["per_optimizer"].items():
         metrics[M.state_bytes_of(name)] = nbytes
     if len(per_rank) > 1:
-        where = f"ZeRO-1 over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
+        where = f"{sharding} over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
     else:
         where = "replicated on every rank (optimizer_params.zero=false)" if distributed else "one rank"
     line = f"optimizer state: {M.format_bytes(total)} total, {where}"

@@ -1,8 +1,9 @@
 """How the model runs on the devices: the data-parallel wrapper, compilation and mixed precision.
 
 The training loop calls the module :func:`parallelize` returns and never asks how it is wrapped;
-the bare model keeps the parameters (the optimizer, checkpoints and validation use it). A sharded
-variant (FSDP2) is a second ``parallelize`` with its own :func:`gradient_sync`.
+the bare model keeps the parameters (the optimizer, checkpoints and validation use it).
+``parallelism=fsdp`` shards the bare model in place with FSDP2 (its parameters become ``Shard(0)``
+DTensors), so the optimizer is built after :func:`parallelize`.
 """
 
 from __future__ import annotations
@@ -16,21 +17,84 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from muonq.train.distributed import DistInfo
 
 
-def parallelize(model: torch.nn.Module, dist: DistInfo, training_params: Any) -> torch.nn.Module:
-    """``model`` in DDP over the process group when distributed, then compiled when
+def is_fsdp(parallelism: Any) -> bool:
+    return parallelism is not None and parallelism.name == "fsdp"
+
+
+def parallelize(model: torch.nn.Module, dist: DistInfo, training_params: Any, parallelism: Any = None) -> torch.nn.Module:
+    """``model`` in DDP over the process group when distributed (``parallelism=ddp``, the default),
+    or sharded in place by FSDP2 (``parallelism=fsdp``), then compiled when
     ``training_params.compile``; ``model`` itself when neither."""
     train_model = model
-    if dist.distributed:
+    if is_fsdp(parallelism):
+        train_model = shard_fsdp(model, dist, training_params, reshard_after_forward=parallelism.reshard_after_forward)
+    elif dist.distributed:
         train_model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if training_params.compile:
         train_model = torch.compile(train_model)
     return train_model
 
 
+def shard_fsdp(model: torch.nn.Module, dist: DistInfo, training_params: Any, *,
+               reshard_after_forward: bool = True) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` on every transformer block, then on the root (embeddings, final norm,
+    head). On CUDA with ``autocast`` the recipe's ``mixed_precision`` becomes the parameters'
+    compute dtype, gradients are reduced in fp32; fp32 throughout on the CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if dist.device.type == "cuda" and training_params.autocast and training_params.mixed_precision != "float32":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, training_params.mixed_precision),
+                                                   reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    return model
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a model: the modules of its (first) ``ModuleList``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    return []
+
+
+def is_sharded(train_model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(getattr(train_model, "_orig_mod", train_model), FSDPModule)
+
+
 def gradient_sync(train_model: torch.nn.Module, dist: DistInfo, *, sync: bool) -> contextlib.AbstractContextManager:
-    """Where gradient accumulation skips the all-reduce of a micro-step (``sync=False``): DDP's
-    ``no_sync``; nothing to do in one process or when syncing."""
-    return train_model.no_sync() if dist.distributed and not sync else contextlib.nullcontext()
+    """Where gradient accumulation skips the gradient reduction of a micro-step (``sync=False``):
+    DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``; nothing to do in one process
+    or when syncing."""
+    if not dist.distributed:
+        return contextlib.nullcontext()
+    if is_sharded(train_model):
+        return _fsdp_sync(getattr(train_model, "_orig_mod", train_model), sync)
+    return train_model.no_sync() if not sync else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model: Any, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def local_bytes(tensors: Any) -> int:
+    """Bytes this rank holds of ``tensors`` (the local shard of a DTensor)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
 
 
 def autocast_context(device: torch.device, *, autocast: bool, mixed_precision: str) -> contextlib.AbstractContextManager:

@@ -27,6 +27,7 @@ from muonq import metric_names as M
 from muonq.config import optimizer_spec
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir
 from muonq.models import build_model
+from muonq.optim.owned import OwnedMuonOptimizer
 from muonq.optim.precision import matmul_dtype_line
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer
 from muonq.train import distributed as dist_utils
@@ -35,7 +36,7 @@ from muonq.train.checkpointer import Checkpointer, TrainState
 from muonq.train.hooks import Hooks, load_plugins
 from muonq.train.metrics import LogWindow, MetricsLogger, state_bytes_metrics
 from muonq.train.nonfinite import POLICIES, NonFiniteError, NonFinitePolicy
-from muonq.train.parallelize import autocast_context, gradient_sync, parallelize
+from muonq.train.parallelize import autocast_context, gradient_sync, is_fsdp, local_bytes, parallelize
 from muonq.train.preemption import Preemption
 from muonq.train.schedule import lr_multiplier, total_steps
 from muonq.train.validate import Validator
@@ -100,8 +101,7 @@ class Trainer:
         self.data_path = dataset_dir(resolve_data_dir(cfg.data_dir), cfg.recipe.dataset.name, cfg.recipe.dataset.tokenizer)
         self.meta = check_dataset(self.data_path, seq_len=tp.context_length, model_vocab_size=cfg.recipe.model.vocab_size)
 
-        self._build_model_and_optimizer()
-        self.train_model: torch.nn.Module = parallelize(self.model, self.dist, tp)
+        self._build_model_and_optimizer()  # and self.train_model, the model as parallelized
         self.autocast = autocast_context(self.device, autocast=tp.autocast, mixed_precision=tp.mixed_precision)
         self.loader = TokenLoader(
             self.data_path, "train", batch_size=tp.batch_size, seq_len=tp.context_length,
@@ -128,11 +128,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.set_float32_matmul_precision(tp.tensorcore_precision)
         torch.manual_seed(self.cfg.seed)
-        self.model = build_model(self.cfg.recipe.model)
-        # The model's constructor initialized the weights already; this second init draws from the
-        # RNG after the first, so the weights of every run (and every reference) come from it.
-        self.model.init_weights()
+        self.model = build_model(self.cfg.recipe.model)  # initialized once, by its constructor
         self.model.to(self.device)
+        # before the optimizer: FSDP2 replaces the parameters by their shards
+        self.train_model: torch.nn.Module = parallelize(self.model, self.dist, tp, self.cfg.parallelism)
         self.params = list(self.model.parameters())
         self.clip = tp.gradnorm if tp.gradnorm > 0 else float("inf")
         named_hidden = self.model.hidden_matrices()
@@ -141,6 +140,10 @@ class Trainer:
         # ZeRO-1 (optimizer_params.zero; on by default under torchrun): each rank keeps the state of
         # the parameters it owns; world size 1 is the same code with everything owned locally.
         self.optimizer_spec = optimizer_spec(self.cfg.optimizer_params)
+        if is_fsdp(self.cfg.parallelism):  # AdamW on the shards, each Muon matrix whole on its owner
+            self.optimizer = OwnedMuonOptimizer(self.optimizer_spec, named_hidden, named_others, rank=self.dist.rank,
+                                                world_size=self.dist.world_size, device_type=self.device.type)
+            return
         self.optimizer: ShardedOptimizer = build_sharded_optimizer(
             self.optimizer_spec, named_hidden=named_hidden, named_others=named_others,
             rank=self.dist.rank, world_size=self.dist.world_size, device_type=self.device.type,
@@ -158,8 +161,17 @@ class Trainer:
     def log_state_bytes(self) -> dict[str, float]:
         """Optimizer-state bytes of every rank and in total (a collective: every rank calls it)."""
         metrics, line = state_bytes_metrics(self.optimizer.state_report(), rank=self.optimizer.rank,
-                                            distributed=self.dist.distributed)
-        log.info(line)
+                                            distributed=self.dist.distributed,
+                                            sharding="FSDP (Muon state on owners)" if is_fsdp(self.cfg.parallelism) else "ZeRO-1")
+        params = local_bytes(self.params)  # the gradients: one per trainable parameter, as its shard
+        grads = local_bytes(p for p in self.params if p.requires_grad)
+        sizes = torch.tensor([params, grads], dtype=torch.float64, device=self.device)
+        if self.dist.distributed:
+            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        metrics[M.PARAM_BYTES_RANK_MAX], metrics[M.GRAD_BYTES_RANK_MAX] = (int(v) for v in sizes.tolist())
+        log.info("%s; parameters %s, gradients %s on the largest rank (%s)", line,
+                 M.format_bytes(metrics[M.PARAM_BYTES_RANK_MAX]), M.format_bytes(metrics[M.GRAD_BYTES_RANK_MAX]),
+                 self.cfg.parallelism.name)
         return metrics
 
     def _optimizer_group_of(self, param: torch.nn.Parameter) -> str:
@@ -202,6 +214,8 @@ class Trainer:
         # clip_grad_norm_ split in two, so a non-finite gradient is seen before clipping spreads it
         # to every parameter (same arithmetic, same bits)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None], foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of the local shards, reduced here
+            grad_norm = grad_norm.full_tensor()
         apply, stopping = self.nonfinite.before_optimizer_step(step, loss, grad_norm, self.preemption.requested)
         if apply:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm, foreach=True)

@@ -40,8 +40,8 @@ def validation_loss(model: torch.nn.Module, data: Path, *, seq_len: int, batch_s
         batches += 1
         tokens += y.numel()
     model.train(training)
-    if batches == 0:
-        raise ValueError(f"validation split of {data} is too small for one batch of {batch_size} x {seq_len}")
+    # validation_batches refuses a split smaller than one global batch (naming it), so one ran
+    assert batches > 0, f"no validation batch from {data} ({batch_size} x {seq_len})"
     return float(dist_utils.all_reduce_mean(total / batches)), tokens
 
 

@@ -4,7 +4,7 @@ from muonq.optim.codecs.base import Codec, Encoded, ValueMap, encoded_nbytes
 from muonq.optim.codecs.dynamic import DynamicMap, dynamic_code_values
 from muonq.optim.codecs.factory import VALUE_MAPS, make_codec, make_value_map
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import MuLawMap
+from muonq.optim.codecs.mulaw import MuLawCompander, MuLawMap
 from muonq.optim.codecs.packing import pack, packed_numel, unpack
 from muonq.optim.codecs.quant import GRANULARITIES, QuantCodec
 from muonq.optim.codecs.raw import RawCodec
@@ -15,6 +15,7 @@ __all__ = [
     "Encoded",
     "GRANULARITIES",
     "LinearMap",
+    "MuLawCompander",
     "MuLawMap",
     "QuantCodec",
     "RawCodec",

@@ -9,18 +9,18 @@ import torch
 from muonq.optim.codecs.base import Codec, ValueMap
 from muonq.optim.codecs.dynamic import DynamicMap
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import MuLawMap
+from muonq.optim.codecs.mulaw import MuLawCompander, MuLawMap
 from muonq.optim.codecs.quant import Granularity, QuantCodec
 from muonq.optim.codecs.raw import RawCodec
 from muonq.optim.spec import VALUE_MAPS
 
-ValueMapName = Literal["linear", "dynamic", "mulaw"]
+ValueMapName = Literal["linear", "dynamic", "mulaw-after-scale"]
 
 
 def make_value_map(name: ValueMapName, bits: int, *, mu: float = 255.0) -> ValueMap:
     if name == "linear":
         return LinearMap(bits)
-    if name == "mulaw":
+    if name == "mulaw-after-scale":
         return MuLawMap(bits, mu)
     if name == "dynamic":
         if bits != 8:
@@ -37,10 +37,14 @@ def make_codec(
     block_size: int = 256,
     tile_size: int = 128,
     mu: float = 255.0,
+    compand: bool = False,
     scale_dtype: torch.dtype | None = None,
     stochastic: bool = False,
 ) -> Codec:
     """``bits`` 32 gives the lossless :class:`RawCodec`; 8 or 4 a :class:`QuantCodec`.
+
+    ``compand``: mu-law companding (``mu``) of the raw values before the scale, MuonQ's quantizer
+    (linear codes only).
 
     ``scale_dtype`` defaults to fp32 for 8-bit codes (the 8-bit Muon layout: one fp32 absmax per
     block) and fp16 for 4-bit codes (MuonQ's layout).
@@ -56,4 +60,5 @@ def make_codec(
         tile_size=tile_size,
         scale_dtype=scale_dtype,
         stochastic=stochastic,
+        compander=MuLawCompander(mu) if compand else None,
     )

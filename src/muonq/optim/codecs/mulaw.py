@@ -1,4 +1,12 @@
-"""mu-law companded linear map (MuonQ): finer levels near zero, where momentum entries are dense."""
+"""mu-law companding: y = sign(x) ln(1 + mu |x|) / ln(1 + mu), finer levels near zero, where momentum
+entries are dense.
+
+:class:`MuLawCompander` is MuonQ's quantizer: it acts on the *raw* values, before any scale
+(``QuantCodec(..., compander=MuLawCompander(mu))``). Momentum entries of a unit-norm matrix are
+~1/sqrt(mn), so its effective strength is about mu x absmax, far gentler than mu itself.
+
+:class:`MuLawMap` is a value map: it compands x / absmax, after the scale, at full strength mu.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +18,61 @@ from muonq.optim.codecs.base import ValueMap
 from muonq.optim.codecs.linear import LinearMap
 
 
+def check_mu(mu: float) -> float:
+    if not mu > 0:
+        raise ValueError(f"mu-law needs mu > 0, got {mu}")
+    return float(mu)
+
+
+class MuLawCompander:
+    """compand: [-1, 1] -> [-1, 1], y = sign(x) ln(1 + mu |x|) / ln(1 + mu); expand inverts it,
+    x = sign(y) ((1 + mu)**|y| - 1) / mu. fp32, in the original implementation's arithmetic:
+    log1p(mu |x|) x (1 / ln(1 + mu)) and expm1(|y| ln(1 + mu)) x (1 / mu), the reciprocals
+    rounded to fp32."""
+
+    def __init__(self, mu: float = 255.0) -> None:
+        self.mu = check_mu(mu)
+        self.log1p_mu = math.log1p(self.mu)
+        self.inv_log1p_mu = 1.0 / self.log1p_mu
+        self.inv_mu = 1.0 / self.mu
+
+    def __repr__(self) -> str:
+        return f"MuLawCompander(mu={self.mu})"
+
+    def compand(self, x: torch.Tensor) -> torch.Tensor:
+        """x (fp32, in [-1, 1]) companded; a new tensor."""
+        return torch.log1p(x.abs() * self.mu).mul_(self.inv_log1p_mu).copysign_(x)
+
+    def expand(self, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`compand`; a new tensor."""
+        return torch.expm1(y.abs() * self.log1p_mu).mul_(self.inv_mu).copysign_(y)
+
+    # In-place forms for the CPU codec's slices: the same operations, into given buffers.
+
+    def compand_magnitude_(self, a: torch.Tensor) -> torch.Tensor:
+        """|compand(x clamped to [-1, 1])| in place of ``a`` = |x| (fp32): the clamp as
+        min(|x| mu, mu), which equals min(|x|, 1) mu."""
+        a.mul_(self.mu).clamp_max_(self.mu)
+        return torch.log1p(a, out=a).mul_(self.inv_log1p_mu)
+
+    def expand_(self, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """:meth:`expand` of ``y`` written into ``y``; ``scratch``: an fp32 buffer of its shape."""
+        t = torch.abs(y, out=scratch).mul_(self.log1p_mu)
+        return torch.copysign(torch.expm1(t, out=t).mul_(self.inv_mu), y, out=y)
+
+
 class MuLawMap(ValueMap):
-    """z = sign(y) ln(1 + mu |y|) / ln(1 + mu), then linear codes of z; decode inverts.
+    """z = sign(y) ln(1 + mu |y|) / ln(1 + mu) of the scaled value y = x / absmax, then linear codes
+    of z; decode inverts.
 
     Stochastic rounding is unbiased in the companded domain z, not in y.
     """
 
     def __init__(self, bits: int, mu: float = 255.0) -> None:
-        if not mu > 0:
-            raise ValueError(f"mu-law needs mu > 0, got {mu}")
         self._linear = LinearMap(bits)
         self.bits = bits
-        self.mu = float(mu)
-        self._log1p_mu = math.log1p(self.mu)
+        self._compander = MuLawCompander(mu)
+        self.mu = self._compander.mu
 
     def __repr__(self) -> str:
         return f"MuLawMap(bits={self.bits}, mu={self.mu})"
@@ -32,10 +82,8 @@ class MuLawMap(ValueMap):
         return self._linear.zero_code
 
     def encode(self, y, *, stochastic=False, generator=None):
-        y = y.float()
-        z = torch.log1p(y.abs() * self.mu).div_(self._log1p_mu).copysign_(y)
+        z = self._compander.compand(y.float())
         return self._linear.encode(z, stochastic=stochastic, generator=generator)
 
     def decode(self, codes):
-        z = self._linear.decode(codes)
-        return torch.expm1(z.abs() * self._log1p_mu).div_(self.mu).copysign_(z)
+        return self._compander.expand(self._linear.decode(codes))

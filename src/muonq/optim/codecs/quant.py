@@ -1,19 +1,27 @@
 """The quantizing codec family: value map (linear, dynamic, mu-law) x bits (4, 8) x scale
 granularity (tensor, block, row, column, grid) x scale dtype, with deterministic or stochastic
-rounding.
+rounding, and optional companding of the raw values before the scale.
 
 Encoding: sanitise (NaN -> 0, +-inf -> +-fp32 max), group absmax, store it rounded up in the scale
 dtype, divide, map to codes, pack. The stored tensors are ``codes`` (flat uint8, packed) and either
 ``scale`` (flat, one per group) or, for the grid, ``row_scale`` / ``col_scale``.
 
-On the CPU the same arithmetic runs in slices of about ``CHUNK`` elements (whole groups, rows or
-tile rows), so that the value map's temporaries stay small and cached instead of being fresh
-matrix-sized allocations; the steps are elementwise (and the absmax a max), so the bytes are those
-of the whole-tensor path, which stays the path of stochastic rounding, of non-finite inputs and of
-other devices. The clamp to [-1, 1] is skipped where no scale saturated (then |y| <= 1 already).
-Decoding gathers from a table of decoded values, one row per pair of code bytes (two or four
-codes), with a per-tensor scale folded into the table, unless the value map's own decode is
-cheaper (``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result.
+With a ``compander`` (MuonQ's quantizer, :class:`~muonq.optim.codecs.mulaw.MuLawCompander`) the
+order is the original MuonQ implementation's: sanitise, clamp to [-1, 1], compand the raw values,
+take the group absmax of the companded values, codes = round(y / step) with the fp32 step
+absmax / levels (floored at 1e-8), clamped to the levels of a linear map; the *step* is stored,
+rounded to nearest in the scale dtype (:func:`~muonq.optim.codecs.scales.step_scale`); decoding
+expands q x stored step. Same stored tensors and bytes.
+
+:meth:`QuantCodec._encode_whole` and :meth:`QuantCodec._decode_whole` are that arithmetic on whole
+tensors: the reference, and the path of stochastic rounding, of non-finite inputs and of other
+devices. On the CPU the same elementwise steps run in slices of about ``CHUNK`` elements (whole
+groups, rows or tile rows) through small scratch buffers that stay cached, instead of fresh
+matrix-sized temporaries; the absmax is a max, so the bytes are the whole path's. The clamp to
+[-1, 1] is skipped where no scale saturated (then |y| <= 1 already). Decoding gathers from a table
+of decoded values, one row per byte or pair of code bytes, with a per-tensor scale (and the
+expansion) folded into the table, unless the value map's own decode is cheaper
+(``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ import torch.nn.functional as F
 
 from muonq.optim.codecs.base import Codec, Encoded, Shape, ValueMap, check_shape
 from muonq.optim.codecs.grid import grid_absmax, grid_apply, grid_counts, grid_row_absmax, grid_scale
+from muonq.optim.codecs.linear import LinearMap
+from muonq.optim.codecs.mulaw import MuLawCompander
 from muonq.optim.codecs.packing import pack, pack_pairs, packed_numel, unpack
-from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, store_scale
+from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, step_scale, store_scale
 
 CHUNK = 1 << 16  # elements per slice of the CPU encoder
 _LITTLE = sys.byteorder == "little"
@@ -40,7 +50,9 @@ _MATRIX_ONLY = ("row", "column", "grid")
 
 class QuantCodec(Codec):
     """``granularity``: one scale per tensor; per ``block_size`` flattened elements (a ragged last
-    block is allowed); per row or per column of a matrix; or grid scales on ``tile_size`` tiles."""
+    block is allowed); per row or per column of a matrix; or grid scales on ``tile_size`` tiles.
+    ``compander``: compand the raw values before the scale (needs a linear map; see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -51,7 +63,10 @@ class QuantCodec(Codec):
         tile_size: int = 128,
         scale_dtype: torch.dtype = torch.float32,
         stochastic: bool = False,
+        compander: MuLawCompander | None = None,
     ) -> None:
+        if compander is not None and not isinstance(value_map, LinearMap):
+            raise ValueError(f"companding is followed by linear codes, got the value map {value_map!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if block_size < 1:
@@ -64,6 +79,7 @@ class QuantCodec(Codec):
         self.tile_size = tile_size
         self.scale_dtype = check_scale_dtype(scale_dtype)
         self.stochastic = stochastic
+        self.compander = compander
         self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     @property
@@ -72,9 +88,10 @@ class QuantCodec(Codec):
 
     def __repr__(self) -> str:
         detail = {"block": f", block_size={self.block_size}", "grid": f", tile_size={self.tile_size}"}
+        compand = f", compander={self.compander!r}" if self.compander is not None else ""
         return (
             f"QuantCodec({self.value_map!r}, {self.granularity!r}{detail.get(self.granularity, '')}, "
-            f"scale_dtype={self.scale_dtype}, stochastic={self.stochastic})"
+            f"scale_dtype={self.scale_dtype}, stochastic={self.stochastic}{compand})"
         )
 
     # -- layout -------------------------------------------------------------------------------
@@ -118,52 +135,103 @@ class QuantCodec(Codec):
             encoded = self._encode_sliced(x.contiguous(), shape)
             if encoded is not None:
                 return encoded
-        return self._encode_whole(torch.nan_to_num(x, nan=0.0), shape, generator)
+        return self._encode_whole(x, shape, generator)
 
     def _encode_whole(self, x: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator | None) -> Encoded:
+        """The encoding arithmetic on the whole fp32 tensor ``x`` (the reference of the CPU paths)."""
+        x = torch.nan_to_num(x, nan=0.0)
+        if self.compander is not None:
+            x = self.compander.compand(x.clamp(-1.0, 1.0))
         if self.granularity == "grid":
             row_absmax, col_absmax = grid_absmax(x, self.tile_size)
-            row_scale = store_scale(row_absmax, self.scale_dtype)
-            col_scale = store_scale(col_absmax, self.scale_dtype)
-            y = x / safe_divisor(grid_scale(row_scale, col_scale, self.tile_size))
+            (row_scale, row_divisor), (col_scale, col_divisor) = self._scale(row_absmax), self._scale(col_absmax)
+            y = x / grid_scale(row_divisor, col_divisor, self.tile_size)
             return {"codes": self._codes(y, generator), "row_scale": row_scale, "col_scale": col_scale}
         groups, dim = self._groups(x)
-        scale = store_scale(groups.abs().amax(dim=dim, keepdim=True), self.scale_dtype)
-        y = (groups / safe_divisor(scale)).reshape(-1)[: math.prod(shape)]
+        scale, divisor = self._scale(groups.abs().amax(dim=dim, keepdim=True))
+        y = (groups / divisor).reshape(-1)[: math.prod(shape)]
         return {"codes": self._codes(y, generator), "scale": scale.reshape(-1)}
 
+    def _scale(self, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored scale, fp32 divisor) of group absmaxes."""
+        if self.compander is None:
+            scale = store_scale(absmax, self.scale_dtype)
+            return scale, safe_divisor(scale)
+        return step_scale(absmax, self.value_map.levels, self.scale_dtype)
+
     def _codes(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        codes = self.value_map.encode(y.clamp(-1.0, 1.0), stochastic=self.stochastic, generator=generator)
+        """Packed codes of y = x / divisor (in steps when companding)."""
+        if self.compander is None:
+            codes = self.value_map.encode(y.clamp(-1.0, 1.0), stochastic=self.stochastic, generator=generator)
+        else:
+            codes = self.value_map.encode_steps(y, stochastic=self.stochastic, generator=generator)
         return pack(codes, self.bits)
 
     # -- the CPU encoder: the same steps, slice by slice --------------------------------------------
 
     def _encode_sliced(self, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
-        """:meth:`_encode_whole` of a finite ``x`` in slices; None (use the whole path) when ``x``
-        holds NaN or inf (which the whole path sanitises) or 4-bit slices would split a byte."""
+        """:meth:`_encode_whole` of ``x`` in slices; None (use the whole path) when ``x`` holds what
+        the whole path sanitises (NaN; inf too without companding), when 4-bit slices would split
+        a byte, or for companded grid scales."""
         if self.granularity == "grid":
-            return self._encode_grid_sliced(x, shape)
+            return None if self.compander is not None else self._encode_grid_sliced(x, shape)
         numel = math.prod(shape)
         groups, dim = self._groups(x)
         rows, row_len = groups.shape
         absmax = _sliced_absmax(groups, dim)
+        if self.compander is not None:
+            return self._encode_companded_sliced(groups, dim, absmax, numel)
         if not bool(torch.isfinite(absmax).all()):
             return None
-        scale = store_scale(absmax, self.scale_dtype)
-        divisor = safe_divisor(scale)
+        scale, divisor = self._scale(absmax)
         clamp = not bool((divisor >= absmax).all())  # else |y| <= 1 already: only saturated scales clip
         codes = torch.empty(packed_numel(numel, self.bits), dtype=torch.uint8)
-        if divisor.numel() == 1:  # one scale: slices of the flat tensor
-            flat, divisor = groups.view(-1)[:numel], divisor.view(())
-            for start in range(0, numel, CHUNK):
-                self._codes_into(flat[start : start + CHUNK] / divisor, codes, start, clamp)
-        else:
-            step = max(1, CHUNK // row_len)
-            step += step % 2 if self.bits == 4 and row_len % 2 else 0  # every slice but the last even
-            for r0 in range(0, rows, step):
-                y = (groups[r0 : r0 + step] / (divisor if dim == 0 else divisor[r0 : r0 + step])).view(-1)
-                start = r0 * row_len
-                self._codes_into(y[: numel - start], codes, start, clamp)  # a padded last block stops at numel
+        for start, part, div, _ in self._slices(groups, dim, divisor):
+            self._codes_into((part / div).view(-1)[: numel - start], codes, start, clamp)
+        return {"codes": codes, "scale": scale.reshape(-1)}
+
+    def _slices(self, groups: torch.Tensor, dim: int, divisor: torch.Tensor):
+        """(first flat element, slice of ``groups`` (2-D), its divisor, its groups' absmax rows) in
+        slices of about ``CHUNK`` elements made of whole groups (of the flat tensor under one
+        scale); for 4-bit codes every slice but the last has an even length. A padded last block
+        runs past the codes' count: the caller stops there."""
+        rows, row_len = groups.shape
+        if divisor.numel() == 1:
+            flat, divisor = groups.view(-1), divisor.view(())
+            for start in range(0, flat.numel(), CHUNK):
+                yield start, flat[start : start + CHUNK].view(1, -1), divisor, slice(None)
+            return
+        step = max(1, CHUNK // row_len)
+        step += step % 2 if self.bits == 4 and row_len % 2 else 0
+        for r0 in range(0, rows, step):
+            rows_of = slice(None) if dim == 0 else slice(r0, r0 + step)
+            yield r0 * row_len, groups[r0 : r0 + step], divisor[rows_of], rows_of
+
+    def _encode_companded_sliced(self, groups: torch.Tensor, dim: int, raw_absmax: torch.Tensor,
+                                 numel: int) -> Encoded | None:
+        """The companded encoding in one pass over ``x``: the group absmax of the companded values is
+        the companding of the raw values' absmax clamped to 1 (companding is monotone), so the
+        scales are known before the slices are companded, each once, into a scratch buffer. The
+        companded absmax of every group is checked against that; a mismatch (a log1p that is not
+        monotone) falls back to the whole path, which also takes NaN (that it zeroes)."""
+        if bool(torch.isnan(raw_absmax).any()):
+            return None
+        compander = self.compander
+        absmax = compander.compand(raw_absmax.clamp_max(1.0))
+        scale, divisor = self._scale(absmax)
+        seen = torch.zeros_like(absmax)
+        codes = torch.empty(packed_numel(numel, self.bits), dtype=torch.uint8)
+        scratch = torch.empty(max(CHUNK, groups.shape[1]) + groups.shape[1])  # a slice's most elements
+        offset = float(self.value_map.zero_code)
+        for start, part, div, rows_of in self._slices(groups, dim, divisor):
+            a = compander.compand_magnitude_(torch.abs(part, out=scratch[: part.numel()].view(part.shape)))
+            group = seen[rows_of]
+            torch.maximum(group, a.amax(dim=dim, keepdim=True) if div.dim() else a.amax().view(1, 1), out=group)
+            # no clamp to the levels: |y| <= absmax / (absmax / levels) rounds to the levels at most
+            a.copysign_(part).div_(div).round_().add_(offset)
+            self._store_codes(a.view(-1)[: numel - start], codes, start)
+        if not torch.equal(seen, absmax):
+            return None
         return {"codes": codes, "scale": scale.reshape(-1)}
 
     def _encode_grid_sliced(self, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
@@ -180,11 +248,7 @@ class QuantCodec(Codec):
             torch.amax(a, dim=0, out=col_absmax[i])
         if not (bool(torch.isfinite(row_absmax).all()) and bool(torch.isfinite(col_absmax).all())):
             return None
-        row_scale = store_scale(row_absmax, self.scale_dtype)
-        col_scale = store_scale(col_absmax, self.scale_dtype)
-        # Dividing by min(safe(row), safe(col)) instead of safe(min(row, col)) gives the same y: they
-        # differ only where a row or column scale is 0, where the element itself is +-0.
-        row_div, col_div = safe_divisor(row_scale), safe_divisor(col_scale)
+        (row_scale, row_div), (col_scale, col_div) = self._scale(row_absmax), self._scale(col_absmax)
         clamp = not (bool((row_div >= row_absmax).all()) and bool((col_div >= col_absmax).all()))
         codes = torch.empty(packed_numel(rows * cols, self.bits), dtype=torch.uint8)
         for i in range(tile_rows):
@@ -197,13 +261,19 @@ class QuantCodec(Codec):
     def _codes_into(self, y: torch.Tensor, codes: torch.Tensor, start: int, clamp: bool) -> None:
         """Encode the slice ``y`` (a fresh fp32 tensor: flat elements ``start ...``) into ``codes``;
         ``clamp``: to [-1, 1] first (needed only where a scale saturated below the absmax)."""
-        c = self.value_map.encode(y.clamp_(-1.0, 1.0) if clamp else y, stochastic=False, generator=None).view(-1)
+        y = y.view(-1)
+        self._store_codes(self.value_map.encode(y.clamp_(-1.0, 1.0) if clamp else y), codes, start)
+
+    def _store_codes(self, c: torch.Tensor, codes: torch.Tensor, start: int) -> None:
+        """Codes ``c`` (uint8, or their integer values as fp32) of flat elements ``start ...``
+        packed into ``codes``."""
+        c = c.view(-1)
         if self.bits == 8:
             codes[start : start + c.numel()].copy_(c)
         elif c.numel() % 2 == 0:
-            pack_pairs(c, out=codes[start // 2 : start // 2 + c.numel() // 2])
+            pack_pairs(c.to(torch.uint8), out=codes[start // 2 : start // 2 + c.numel() // 2])
         else:  # the last slice of an odd count
-            codes[start // 2 :].copy_(pack(c, 4))
+            codes[start // 2 :].copy_(pack(c.to(torch.uint8), 4))
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -213,7 +283,7 @@ class QuantCodec(Codec):
         codes = encoded["codes"]
         if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous fp32 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
-        if self.granularity == "tensor":
+        if self.granularity == "tensor":  # the scale and the expansion are in the table
             return self._values(codes, numel, encoded["scale"].float(), out=out).view(shape)
         values = self._values(codes, numel, out=out)
         if self.granularity == "grid":
@@ -224,20 +294,25 @@ class QuantCodec(Codec):
                 part = matrix[i * tile : (i + 1) * tile]
                 grid_apply(torch.mul, part, row_scale[i * tile : i * tile + part.shape[0]], col_scale[i], tile,
                            out=part, combine=torch.minimum)
-            return matrix
-        scale = encoded["scale"].float()
-        if self.granularity == "block":
+        elif self.granularity == "block":
+            scale = encoded["scale"].float()
             full = numel // self.block_size * self.block_size
             values[:full].view(-1, self.block_size).mul_(scale[: full // self.block_size, None])
             if full < numel:  # the ragged last block
                 values[full:].mul_(scale[-1])
-            return values.view(shape)
-        return values.view(shape).mul_(scale.view(-1, 1) if self.granularity == "row" else scale.view(1, -1))
+        else:
+            scale = encoded["scale"].float()
+            values.view(shape).mul_(scale.view(-1, 1) if self.granularity == "row" else scale.view(1, -1))
+        return self._expand_(values).view(shape)
+
+    def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The value map's values of uint8 codes (in steps when companding)."""
+        return self.value_map.decode(codes) if self.compander is None else self.value_map.decode_steps(codes)
 
     def _values(self, codes: torch.Tensor, numel: int, scale: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """The value map's values of the first ``numel`` codes (times ``scale``, one value): fresh,
-        or in ``out`` (flat view)."""
+        """:meth:`_decode_codes` of the first ``numel`` codes, fresh or in ``out`` (flat view); with
+        ``scale`` (one value), times it and expanded."""
         if codes.numel() != packed_numel(numel, self.bits):
             raise ValueError(f"{codes.numel()} bytes cannot hold exactly {numel} codes of {self.bits} bits")
         # index by little-endian pairs of bytes (two or four codes per lookup) where they can be viewed so
@@ -245,28 +320,62 @@ class QuantCodec(Codec):
         per_row = (2 if wide else 1) * 8 // self.bits
         if out is not None and codes.numel() * 8 // self.bits != numel:
             return out.view(-1).copy_(self._values(codes, numel, scale))  # an odd count of 4-bit codes
-        if codes.device.type == "meta" or self.value_map.cheap_decode:
+        folds = self.compander is not None and scale is not None  # the expansion is worth a table
+        if codes.device.type == "meta" or (self.value_map.cheap_decode and not folds):
             codes = unpack(codes, self.bits, numel)
-            values = self.value_map.decode(codes) if out is None else self.value_map.decode_into(codes, out.view(-1))
-            return values if scale is None else values.mul_(scale)
-        table = self._table(codes.device, wide)
-        if scale is not None:
-            table = table * scale  # the same products as scaling each decoded value
+            if out is None:
+                values = self._decode_codes(codes)
+            elif self.compander is None:
+                values = self.value_map.decode_into(codes, out.view(-1))
+            else:
+                values = self.value_map.decode_steps_into(codes, out.view(-1))
+            return values if scale is None else self._expand_(values.mul_(scale))
+        table = self._table(codes.device, wide) if scale is None else self._scaled_table(codes.device, wide, scale)
         index = (codes.view(torch.uint16) if wide else codes).int()
         if out is None:
             return torch.index_select(table, 0, index).view(-1)[:numel]
         return torch.index_select(table, 0, index, out=out.view(-1, per_row)).view(-1)
 
     def _table(self, device: torch.device, wide: bool) -> torch.Tensor:
-        """``value_map.decode`` of the codes in every byte (256 x codes per byte), or with ``wide``
+        """:meth:`_decode_codes` of the codes in every byte (256 x codes per byte), or with ``wide``
         in every little-endian pair of bytes (65536 x 2 or x 4; 1 MiB at most)."""
         table = self._tables.get((device, wide))
         if table is None:
             index = torch.arange(65536 if wide else 256, dtype=torch.int32)
             shifts = range(0, 16 if wide else 8, self.bits)
             codes = torch.stack([(index >> shift) & (2**self.bits - 1) for shift in shifts], dim=-1)
-            table = self._tables[(device, wide)] = self.value_map.decode(codes.to(torch.uint8)).float().to(device)
+            table = self._tables[(device, wide)] = self._decode_codes(codes.to(torch.uint8)).float().to(device)
         return table
+
+    def _scaled_table(self, device: torch.device, wide: bool, scale: torch.Tensor) -> torch.Tensor:
+        """The table times ``scale`` and expanded: the same products and expansions as of each
+        decoded value. A companded wide table is built from the byte table (every pair of its rows),
+        so that the expansion runs on 512 values, not 256K."""
+        if self.compander is None:
+            return self._table(device, wide) * scale
+        narrow = self._expand_(self._table(device, False) * scale)
+        if not wide:
+            return narrow
+        per_byte = narrow.shape[1]
+        table = torch.empty(256, 256, 2 * per_byte, device=device)  # [high byte, low byte, codes]
+        table[:, :, :per_byte] = narrow[None]
+        table[:, :, per_byte:] = narrow[:, None]
+        return table.view(65536, 2 * per_byte)
+
+    def _expand_(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` expanded in place when companding (on the CPU in slices through a small
+        scratch buffer: the compander's arithmetic without a matrix-sized temporary)."""
+        compander = self.compander
+        if compander is None:
+            return values
+        if values.device.type != "cpu":
+            return values.copy_(compander.expand(values))
+        flat = values.view(-1)
+        scratch = torch.empty(min(CHUNK, flat.numel()))
+        for start in range(0, flat.numel(), CHUNK):
+            v = flat[start : start + CHUNK]
+            compander.expand_(v, scratch[: v.numel()])
+        return values
 
     def zeros(self, shape: Shape, device: torch.device | str = "cpu") -> Encoded:
         shape = self._check(shape)

@@ -1,5 +1,11 @@
-"""Scale storage: absmax values rounded *up* into the scale dtype, so |x| <= stored scale holds for
-every element and normalised values never leave [-1, 1]."""
+"""Scale storage. Two rules:
+
+- :func:`store_scale` (every codec without companding): the group absmax, rounded *up* into the
+  scale dtype, so |x| <= stored scale holds for every element and x / scale never leaves [-1, 1].
+- :func:`step_scale` (companded codecs, MuonQ's quantizer, as the original implementation does it):
+  the values are divided by the fp32 step absmax / levels, and the step is stored rounded to
+  nearest in the scale dtype, which is what decoding multiplies by.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,19 @@ def store_scale(absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return stored
     up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
     return torch.where(stored.float() < clamped, up, stored)
+
+
+# The smallest step a companded codec divides by (the original implementation's eps): an all-zero
+# group gets codes 0, and a stored step that rounds to 0 in the scale dtype decodes to zeros.
+STEP_FLOOR = 1e-8
+
+
+def step_scale(absmax: torch.Tensor, levels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, divisor) of companded codecs: the step absmax / levels in fp32 is what the values
+    are divided by (floored at :data:`STEP_FLOOR`); it is stored rounded to nearest in ``dtype``
+    and decoding multiplies by the stored value. absmax <= 1 here, so nothing saturates."""
+    step = absmax.float() / levels
+    return step.to(dtype), step.clamp_min(STEP_FLOOR)
 
 
 def safe_divisor(scale: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ or odd tiles) a program packs and unpacks its own bytes. Otherwise two programs 
 codes are then read nibble by nibble and written unpacked to a scratch buffer, packed by torch.
 
 Bit-exactness with the PyTorch codecs: fp32 division is ``div_rn`` (IEEE) and FMA contraction is
-off, so values, scales and ROUND/dynamic codes match the reference for the same inputs.
+off, so values, scales and ROUND/dynamic codes match the reference for the same inputs. Companded
+codecs (``COMPAND``) are the exception: their log1p / expm1 are computed here from ``tl.log`` and
+``tl.exp`` and agree with torch's to a few ulp (see ``spec``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import triton
 import triton.language as tl
 
 from muonq.optim.codecs import Encoded, pack
+from muonq.optim.codecs.scales import STEP_FLOOR
 from muonq.optim.kernels.spec import BLOCK, COLUMN, GRID, ROUND, TENSOR, KernelSpec, device_tables
 
 _TILE = 4096  # elements per program for flat and block views
@@ -122,13 +125,69 @@ def _stored_scale(absmax, scale_ptr):
     return stored
 
 
+_STEP_FLOOR = tl.constexpr(STEP_FLOOR)
+
+
+@triton.jit
+def _scale(absmax, scale_ptr, STEP: tl.constexpr, LEVELS: tl.constexpr):
+    """(stored scale, fp32 divisor) of group absmaxes: the absmax rounded up (``store_scale``), or
+    for companded codecs the step absmax / LEVELS, stored rounded to nearest and divided by in fp32,
+    floored at 1e-8 (``codecs.scales.step_scale``)."""
+    if STEP:
+        step = tl.math.div_rn(absmax, LEVELS + tl.zeros_like(absmax))
+        stored = step.to(scale_ptr.dtype.element_ty)
+        divisor = tl.maximum(step, _STEP_FLOOR)
+    else:
+        stored = _stored_scale(absmax, scale_ptr)
+        divisor = stored.to(tl.float32)
+        divisor = tl.where(divisor > 0, divisor, 1.0)
+    return stored, divisor
+
+
+@triton.jit
+def _log1p(t):
+    """log(1 + t), t >= 0, to a few ulp: log(u) * t / (u - 1) with u = 1 + t rounded (Goldberg)."""
+    u = 1.0 + t
+    d = u - 1.0
+    exact = d == 0.0
+    return tl.where(exact, t, tl.log(u) * tl.math.div_rn(t, tl.where(exact, 1.0, d)))
+
+
+@triton.jit
+def _expm1(t):
+    """exp(t) - 1, t >= 0, to a few ulp: (u - 1) * t / log(u) with u = exp(t) rounded (Kahan)."""
+    u = tl.exp(t)
+    d = u - 1.0
+    lg = tl.log(u)
+    ok = (d != 0.0) & (lg != 0.0)
+    return tl.where(ok, d * tl.math.div_rn(t, tl.where(ok, lg, 1.0)), t)
+
+
+@triton.jit
+def _compand(v, MU: tl.constexpr, INV_LOG1P_MU: tl.constexpr):
+    """mu-law of v in [-1, 1]: sign(v) log1p(mu |v|) x (1 / ln(1 + mu)) (``MuLawCompander.compand``)."""
+    r = _log1p(tl.abs(v) * MU) * INV_LOG1P_MU
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _expand(z, LOG1P_MU: tl.constexpr, INV_MU: tl.constexpr):
+    """The inverse of ``_compand``: sign(z) expm1(|z| ln(1 + mu)) x (1 / mu)."""
+    r = _expm1(tl.abs(z) * LOG1P_MU) * INV_MU
+    return tl.where(z < 0, -r, r)
+
+
 @triton.jit
 def _encode(y, bounds_ptr, RULE: tl.constexpr, LEVELS: tl.constexpr, OFFSET: tl.constexpr,
-            FIRST_CODE: tl.constexpr, STEPS: tl.constexpr):
-    """Codes (int32) of y in [-1, 1]; see ``spec`` for the two rules."""
+            FIRST_CODE: tl.constexpr, STEPS: tl.constexpr, IN_STEPS: tl.constexpr):
+    """Codes (int32) of y in [-1, 1], or in [-LEVELS, LEVELS] if ``IN_STEPS``; see ``spec`` for the
+    two rules."""
     if RULE == _ROUND:
-        # round half to even of |y| * LEVELS; floor and the fraction are exact in fp32 here
-        v = tl.abs(y) * LEVELS
+        # round half to even of |y| * LEVELS (|y| in steps); floor and the fraction are exact in fp32
+        if IN_STEPS:
+            v = tl.abs(y)
+        else:
+            v = tl.abs(y) * LEVELS
         whole = tl.floor(v)
         frac = v - whole
         n = whole.to(tl.int32)
@@ -155,6 +214,8 @@ def _kernel(
     QUANTIZE: tl.constexpr,
     BITS: tl.constexpr, PAIRED: tl.constexpr, GRAN: tl.constexpr, RULE: tl.constexpr, LEVELS: tl.constexpr,
     OFFSET: tl.constexpr, FIRST_CODE: tl.constexpr, STEPS: tl.constexpr,
+    COMPAND: tl.constexpr, MU: tl.constexpr, LOG1P_MU: tl.constexpr, INV_MU: tl.constexpr,
+    INV_LOG1P_MU: tl.constexpr,
     TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
     # a TILE_ROWS x TILE_COLS tile of the view, held in power-of-two ROWS x COLS blocks
@@ -174,6 +235,8 @@ def _kernel(
         scale = _load_scale(scale_ptr, col_scale_ptr, rows, rows_ok, cols, cols_ok, idx, mask, pid_r, pid_c, ncols,
                             tile_cols, GRAN)
         x = tl.load(table_ptr + codes) * scale
+        if COMPAND:
+            x = _expand(x, LOG1P_MU, INV_MU)
         if ADDEND:
             x += tl.load(src_ptr + idx, mask=mask, other=0.0)
     else:
@@ -214,16 +277,20 @@ def _kernel(
         tl.store(stats_ptr + 2 * program, tl.sum(tl.sum(x * x, axis=1), axis=0))
         tl.store(stats_ptr + 2 * program + 1, tl.max(tl.max(magnitude, axis=1), axis=0))
     if QUANTIZE:
+        if COMPAND:
+            # MuonQ's order: clamp to [-1, 1] and compand the raw values, then scale
+            clean = _compand(tl.minimum(tl.maximum(clean, -1.0), 1.0), MU, INV_LOG1P_MU)
+            magnitude = tl.abs(clean)
         if GRAN == _BLOCK:
-            stored = _stored_scale(tl.max(magnitude, axis=1), scale_ptr)
+            stored, divisor = _scale(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + rows, stored, mask=rows_ok)
-            scale = stored.to(tl.float32)[:, None]
+            divisor = divisor[:, None]
         elif GRAN == _GRID:
-            row_stored = _stored_scale(tl.max(magnitude, axis=1), scale_ptr)
-            col_stored = _stored_scale(tl.max(magnitude, axis=0), col_scale_ptr)
+            row_stored, row_divisor = _scale(tl.max(magnitude, axis=1), scale_ptr, COMPAND, LEVELS)
+            col_stored, col_divisor = _scale(tl.max(magnitude, axis=0), col_scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + rows * tile_cols + pid_c, row_stored, mask=rows_ok)
             tl.store(col_scale_ptr + pid_r * ncols + cols, col_stored, mask=cols_ok)
-            scale = tl.minimum(row_stored.to(tl.float32)[:, None], col_stored.to(tl.float32)[None, :])
+            divisor = tl.minimum(row_divisor[:, None], col_divisor[None, :])
         else:
             # TENSOR / COLUMN: the absmax of the source before DIVIDE, reduced by an earlier launch
             if GRAN == _TENSOR:
@@ -235,12 +302,17 @@ def _kernel(
             absmax = tl.load(absmax_ptr + group, mask=mask, other=0.0)
             if DIVIDE:
                 absmax = tl.math.div_rn(absmax, tl.load(divisor_ptr) + tl.zeros_like(absmax))
-            stored = _stored_scale(absmax, scale_ptr)
+            if COMPAND:
+                # compand is monotonic: the companded group's absmax is the companded absmax
+                absmax = _compand(tl.minimum(absmax, 1.0), MU, INV_LOG1P_MU)
+            stored, divisor = _scale(absmax, scale_ptr, COMPAND, LEVELS)
             tl.store(scale_ptr + group, stored, mask=mask & first)
-            scale = stored.to(tl.float32)
-        divisor = tl.where(scale > 0, scale, 1.0) + tl.zeros_like(clean)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(clean, divisor), -1.0), 1.0)
-        codes = tl.where(mask, _encode(y, bounds_ptr, RULE, LEVELS, OFFSET, FIRST_CODE, STEPS), 0)
+        divisor = divisor + tl.zeros_like(clean)
+        if COMPAND:
+            y = tl.minimum(tl.maximum(tl.math.div_rn(clean, divisor), -LEVELS), LEVELS)
+        else:
+            y = tl.minimum(tl.maximum(tl.math.div_rn(clean, divisor), -1.0), 1.0)
+        codes = tl.where(mask, _encode(y, bounds_ptr, RULE, LEVELS, OFFSET, FIRST_CODE, STEPS, COMPAND), 0)
         _store_codes(codes_out_ptr, codes, rows, rows_ok, col0, idx, mask, view_cols, numel,
                      BITS, PAIRED, TILE_COLS, ROWS, COLS)
 
@@ -313,6 +385,7 @@ def _launch(
         SOURCE=source, ADDEND=addend, UPDATE=update, DIVIDE=divisor is not None,
         WRITE_OUT=out is not None, WRITE_NS=ns_out is not None, NESTEROV=nesterov, STATS=stats, QUANTIZE=quantize, BITS=spec.bits, GRAN=spec.granularity,
         RULE=spec.rule, LEVELS=spec.levels, OFFSET=spec.offset, FIRST_CODE=spec.first_code, STEPS=spec.steps,
+        COMPAND=spec.compand, MU=spec.mu, LOG1P_MU=spec.log1p_mu, INV_MU=spec.inv_mu, INV_LOG1P_MU=spec.inv_log1p_mu,
         enable_fp_fusion=False, num_warps=min(16, max(4, layout["ROWS"] * layout["COLS"] // 1024)), **layout,
     )
     if scratch:

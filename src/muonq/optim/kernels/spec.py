@@ -15,6 +15,14 @@ Encoding uses one of two rules:
   back through the inverse companding in float64: this is exact nearest-level rounding in the
   companded domain, where the codec computes log1p in fp32; the two can differ by one level for
   values within a few ulp of a boundary (see docs/kernels.md).
+
+Codecs with a compander (MuonQ's quantizer: mu-law on the raw values, before the scale) use the
+ROUND rule in units of the step (``compand``): the kernel compands the clamped values and the
+group absmax, rounds y / step with the fp32 step, stores the step rounded to nearest, and decodes
+expand(table[code] x stored step) with the table holding the integer levels. It computes log1p
+and expm1 from ``tl.log`` / ``tl.exp`` (libdevice has no interpreter version), which agree with
+torch's to a few ulp: decoded values then differ by a few ulp, and codes by one level at values
+that close to a boundary.
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ class KernelSpec:
     steps: int  # SEARCH: binary-search steps (the boundary table has 2**steps - 1 entries)
     block_size: int  # BLOCK: elements per scale (for row scales, the row length)
     tile_size: int  # GRID
+    compand: bool  # mu-law on the raw values before the scale; the scale is the step (ROUND rule)
+    mu: float  # compand: mu, ln(1 + mu) and their reciprocals
+    log1p_mu: float
+    inv_mu: float
+    inv_log1p_mu: float
     table: torch.Tensor = field(repr=False)  # fp32, the 2**bits decoded values
     bounds: torch.Tensor = field(repr=False)  # fp32 sorted decision boundaries, +inf padded
 
@@ -88,8 +101,9 @@ def kernel_spec(codec: QuantCodec, shape: tuple[int, ...]) -> KernelSpec:
 @functools.lru_cache(maxsize=None)
 def _spec(codec: QuantCodec, block_size: int) -> KernelSpec:
     value_map = codec.value_map
+    compander = codec.compander
     codes = torch.arange(2**codec.bits, dtype=torch.uint8)
-    table = value_map.decode(codes).float()
+    table = (value_map.decode(codes) if compander is None else value_map.decode_steps(codes)).float()
     rule, levels, offset, first_code, bounds, steps = ROUND, 0, 0, 0, torch.zeros(1), 1
     if isinstance(value_map, LinearMap):
         levels, offset = value_map.levels, value_map.zero_code
@@ -104,5 +118,8 @@ def _spec(codec: QuantCodec, block_size: int) -> KernelSpec:
     granularity = {"tensor": TENSOR, "block": BLOCK, "row": BLOCK, "column": COLUMN, "grid": GRID}[codec.granularity]
     return KernelSpec(
         bits=codec.bits, granularity=granularity, rule=rule, levels=levels, offset=offset, first_code=first_code,
-        steps=steps, block_size=block_size, tile_size=codec.tile_size, table=table, bounds=bounds,
+        steps=steps, block_size=block_size, tile_size=codec.tile_size, compand=compander is not None,
+        mu=compander.mu if compander else 0.0, log1p_mu=compander.log1p_mu if compander else 0.0,
+        inv_mu=compander.inv_mu if compander else 0.0, inv_log1p_mu=compander.inv_log1p_mu if compander else 0.0,
+        table=table, bounds=bounds,
     )
