@@ -49,10 +49,12 @@ class MuLawCompander:
 
     # In-place forms for the CPU codec's slices: the same operations, into given buffers.
 
-    def compand_magnitude_(self, a: torch.Tensor) -> torch.Tensor:
+    def compand_magnitude_(self, a: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
         """|compand(x clamped to [-1, 1])| in place of ``a`` = |x| (fp32): the clamp as
-        min(|x| mu, mu), which equals min(|x|, 1) mu."""
-        a.mul_(self.mu).clamp_max_(self.mu)
+        min(|x| mu, mu), which equals min(|x|, 1) mu; ``clamp=False`` where every |x| <= 1."""
+        a.mul_(self.mu)
+        if clamp:
+            a.clamp_max_(self.mu)
         return torch.log1p(a, out=a).mul_(self.inv_log1p_mu)
 
     def expand_(self, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from muonq.optim.codecs.mulaw import MuLawCompander
 from muonq.optim.codecs.packing import pack, pack_pairs, packed_numel, unpack
 from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, step_scale, store_scale
 
-CHUNK = 1 << 16  # elements per slice of the CPU encoder
+CHUNK = 1 << 17  # elements per slice of the CPU encoder (512 KiB of fp32: its buffers stay in L2)
 _LITTLE = sys.byteorder == "little"
 Granularity = Literal["tensor", "block", "row", "column", "grid"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "block", "row", "column", "grid")
@@ -81,6 +81,7 @@ class QuantCodec(Codec):
         self.stochastic = stochastic
         self.compander = compander
         self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}  # the CPU encoder's slice buffers
 
     @property
     def bits(self) -> int:
@@ -169,6 +170,14 @@ class QuantCodec(Codec):
 
     # -- the CPU encoder: the same steps, slice by slice --------------------------------------------
 
+    def _buffer(self, role: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A flat CPU buffer of ``numel`` elements for ``role`` (garbage contents), kept between
+        calls: a fresh one would be a large allocation whose pages are faulted in again."""
+        buffer = self._scratch.get(role)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[role] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
     def _encode_sliced(self, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
         """:meth:`_encode_whole` of ``x`` in slices; None (use the whole path) when ``x`` holds what
         the whole path sanitises (NaN; inf too without companding), when 4-bit slices would split
@@ -177,7 +186,6 @@ class QuantCodec(Codec):
             return None if self.compander is not None else self._encode_grid_sliced(x, shape)
         numel = math.prod(shape)
         groups, dim = self._groups(x)
-        rows, row_len = groups.shape
         absmax = _sliced_absmax(groups, dim)
         if self.compander is not None:
             return self._encode_companded_sliced(groups, dim, absmax, numel)
@@ -187,7 +195,8 @@ class QuantCodec(Codec):
         clamp = not bool((divisor >= absmax).all())  # else |y| <= 1 already: only saturated scales clip
         codes = torch.empty(packed_numel(numel, self.bits), dtype=torch.uint8)
         for start, part, div, _ in self._slices(groups, dim, divisor):
-            self._codes_into((part / div).view(-1)[: numel - start], codes, start, clamp)
+            y = torch.div(part, div, out=self._buffer("y", part.numel()).view(part.shape))
+            self._codes_into(y.view(-1)[: numel - start], codes, start, clamp)
         return {"codes": codes, "scale": scale.reshape(-1)}
 
     def _slices(self, groups: torch.Tensor, dim: int, divisor: torch.Tensor):
@@ -213,23 +222,26 @@ class QuantCodec(Codec):
         the companding of the raw values' absmax clamped to 1 (companding is monotone), so the
         scales are known before the slices are companded, each once, into a scratch buffer. The
         companded absmax of every group is checked against that; a mismatch (a log1p that is not
-        monotone) falls back to the whole path, which also takes NaN (that it zeroes)."""
+        monotone) falls back to the whole path, which also takes NaN (that it zeroes).
+
+        Per slice: a = |compand(x)|, q = round(a / step) (no clamp to the levels: a <= absmax, so
+        a / (absmax / levels) rounds to the levels at most), codes of sign(x) q. Dividing and
+        rounding are odd functions, so that is round(compand(x) / step), the whole path's level."""
         if bool(torch.isnan(raw_absmax).any()):
             return None
         compander = self.compander
         absmax = compander.compand(raw_absmax.clamp_max(1.0))
         scale, divisor = self._scale(absmax)
+        clamp = not bool((raw_absmax <= 1.0).all())  # else |x| mu <= mu already
         seen = torch.zeros_like(absmax)
         codes = torch.empty(packed_numel(numel, self.bits), dtype=torch.uint8)
-        scratch = torch.empty(max(CHUNK, groups.shape[1]) + groups.shape[1])  # a slice's most elements
-        offset = float(self.value_map.zero_code)
         for start, part, div, rows_of in self._slices(groups, dim, divisor):
-            a = compander.compand_magnitude_(torch.abs(part, out=scratch[: part.numel()].view(part.shape)))
+            a = torch.abs(part, out=self._buffer("y", part.numel()).view(part.shape))
+            compander.compand_magnitude_(a, clamp=clamp)
             group = seen[rows_of]
             torch.maximum(group, a.amax(dim=dim, keepdim=True) if div.dim() else a.amax().view(1, 1), out=group)
-            # no clamp to the levels: |y| <= absmax / (absmax / levels) rounds to the levels at most
-            a.copysign_(part).div_(div).round_().add_(offset)
-            self._store_codes(a.view(-1)[: numel - start], codes, start)
+            sign = torch.sign(part, out=self._buffer("sign", part.numel()).view(part.shape))
+            self._store_levels(a.div_(div).round_().mul_(sign).view(-1)[: numel - start], codes, start)
         if not torch.equal(seen, absmax):
             return None
         return {"codes": codes, "scale": scale.reshape(-1)}
@@ -243,7 +255,8 @@ class QuantCodec(Codec):
         row_absmax = torch.empty(rows, tile_cols)
         col_absmax = torch.empty(tile_rows, cols)
         for i in range(tile_rows):
-            a = x[i * tile : (i + 1) * tile].abs()
+            part = x[i * tile : (i + 1) * tile]
+            a = torch.abs(part, out=self._buffer("y", part.numel()).view(part.shape))
             grid_row_absmax(a, tile, out=row_absmax[i * tile : i * tile + a.shape[0]])
             torch.amax(a, dim=0, out=col_absmax[i])
         if not (bool(torch.isfinite(row_absmax).all()) and bool(torch.isfinite(col_absmax).all())):
@@ -254,26 +267,49 @@ class QuantCodec(Codec):
         for i in range(tile_rows):
             r0 = i * tile
             part = x[r0 : r0 + tile]
-            y = grid_apply(torch.div, part, row_div[r0 : r0 + part.shape[0]], col_div[i], tile, out=torch.empty_like(part))
+            y = grid_apply(torch.div, part, row_div[r0 : r0 + part.shape[0]], col_div[i], tile,
+                           out=self._buffer("y", part.numel()).view(part.shape))
             self._codes_into(y.view(-1), codes, r0 * cols, clamp)
         return {"codes": codes, "row_scale": row_scale, "col_scale": col_scale}
 
     def _codes_into(self, y: torch.Tensor, codes: torch.Tensor, start: int, clamp: bool) -> None:
-        """Encode the slice ``y`` (a fresh fp32 tensor: flat elements ``start ...``) into ``codes``;
-        ``clamp``: to [-1, 1] first (needed only where a scale saturated below the absmax)."""
-        y = y.view(-1)
-        self._store_codes(self.value_map.encode(y.clamp_(-1.0, 1.0) if clamp else y), codes, start)
-
-    def _store_codes(self, c: torch.Tensor, codes: torch.Tensor, start: int) -> None:
-        """Codes ``c`` (uint8, or their integer values as fp32) of flat elements ``start ...``
-        packed into ``codes``."""
-        c = c.view(-1)
+        """Encode the slice ``y`` (flat fp32 in a scratch buffer: flat elements ``start ...``) into
+        ``codes``; ``clamp``: to [-1, 1] first (needed only where a scale saturated below the
+        absmax). Linear codes are round(y L) in place: |y| <= 1 needs no clamp to the levels."""
+        if clamp:
+            y.clamp_(-1.0, 1.0)
+        if isinstance(self.value_map, LinearMap):
+            self._store_levels(y.mul_(self.value_map.levels).round_(), codes, start)
+            return
+        c = self.value_map.encode(y)
         if self.bits == 8:
             codes[start : start + c.numel()].copy_(c)
         elif c.numel() % 2 == 0:
-            pack_pairs(c.to(torch.uint8), out=codes[start // 2 : start // 2 + c.numel() // 2])
+            pack_pairs(c, out=codes[start // 2 : start // 2 + c.numel() // 2])
         else:  # the last slice of an odd count
-            codes[start // 2 :].copy_(pack(c.to(torch.uint8), 4))
+            codes[start // 2 :].copy_(pack(c, 4))
+
+    def _store_levels(self, q: torch.Tensor, codes: torch.Tensor, start: int) -> None:
+        """Linear codes of the integer levels ``q`` (flat fp32, in [-L, L]; overwritten) of flat
+        elements ``start ...``, packed into ``codes``. The codes (level + zero code, exact small
+        integers) go to int16 first, several times cheaper on the CPU than fp32 to uint8; two 4-bit
+        codes are then one little-endian 32-bit word w = low | high << 16, whose byte is
+        (w & 0x0F) | ((w >> 12) & 0xF0)."""
+        count = q.numel()
+        small = self._buffer("int16", count, torch.int16).copy_(q.add_(self.value_map.zero_code))
+        if self.bits == 8:
+            codes[start : start + count].copy_(small)
+            return
+        even, first = count - count % 2, start // 2
+        if even and _LITTLE:
+            words = small[:even].view(torch.int32)
+            high = torch.bitwise_right_shift(words, 12, out=self._buffer("int32", even // 2, torch.int32))
+            high.bitwise_and_(0xF0).bitwise_or_(words.bitwise_and_(0x0F))
+            codes[first : first + even // 2].copy_(high)
+        elif even:
+            codes[first : first + even // 2].copy_(pack(small[:even].to(torch.uint8), 4))
+        if even < count:  # the last code of an odd count: a byte of its own, high nibble zero
+            codes[first + even // 2 :].copy_(small[even:])
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -315,12 +351,14 @@ class QuantCodec(Codec):
         ``scale`` (one value), times it and expanded."""
         if codes.numel() != packed_numel(numel, self.bits):
             raise ValueError(f"{codes.numel()} bytes cannot hold exactly {numel} codes of {self.bits} bits")
-        # index by little-endian pairs of bytes (two or four codes per lookup) where they can be viewed so
-        wide = codes.numel() % 2 == 0 and codes.is_contiguous() and codes.storage_offset() % 2 == 0 and _LITTLE
-        per_row = (2 if wide else 1) * 8 // self.bits
         if out is not None and codes.numel() * 8 // self.bits != numel:
             return out.view(-1).copy_(self._values(codes, numel, scale))  # an odd count of 4-bit codes
         folds = self.compander is not None and scale is not None  # the expansion is worth a table
+        # index by little-endian pairs of bytes (two or four codes per lookup) where they can be viewed
+        # so, unless the table is built per call (the expansion of 65536 rows would cost what it saves)
+        wide = (not folds and codes.numel() % 2 == 0 and codes.is_contiguous() and codes.storage_offset() % 2 == 0
+                and _LITTLE)
+        per_row = (2 if wide else 1) * 8 // self.bits
         if codes.device.type == "meta" or (self.value_map.cheap_decode and not folds):
             codes = unpack(codes, self.bits, numel)
             if out is None:
@@ -348,19 +386,9 @@ class QuantCodec(Codec):
         return table
 
     def _scaled_table(self, device: torch.device, wide: bool, scale: torch.Tensor) -> torch.Tensor:
-        """The table times ``scale`` and expanded: the same products and expansions as of each
-        decoded value. A companded wide table is built from the byte table (every pair of its rows),
-        so that the expansion runs on 512 values, not 256K."""
-        if self.compander is None:
-            return self._table(device, wide) * scale
-        narrow = self._expand_(self._table(device, False) * scale)
-        if not wide:
-            return narrow
-        per_byte = narrow.shape[1]
-        table = torch.empty(256, 256, 2 * per_byte, device=device)  # [high byte, low byte, codes]
-        table[:, :, :per_byte] = narrow[None]
-        table[:, :, per_byte:] = narrow[:, None]
-        return table.view(65536, 2 * per_byte)
+        """The table times ``scale``, expanded when companding: the same products and expansions
+        as of each decoded value."""
+        return self._expand_(self._table(device, wide) * scale)
 
     def _expand_(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` expanded in place when companding (on the CPU in slices through a small
