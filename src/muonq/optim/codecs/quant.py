@@ -13,12 +13,13 @@ absmax / levels (floored at 1e-8), clamped to the levels of a linear map; the *s
 rounded to nearest in the scale dtype (:func:`~muonq.optim.codecs.scales.step_scale`); decoding
 expands q x stored step. Same stored tensors and bytes.
 
-:meth:`QuantCodec._encode_whole` and :meth:`QuantCodec._decode_whole` are that arithmetic on whole
-tensors: the reference, and the path of stochastic rounding, of non-finite inputs and of other
-devices. On the CPU the same elementwise steps run in slices of about ``CHUNK`` elements (whole
-groups, rows or tile rows) through small scratch buffers that stay cached, instead of fresh
-matrix-sized temporaries; the absmax is a max, so the bytes are the whole path's. The clamp to
-[-1, 1] is skipped where no scale saturated (then |y| <= 1 already). Decoding gathers from a table
+:meth:`QuantCodec._encode_whole` is that arithmetic on the whole tensor: the reference, and the
+path of stochastic rounding, of NaN (and of inf without companding) and of other devices. On the
+CPU the same elementwise steps run in slices of about ``CHUNK`` elements (whole groups, rows or
+tile rows) through scratch buffers the codec keeps, instead of fresh matrix-sized temporaries; the
+absmax is a max, so the bytes are the whole path's. The clamp to [-1, 1] is skipped where no scale
+saturated (then |y| <= 1 already); companded slices are companded once, with the scales known
+beforehand (see :meth:`QuantCodec._encode_companded_sliced`). Decoding gathers from a table
 of decoded values, one row per byte or pair of code bytes, with a per-tensor scale (and the
 expansion) folded into the table, unless the value map's own decode is cheaper
 (``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result.
@@ -399,10 +400,9 @@ class QuantCodec(Codec):
         if values.device.type != "cpu":
             return values.copy_(compander.expand(values))
         flat = values.view(-1)
-        scratch = torch.empty(min(CHUNK, flat.numel()))
         for start in range(0, flat.numel(), CHUNK):
             v = flat[start : start + CHUNK]
-            compander.expand_(v, scratch[: v.numel()])
+            compander.expand_(v, self._buffer("y", v.numel()))
         return values
 
     def zeros(self, shape: Shape, device: torch.device | str = "cpu") -> Encoded:
