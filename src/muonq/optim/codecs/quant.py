@@ -82,7 +82,7 @@ class QuantCodec(Codec):
         self.stochastic = stochastic
         self.compander = compander
         self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
-        self._scratch: dict[str, torch.Tensor] = {}  # the CPU encoder's slice buffers
+        self._scratch: dict[str, torch.Tensor] = {}  # CPU slice buffers of encoding and expansion
 
     @property
     def bits(self) -> int:
