@@ -71,7 +71,7 @@ def test_unknown_key_is_rejected() -> None:
 
 def test_missing_recipe_lists_the_valid_ones() -> None:
     with pytest.raises(MissingConfigException) as err:
-        _compose("recipe=llama-7b")
+        _compose("recipe=llama-13b")
     assert "llama-60m" in str(err.value)
 
 
@@ -88,6 +88,8 @@ def test_missing_recipe_lists_the_valid_ones() -> None:
         ("recipe.model.n_head=5", "recipe.model.n_head"),
         ("resume=maybe", "resume"),
         ("seed=-1", "seed"),
+        ("recipe.training_params.max_consecutive_skips=0", "recipe.training_params.max_consecutive_skips"),
+        ("logging_params.progress_every_s=-1", "logging_params.progress_every_s"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:
@@ -110,6 +112,12 @@ def test_mu_law_keys_say_where_the_companding_sits() -> None:
         preset("muonq", quant="mulaw-after-scale")
     with pytest.raises(ConfigError, match=r"optimizer_params\.args\.mu"):
         preset("muonq", mu=0.0)
+
+
+def test_skip_budget_applies_to_skip_only() -> None:
+    validate(_compose("recipe.training_params.nonfinite=skip", "recipe.training_params.max_consecutive_skips=3"))
+    with pytest.raises(ConfigError, match=r"max_consecutive_skips: applies to nonfinite=skip only, not stop"):
+        validate(_compose("recipe.training_params.max_consecutive_skips=3"))
 
 
 def test_divisibility_counts_the_world_size() -> None:

@@ -228,7 +228,8 @@ def test_vocab_above_65535_writes_uint32(cli: dict, tmp_path: pathlib.Path) -> N
     big.save(str(tok_dir / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    texts = ["To be, or not <x59999> to be.\n", "Exit <x123>, pursued by a bear <|endoftext|>."]
+    # 5 x 31 tokens: more than one training window (prepare refuses less)
+    texts = ["To be, or not <x59999> to be.\n", "Exit <x123>, pursued by a bear <|endoftext|>."] * 5
     for i, text in enumerate(texts):
         (tmp_path / f"doc{i}.txt").write_text(text)
     folder = prepare(
@@ -281,6 +282,18 @@ def test_bad_inputs(tmp_path: pathlib.Path) -> None:
         run(shard_tokens=0)
     with pytest.raises(ValueError, match="--input"):
         run(name="fineweb10B", tokenizer="gpt2")  # offline: no datasets package or no network
+    # empty or nearly empty text files: refused, naming the files, with nothing left behind
+    (tmp_path / "empty").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "empty" / name).write_text("")
+    with pytest.raises(ValueError, match=r"empty/a\.txt, \S+empty/b\.txt: every input file is empty \(0 bytes\)"):
+        run(name="e", input=str(tmp_path / "empty" / "*.txt"), tokenizer="gpt2")
+    (tmp_path / "empty" / "c.txt").write_text("hello world")
+    for tokenizer in ("gpt2", "bpe-512"):
+        with pytest.raises(ValueError, match=r"a\.txt, \S+b\.txt, \S+c\.txt: only \d tokens of text for the train split "
+                                             r"\(\d tokens with the end-of-document tokens\), fewer than one training window"):
+            run(name="e", input=str(tmp_path / "empty" / "*.txt"), tokenizer=tokenizer)
+        assert not (tmp_path / "out" / f"e-{tokenizer}").exists()
     stale = tmp_path / "out" / "tiny_shakespeare-gpt2"
     stale.mkdir(parents=True)
     (stale / "train_000001.bin").write_bytes(b"")

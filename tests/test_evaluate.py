@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +60,40 @@ def test_loss_equals_trainer_final_full_validation(trained, tmp_path) -> None:
     assert math.isclose(result["val_loss"], trained["final"], rel_tol=1e-6, abs_tol=1e-6), (result["val_loss"], trained["final"])
     assert math.isclose(result["val_ppl"], math.exp(trained["final"]), rel_tol=1e-5)
     assert result["zero_shot"] == {} and result["unavailable"] == {}
+
+
+def damaged_copy(ckpt_dir: Path, where: Path, damage: str) -> Path:
+    """A copy of the newest step folder of ``ckpt_dir``: main.pt with four bytes flipped, or the
+    folder without its manifest."""
+    from muonq.train.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(ckpt_dir)
+    folder = where / mgr.step_dir(mgr.steps()[-1]).name
+    shutil.copytree(mgr.step_dir(mgr.steps()[-1]), folder)
+    if damage == "flipped":
+        main = folder / "main.pt"
+        data = bytearray(main.read_bytes())
+        for i in range(4):
+            data[len(data) // 2 + i] ^= 0x55
+        main.write_bytes(bytes(data))
+    else:
+        (folder / "manifest.json").unlink()
+    return folder
+
+
+@pytest.mark.parametrize("damage, name, message", [
+    ("flipped", "main.pt", r"error: checkpoint \S+step_000003 is corrupt or incomplete \(checksum mismatch in main\.pt\)"),
+    ("no-manifest", "", r"error: checkpoint \S+step_000003 is corrupt or incomplete \(no manifest\.json\)"),
+], ids=["flipped-main.pt", "no-manifest-step-folder"])
+def test_damaged_checkpoint_is_refused_in_one_line(trained, tmp_path, damage, name, message) -> None:
+    """Named by its main.pt or its step folder, a checkpoint is verified against its manifest
+    before anything is evaluated."""
+    folder = damaged_copy(trained["ckpt"], tmp_path, damage)
+    proc = run_tool("muonq.evaluate", f"checkpoint={folder / name}", f"data_dir={trained['data_dir']}",
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "tasks=none", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.fullmatch(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "validation loss" not in proc.stdout
 
 
 def test_cli_offline_reports_unavailable_tasks_and_exits_0(trained) -> None:

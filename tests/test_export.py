@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -85,6 +86,26 @@ def test_export_cli_errors_in_one_line(tmp_path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint") and "not found" in proc.stderr
     proc = run_tool("muonq.export", "checkpoint=x", timeout=300)
     assert proc.returncode == 2 and "out= are required" in proc.stderr
+
+
+@pytest.mark.parametrize("what", ["flipped", "not-a-checkpoint"])
+def test_export_refuses_a_corrupt_checkpoint_or_another_file(tmp_path, checkpoints, shakespeare_data, what) -> None:
+    """A step folder whose main.pt does not match its manifest, or a file that is no checkpoint
+    at all: one line naming it, exit 2, nothing exported."""
+    from .test_evaluate import damaged_copy
+
+    if what == "flipped":
+        source = damaged_copy(checkpoints["llama"], tmp_path, "flipped")
+        message = r"is corrupt or incomplete \(checksum mismatch in main\.pt\)"
+    else:
+        source = shakespeare_data / "tiny_shakespeare-bpe-8192" / "meta.json"
+        message = r"meta\.json is not a MuonQ checkpoint"
+    out = tmp_path / "hf"
+    proc = run_tool("muonq.export", f"checkpoint={source}", f"out={out}", f"data_dir={shakespeare_data}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def _tricky_texts(seed: int, n: int) -> list[str]:

@@ -1,5 +1,6 @@
 """FSDP2 (``parallelism=fsdp``): losses match a single process, per-rank memory halves at 2 ranks,
-Muon state lives on the matrix's owner only, bad input stops at preflight.
+Muon state lives on the matrix's owner only, checkpoints move between FSDP and DDP, bad input
+stops at preflight.
 
 The end-to-end runs start the real entry point under torchrun (gloo, 2 ranks). The in-process
 case spawns 2 gloo ranks that each compute the full batch, so FSDP's averaged gradient equals the
@@ -8,8 +9,10 @@ single-process gradient exactly and the parameters can be compared to a tight to
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,8 +24,9 @@ import torch.multiprocessing as mp
 from muonq import metric_names as M
 from muonq.config import ModelConfig, preset
 from muonq.models import build_model
+from muonq.optim.shard_format import shard_file
 
-from .conftest import TINY, losses, run_training
+from .conftest import TINY, losses, run_tool, run_training
 
 STEPS = 10
 # A single process with batch 1 x accumulation 4 sees the same 4 sequences per step as 2 ranks x 1 x
@@ -36,21 +40,31 @@ OPTIMIZERS = ("adamw", "muon", "muonq", "muoneq")
 REL_TOL = 1e-4
 
 
-def _run(tmp: Path, data: Path, name: str, nproc: int, *extra: str) -> list[dict]:
-    proc, rows = run_training(tmp / f"{name}_{nproc}", data, *COMMON, f"optimizer_params={name}",
-                              f"run_name={name}_{nproc}", *extra, nproc=nproc, env={"OMP_NUM_THREADS": "1"})
+SAVE_AT = 5  # the curves' runs save checkpoints at steps 5 and 10
+
+
+def _run(tmp: Path, data: Path, name: str, nproc: int, *extra: str, tag: str = "") -> list[dict]:
+    run = f"{name}_{nproc}{tag}"
+    proc, rows = run_training(tmp / run, data, *COMMON, f"optimizer_params={name}", f"run_name={run}",
+                              f"logging_params.checkpoint_dir={tmp / 'ckpt' / run}", *extra, nproc=nproc,
+                              env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return rows
 
 
 @pytest.fixture(scope="module")
-def curves(tmp_path_factory, shakespeare_data) -> dict[tuple[str, str], list[dict]]:
-    tmp = tmp_path_factory.mktemp("fsdp")
+def fsdp_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def curves(fsdp_tmp, shakespeare_data) -> dict[tuple[str, str], list[dict]]:
     jobs = [(name, "single", 1, ()) for name in OPTIMIZERS] + [(name, "fsdp", 2, ("parallelism=fsdp",)) for name in OPTIMIZERS]
+    save = ("logging_params.save_checkpoint=true", f"logging_params.save_ckpt_step={SAVE_AT}")
 
     def one(job):
         name, kind, nproc, extra = job
-        return (name, kind), _run(tmp, shakespeare_data, name, nproc, *extra)
+        return (name, kind), _run(fsdp_tmp, shakespeare_data, name, nproc, *extra, *save)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(one, jobs))
@@ -84,11 +98,91 @@ def test_fsdp_halves_per_rank_bytes(curves, name):
     assert _first(fsdp, M.STATE_BYTES_TOTAL) == pytest.approx(_first(single, M.STATE_BYTES_TOTAL), rel=0.01)
 
 
+def test_four_ranks_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_tmp, shakespeare_data):
+    """muonq at 4 FSDP ranks (no accumulation): the single-process losses to 1e-4, and the largest
+    rank's parameters + gradients + optimizer state within 10% of a quarter of one process's."""
+    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 4, "parallelism=fsdp")
+    single, four = losses(curves["muonq", "single"]), losses(rows)
+    assert all(math.isclose(four[s], single[s], rel_tol=REL_TOL) for s in single), (four, single)
+    keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
+    ratio = sum(_first(rows, k) for k in keys) / sum(_first(curves["muonq", "single"], k) for k in keys)
+    print(f"muonq at 4 ranks: largest rank's bytes {ratio:.3f} of one process's")
+    assert 0.25 * 0.9 <= ratio <= 0.25 * 1.1, ratio
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    planned, _ = plan(compose_config([*COMMON, "optimizer_params=muonq", "parallelism=fsdp"]), 4)
+    assert (planned.params, planned.grads, planned.state) == tuple(_first(rows, k) for k in keys)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_planner_predicts_the_logged_bytes(curves, name):
+    """``python -m muonq.plan`` on meta tensors gives the bytes the real runs log, exactly."""
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    for kind, world_size, layout in (("fsdp", 2, "fsdp"), ("single", 1, "ddp")):
+        planned, _ = plan(compose_config([*COMMON, f"optimizer_params={name}", f"parallelism={layout}"]), world_size)
+        rows = curves[name, kind]
+        assert (planned.params, planned.grads, planned.state) == (
+            _first(rows, M.PARAM_BYTES_RANK_MAX), _first(rows, M.GRAD_BYTES_RANK_MAX), _first(rows, M.STATE_BYTES_RANK_MAX))
+
+
+def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> dict[int, float]:
+    """Losses of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s step-5 checkpoint."""
+    tag = f"_from_{source}"
+    step = f"step_{SAVE_AT:06d}"
+    shutil.copytree(tmp / "ckpt" / source / step, tmp / "ckpt" / f"{name}_{nproc}{tag}" / step)
+    return losses(_run(tmp, data, name, nproc, "resume=true", *extra, tag=tag))
+
+
+def test_checkpoints_move_between_fsdp_and_ddp(curves, fsdp_tmp, shakespeare_data):
+    """An FSDP checkpoint holds the whole model (main.pt) and ZeRO-1's optimizer shards: FSDP resumes
+    it bit for bit, one DDP process resumes it, FSDP resumes a DDP checkpoint, and evaluate reads it."""
+    fsdp, single = losses(curves["muonq", "fsdp"]), losses(curves["muonq", "single"])
+    later = range(SAVE_AT + 1, STEPS + 1)
+    step = fsdp_tmp / "ckpt" / "muonq_2" / f"step_{SAVE_AT:06d}"
+    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", shard_file(0), shard_file(1)]
+    shards = [torch.load(step / shard_file(r), weights_only=True) for r in (0, 1)]
+    # the AdamW tensors' state is saved whole, by one rank each; Muon's by each matrix's owner
+    assert all(not hasattr(v, "to_local") for s in shards for st in s["optimizers"]["adamw"]["state"].values() for v in st.values())
+    assert set(shards[0]["optimizers"]["muon"]["state"]).isdisjoint(shards[1]["optimizers"]["muon"]["state"])
+
+    jobs = [("muonq", 2, "muonq_2", ("parallelism=fsdp",)), ("adamw", 2, "adamw_2", ("parallelism=fsdp",)),
+            ("muonq", 1, "muonq_2", ()), ("muonq", 2, "muonq_1", ("parallelism=fsdp",))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        same, adamw_same, to_ddp, from_ddp = pool.map(lambda job: _resumed(fsdp_tmp, shakespeare_data, *job[:3], *job[3]), jobs)
+    assert sorted(same) == list(later)
+    assert all(same[s] == fsdp[s] for s in later), (same, fsdp)  # bit-identical on CPU
+    adamw_fsdp = losses(curves["adamw", "fsdp"])
+    assert all(adamw_same[s] == adamw_fsdp[s] for s in later), (adamw_same, adamw_fsdp)
+    assert all(math.isclose(to_ddp[s], single[s], rel_tol=REL_TOL) for s in later), (to_ddp, single)
+    assert all(math.isclose(from_ddp[s], fsdp[s], rel_tol=REL_TOL) for s in later), (from_ddp, fsdp)
+
+    evaluated = {}
+    for run in ("muonq_2", "muonq_1"):
+        out = fsdp_tmp / f"eval_{run}.json"
+        proc = run_tool("muonq.evaluate", f"checkpoint={fsdp_tmp / 'ckpt' / run}", f"data_dir={shakespeare_data}",
+                        "batch_size=4", "tasks=none", f"out={out}", env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evaluated[run] = json.loads(out.read_text())["val_loss"]
+    assert math.isclose(evaluated["muonq_2"], evaluated["muonq_1"], rel_tol=REL_TOL), evaluated
+
+
+def test_activation_checkpointing_and_per_block_compile_compose_with_fsdp(curves, fsdp_tmp, shakespeare_data):
+    """Both applied per transformer block before fully_shard: the run follows the plain FSDP curve
+    (compiled kernels may round differently; recomputation alone is bit-exact, see test_models)."""
+    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 2, "parallelism=fsdp", "recipe.training_params.activation_checkpointing=true",
+                "recipe.training_params.compile=true", tag="_ac_compiled")
+    plain, got = losses(curves["muonq", "fsdp"]), losses(rows)
+    assert sorted(got) == sorted(plain)
+    assert all(math.isclose(got[s], plain[s], rel_tol=REL_TOL) for s in plain), (got, plain)
+
+
 def test_fsdp_preflight_rejects(tmp_path, shakespeare_data):
     cases = (
         ((), 1, "parallelism: fsdp shards over ranks and needs more than one process"),
-        (("logging_params.save_checkpoint=true",), 2, "logging_params.save_checkpoint: checkpoints under parallelism=fsdp are not supported yet"),
-        (("resume=true",), 2, "resume: resuming under parallelism=fsdp is not supported yet"),
+        (("optimizer_params.zero=false",), 2, "optimizer_params.zero: false (replicated optimizer state) does not apply"),
     )
     for i, (extra, nproc, message) in enumerate(cases):
         proc, _ = run_training(tmp_path / f"bad{i}", shakespeare_data, *COMMON, "parallelism=fsdp", *extra, nproc=nproc)

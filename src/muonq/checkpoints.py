@@ -1,6 +1,7 @@
-"""A run's checkpoint, as the tools read it: find and verify its ``main.pt``, load it, rebuild the
-framework's model with its weights, and what it records of its run (dataset, window layout,
-precision). Used by ``muonq.evaluate``, ``muonq.export`` and the library behind them."""
+"""A run's checkpoint, as the tools read it: find and verify its ``main.pt`` (always against its
+step folder's manifest, whether a run folder, a step folder or the file is named), load it,
+rebuild the framework's model with its weights, and what it records of its run (dataset, window
+layout, precision). Used by ``muonq.evaluate``, ``muonq.export`` and the library behind them."""
 
 from __future__ import annotations
 
@@ -36,29 +37,40 @@ class LoadedCheckpoint:
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-    """The ``main.pt`` that ``path`` names: the file, a step folder, or a run's checkpoint folder
-    (its newest intact step, checksums verified)."""
-    from muonq.train.checkpoint import CheckpointManager
+    """The verified ``main.pt`` that ``path`` names: the file itself, its step folder, or a run's
+    checkpoint folder (its newest intact step). Whatever is named, the step folder's manifest
+    must be there and every checksum in it must match; anything else is a :class:`UserError`."""
+    from muonq.train.checkpoint import MAIN, MANIFEST, CheckpointManager, every_checkpoint_rejected, verify_folder
 
     path = pathlib.Path(path).expanduser()
     if path.is_file():
-        return path
-    if not path.is_dir():
+        if path.name != MAIN or not (path.parent / MANIFEST).is_file():
+            raise UserError(f"{path} is not a MuonQ checkpoint: pass a step_XXXXXX/ folder (its {MAIN} and "
+                            f"{MANIFEST}) or the run's checkpoint folder")
+        folder = path.parent
+    elif not path.is_dir():
         raise MissingInputError(f"checkpoint {path} not found")
-    if (path / "main.pt").is_file():
-        return path / "main.pt"
-    manager = CheckpointManager(path)
-    if not manager.steps():
-        raise MissingInputError(f"{path} holds no checkpoint (no main.pt, no step_XXXXXX/ folders)")
-    step = manager.latest_valid()
-    if step is None:
-        raise MissingInputError(f"{path}: every checkpoint is incomplete or corrupt")
-    return manager.step_dir(step) / "main.pt"
+    elif (path / MAIN).is_file() or (path / MANIFEST).is_file():
+        folder = path
+    else:
+        manager = CheckpointManager(path)
+        if not manager.steps():
+            raise MissingInputError(f"{path} holds no checkpoint (no {MAIN}, no step_XXXXXX/ folders)")
+        step, rejected = manager.newest_intact()
+        if step is None:
+            raise UserError(every_checkpoint_rejected(path, rejected))
+        return manager.step_dir(step) / MAIN
+    problem = verify_folder(folder)
+    if problem is not None:
+        raise UserError(f"checkpoint {folder} is corrupt or incomplete ({problem})")
+    return folder / MAIN
 
 
 def load_checkpoint(path: str | pathlib.Path) -> LoadedCheckpoint:
+    from muonq.train.checkpoint import read_file
+
     file = resolve_checkpoint(path)
-    payload = torch.load(file, map_location="cpu", weights_only=True)
+    payload = read_file(file)
     if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
         raise UserError(f"{file} is not a MuonQ training checkpoint (no model / model_config)")
     return LoadedCheckpoint(file, payload)

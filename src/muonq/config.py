@@ -34,13 +34,18 @@ class TrainingParams:
     gradnorm: float = 1.0  # global-norm clip; 0 disables clipping
     autocast: bool = True  # bf16/fp16 autocast on CUDA (always fp32 on CPU)
     mixed_precision: str = "bfloat16"
-    compile: bool = False
+    compile: bool = False  # torch.compile: the whole model (ddp), each transformer block (fsdp)
+    # recompute each transformer block's activations in the backward pass: only the blocks' inputs
+    # are kept, for about one more forward pass of compute
+    activation_checkpointing: bool = False
     max_steps: Optional[int] = None  # cap on optimizer steps (None: the token budget decides)
     tensorcore_precision: str = "high"  # torch.set_float32_matmul_precision on CUDA
     # what a non-finite loss/grad does: skip the step, or stop with a checkpoint of the last good
     # step (both read a verdict before the optimizer: one host sync per step); abort: the verdict is
     # read a step late (no sync in the step) and the run stops without saving the damaged state
     nonfinite: str = "stop"
+    # nonfinite=skip: this many skipped steps in a row stop the run (the weights, not a batch, are broken)
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -139,6 +144,7 @@ class LoggingParams:
     keep_last: int = 2
     checkpoint_dir: Optional[str] = None  # default: checkpoints/<run name>
     final_full_val: bool = True  # validate on the whole validation split at the end
+    progress_every_s: float = 30.0  # seconds between plain progress lines when stderr is no terminal (0: every step)
     wandb: dict[str, Any] = field(default_factory=dict)  # passed to wandb.init (project, name, ...)
 
 
@@ -165,6 +171,11 @@ class RunConfig:
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "hydra_conf"
+
+
+def checkpoint_dir_for(cfg: RunConfig | Any, run_name: str) -> Path:
+    """``logging_params.checkpoint_dir``, else ``checkpoints/<run name>``."""
+    return Path(cfg.logging_params.checkpoint_dir or Path("checkpoints") / run_name)
 
 
 def compose_config(overrides: list[str]) -> Any:
@@ -237,6 +248,10 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(tp.max_steps is None or tp.max_steps > 0, "recipe.training_params.max_steps", f"must be > 0, got {tp.max_steps}")
     _check_choice(tp.mixed_precision, "recipe.training_params.mixed_precision", PRECISIONS)
     _check_choice(tp.nonfinite, "recipe.training_params.nonfinite", NONFINITE_POLICIES)
+    _check(tp.max_consecutive_skips >= 1, "recipe.training_params.max_consecutive_skips",
+           f"must be >= 1, got {tp.max_consecutive_skips}")
+    _check(tp.nonfinite == "skip" or tp.max_consecutive_skips == TrainingParams.max_consecutive_skips,
+           "recipe.training_params.max_consecutive_skips", f"applies to nonfinite=skip only, not {tp.nonfinite}")
     _check_choice(model.model_type, "recipe.model.model_type", MODEL_TYPES)
     for key in ("n_embd", "n_layer", "n_head", "vocab_size"):
         _check(getattr(model, key) > 0, f"recipe.model.{key}", f"must be > 0, got {getattr(model, key)}")
@@ -272,6 +287,7 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     _check(log.val_step >= 0, "logging_params.val_step", f"must be >= 0, got {log.val_step}")
     _check(log.save_ckpt_step > 0, "logging_params.save_ckpt_step", f"must be > 0, got {log.save_ckpt_step}")
     _check(log.keep_last >= 1, "logging_params.keep_last", f"must be >= 1, got {log.keep_last}")
+    _check(log.progress_every_s >= 0, "logging_params.progress_every_s", f"must be >= 0, got {log.progress_every_s}")
     _check(log.val_tokens_processed >= 0, "logging_params.val_tokens_processed", f"must be >= 0, got {log.val_tokens_processed}")
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _check(str(cfg.resume).lower() in ("false", "true", "auto"), "resume", f"got {cfg.resume!r}, expected false, true or auto")
@@ -288,10 +304,6 @@ def _check_parallelism(cfg: Any, world_size: int) -> None:
            "torchrun --nproc-per-node=N with N > 1, or use parallelism=ddp")
     _check(cfg.optimizer_params.zero is not False, "optimizer_params.zero",
            "false (replicated optimizer state) does not apply under parallelism=fsdp, which always shards it")
-    _check(not cfg.logging_params.save_checkpoint, "logging_params.save_checkpoint",
-           "checkpoints under parallelism=fsdp are not supported yet; set it to false or use parallelism=ddp")
-    _check(str(cfg.resume).lower() == "false", "resume",
-           "resuming under parallelism=fsdp is not supported yet; set resume=false or use parallelism=ddp")
 
 
 # -- the optimizer: flat keys -> one typed spec -------------------------------------------------------

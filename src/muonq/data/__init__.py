@@ -4,7 +4,7 @@ See docs/data.md. ``prepare`` lives in :mod:`muonq.data.prepare` (it pulls in to
 libraries); the names below are what the trainer uses.
 """
 
-from muonq.data.loader import DatasetMeta, TokenLoader, check_dataset, validation_batches
+from muonq.data.loader import DatasetMeta, TokenLoader, check_dataset, require_windows, validation_batches
 from muonq.data.paths import dataset_dir, resolve_data_dir, tokenizer_tag
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "TokenLoader",
     "check_dataset",
     "dataset_dir",
+    "require_windows",
     "resolve_data_dir",
     "tokenizer_tag",
     "validation_batches",

@@ -127,6 +127,15 @@ def _foreign_meta(fmt: str, headers: dict[str, list[ShardHeader]]) -> DatasetMet
     )  # fmt: skip
 
 
+def require_windows(path: pathlib.Path, split: str, *, seq_len: int, windows: int, what: str, hint: str) -> None:
+    """Raise :class:`UserError` unless ``split`` holds ``windows`` windows of ``seq_len + 1`` tokens
+    (``what`` says what needs them, naming the config keys; ``hint`` what to change)."""
+    try:
+        _Windows(path, split, seq_len).require(windows, what)
+    except UserError as err:
+        raise UserError(f"{err}; {hint}") from None
+
+
 class _Windows:
     """A split's shards as windows of ``seq_len + 1`` tokens, read through a few open memory maps."""
 

@@ -24,13 +24,16 @@ from tqdm import tqdm
 from muonq.data.encode import Encoder, document_batches
 from muonq.data.paths import dataset_dir, tokenizer_tag
 from muonq.data.shards import MAGIC, META_FILE, PROGRESS_FILE, VERSION, atomic_writer, list_shards, remove_temp_files, token_dtype
-from muonq.data.sources import EMBEDDED_NAME, Source, open_source
+from muonq.data.sources import EMBEDDED_NAME, LocalFiles, Source, open_source
 from muonq.data.tokenizers import BPE_FILE, Tokenizer, bpe_vocab_size, load_tokenizer, train_bpe
 from muonq.data.writer import SplitState, SplitWriter
 from muonq.errors import UserError
 
 EOS_POLICY = "append"  # one EOS token after every document; BOS never added
 BPE_TRAIN_CHARS = 200_000_000  # a BPE is trained on at most this much train-split text
+# The train split must hold one window of the smallest recipe (llama-tiny, gpt-tiny: context_length
+# 128, so 129 tokens); training checks the exact size against its own context length.
+MIN_TRAIN_TOKENS = 129
 
 
 def prepare(
@@ -78,6 +81,7 @@ def prepare(
     # Replay from the earliest document a split still needs (a full split needs none).
     restart = min(state.resume_doc for state in states.values() if state.closed_at is None)
     source = open_source(name, input=patterns, val_fraction=val_fraction)
+    _refuse_empty_files(source)
     documents = source.documents(restart)
     first = next(documents, None)  # surfaces an unreachable source before anything is written
     if first is None and restart == 0:
@@ -116,12 +120,48 @@ def prepare(
         say(f"\ninterrupted: finished shards are kept; rerun the same command to resume {folder}")
         raise
     elapsed = time.perf_counter() - started
+    if train.tokens < MIN_TRAIN_TOKENS:
+        _discard(folder, states, tokenizer_trained=saved is None)
+        text = train.tokens - train.documents  # every document ends with one EOS token
+        raise UserError(
+            f"{_inputs(source)}: {'no text' if text <= 0 else f'only {text} tokens of text'} for the train split "
+            f"({train.tokens} tokens with the end-of-document tokens), fewer than one training window of "
+            f"{MIN_TRAIN_TOKENS} tokens; nothing was written"
+        )
 
     meta = _meta(config, source=source, tok=tok, states=states, val=val, train=train)
     _write_json(folder / META_FILE, meta)
     (folder / PROGRESS_FILE).unlink(missing_ok=True)
     _report(folder, meta, elapsed=elapsed, new_tokens=new_tokens, say=say)
     return folder
+
+
+def _inputs(source: Source) -> str:
+    """The input files of ``source`` (a few of them), else its description."""
+    if not isinstance(source, LocalFiles):
+        return source.description
+    names = [str(p) for p in source.files[:3]]
+    more = f" and {len(source.files) - 3} more files" if len(source.files) > 3 else ""
+    return ", ".join(names) + more
+
+
+def _refuse_empty_files(source: Source) -> None:
+    """Empty input files (0 bytes) fail before anything is tokenized or written."""
+    if isinstance(source, LocalFiles) and all(p.stat().st_size == 0 for p in source.files):
+        raise UserError(f"{_inputs(source)}: {'every input file is' if len(source.files) > 1 else 'the input file is'} "
+                        "empty (0 bytes); nothing was written")
+
+
+def _discard(folder: pathlib.Path, states: dict[str, SplitState], *, tokenizer_trained: bool) -> None:
+    """Remove what this preparation wrote into ``folder`` (and the folder, when that empties it)."""
+    for state in states.values():
+        for name in state.shards:
+            (folder / name).unlink(missing_ok=True)
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)
+    if tokenizer_trained:
+        (folder / BPE_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _route(documents: Iterator[tuple[int, str, Any]], *, val: SplitWriter, train: SplitWriter) -> int:

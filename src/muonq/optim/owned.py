@@ -30,7 +30,11 @@ Numerics: the owner's gradient is the one a single process would get up to the f
 the reduction order, and its update is Muon's; the only difference from a single process is that
 the update is rounded once before it is added (``p + round(a x U)`` instead of ``p.add_(U, alpha=a)``).
 
-Not yet: checkpoints (refused at preflight), HSDP.
+Checkpoints use ZeRO-1's shard format (:mod:`muonq.optim.shard_format`): each owner writes its
+matrices' Muon state, and each AdamW tensor's whole state (gathered from every rank's rows) is
+written by one rank, so FSDP and DDP runs, at any world size, resume from each other's checkpoints.
+
+Not yet: HSDP.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
+from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, named_state, shards_holding
 from muonq.optim.spec import OptimizerSpec
 from muonq.optim.zero import COST_WEIGHTS, NamedParams, assign_owners, optimizer_costs
 
@@ -81,13 +86,16 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         self._device = self._params[0].device if self._params else torch.device("cpu")
         optimizers: dict[str, torch.optim.Optimizer] = {}
         if spec.muon is None:
-            adamw_params = [p for _, p in [*named_hidden, *named_others]]
+            named_adamw = [*named_hidden, *named_others]
             named_hidden = []
         else:
-            adamw_params = [p for _, p in named_others]
+            named_adamw = list(named_others)
+        adamw_params = [p for _, p in named_adamw]
         self._hidden = [p for _, p in named_hidden]
         costs = optimizer_costs(spec, named_hidden, [])
         self.owners: dict[str, int] = assign_owners(costs, world_size, COST_WEIGHTS)
+        # checkpoints: the rank whose shard holds each AdamW tensor's whole state
+        self._writers = assign_owners(optimizer_costs(spec, [], named_adamw), world_size, COST_WEIGHTS)
         self._owner = [self.owners[name] for name, _ in named_hidden]
         self._check_same_owners()
         self._rows = [shard_rows(p.shape[0], world_size) for p in self._hidden]
@@ -112,6 +120,8 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
                 size = 0
             self._rounds[-1].append(i)
             size += nbytes
+        self._names: dict[torch.Tensor, str] = {
+            **{proxy: name for proxy, (name, _) in zip(self._proxies, named_hidden)}, **{p: n for n, p in named_adamw}}
         if self._hidden:
             optimizers["muon"] = build_muon(spec.muon, self._proxies, kernels=spec.kernels)
         if adamw_params:
@@ -259,8 +269,77 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         return [name for name, proxy in zip(names, self._proxies) if muon.state.get(proxy)]
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("checkpoints under parallelism=fsdp are not supported yet")
+    def manifest(self) -> dict[str, Any]:
+        """As ZeRO-1's: format, world size, and the shard of every parameter (a Muon matrix's owner,
+        an AdamW tensor's writer)."""
+        return {"format": FORMAT, "world_size": self.world_size, "owners": {**self.owners, **self._writers}}
 
-    def load_state_dict(self, state: Any) -> None:
-        raise NotImplementedError("checkpoints under parallelism=fsdp are not supported yet")
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard in ZeRO-1's format (:mod:`muonq.optim.shard_format`): the Muon state of
+        the matrices it owns and the whole AdamW state of the tensors it writes, gathered from every
+        rank's rows. A collective: every rank calls it."""
+        optimizers = {}
+        if "muon" in self.inner.optimizers:  # state exists on the owners only
+            optimizers["muon"] = named_state(self.inner.optimizers["muon"], self._names, lambda name, state: state)
+        if "adamw" in self.inner.optimizers:
+            def gathered(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+                whole = {k: _whole(v) for k, v in state.items()}
+                return whole if self._writers[name] == self.rank else None
+
+            optimizers["adamw"] = named_state(self.inner.optimizers["adamw"], self._names, gathered)
+        return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
+
+    def _needed(self) -> list[str]:
+        """The parameters whose saved state this rank loads: its Muon matrices and every AdamW
+        tensor (it keeps its rows of each)."""
+        return [name for name, owner in self.owners.items() if owner == self.rank] + list(self._writers)
+
+    def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
+        return shards_holding(owners, self._needed())
+
+    def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
+        """Load a checkpoint's shards (ZeRO-1's or this optimizer's, any world size): each owner
+        its matrices' Muon state, every rank its rows of the AdamW state."""
+        merged = merge_shards(shards, names={*self.owners, *self._writers}, needed=self._needed())
+        if set(merged) != set(self.inner.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(merged)} but this run builds "
+                             f"{sorted(self.inner.optimizers)}: the checkpoint comes from a different optimizer")
+        if "muon" in merged:
+            load_named_state("muon", self.inner.optimizers["muon"], merged["muon"], self._names,
+                             lambda name, state: state if self.owners[name] == self.rank else None)
+        if "adamw" in merged:
+            params = {name: p for p, name in self._names.items() if name in self._writers}
+
+            def rows(name: str, state: dict[str, Any]) -> dict[str, Any]:
+                return {k: _rows_like(v, params[name]) for k, v in state.items()}
+
+            load_named_state("adamw", self.inner.optimizers["adamw"], merged["adamw"], self._names, rows)
+
+
+def _whole(value: Any) -> Any:
+    """A state DTensor gathered whole (a collective); anything else as is."""
+    return _waited(value.full_tensor()) if hasattr(value, "full_tensor") else value
+
+
+def _waited(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every async collective result inside it waited for: gathering a tensor subclass
+    (torchao's 8-bit AdamW state) gives one whose inner tensors are still in flight, which neither
+    arithmetic nor ``torch.save`` should see."""
+    if hasattr(t, "trigger_wait"):
+        return t.wait()
+    if not hasattr(t, "__tensor_flatten__"):
+        return t
+    names, context = t.__tensor_flatten__()
+    inner = {name: _waited(getattr(t, name)) for name in names}
+    return type(t).__tensor_unflatten__(inner, context, t.shape, t.stride())
+
+
+def _rows_like(value: Any, param: torch.Tensor) -> Any:
+    """A saved whole state tensor as ``param``'s DTensor (this rank's rows); anything else as is."""
+    if not (hasattr(param, "device_mesh") and isinstance(value, torch.Tensor) and value.shape == param.shape):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    start, end = shard_rows(param.shape[0], param.device_mesh.size())[param.device_mesh.get_local_rank()]
+    local = value[start:end].to(device=_local(param).device).contiguous()
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

@@ -33,7 +33,7 @@ How it works
   *name* (not torch's positional ids) together with the owner map; ``load_state_dict`` takes any
   set of shards, keeps the entries of the parameters this rank owns *now*, and loads them through a
   state dict built in the current positional order. So a checkpoint written with one world size
-  resumes on another. The trainer writes shard ``r`` to :func:`shard_file` ``(r)``.
+  resumes on another (:mod:`muonq.optim.shard_format`, shared with FSDP's owned optimizer).
 
 The inner OptimizerSet is built over *all* parameters on every rank: optimizer state is created
 lazily, at a parameter's first step with a gradient, so non-owned parameters cost nothing, while
@@ -63,9 +63,9 @@ import torch
 import torch.distributed as dist
 
 from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
+from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, named_state, shards_holding
 from muonq.optim.spec import OptimizerSpec
 
-FORMAT = "muonq-zero1/1"
 DEFAULT_BUCKET_CAP_BYTES = 32 * 2**20
 # Muon matrices per overlap round: about this many bytes per rank (at least two rounds), so that a
 # round's Newton–Schulz outlasts the latency of its broadcasts.
@@ -77,11 +77,6 @@ _MAX_PENDING = 256  # collectives in flight at most (in-place ones hold no buffe
 NamedParams = Sequence[tuple[str, torch.Tensor]]
 # (hidden params, other params) -> the inner OptimizerSet; build_optimizer with the run's config.
 BuildFn = Callable[[list[torch.Tensor], list[torch.Tensor]], OptimizerSet]
-
-
-def shard_file(rank: int) -> str:
-    """File name of rank ``rank``'s optimizer shard inside a checkpoint folder."""
-    return f"optim_rank{rank:05d}.pt"
 
 
 # -- ownership -------------------------------------------------------------------------------------
@@ -149,13 +144,17 @@ def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others
     costs: dict[str, tuple[float, float]] = {}
     muon = spec.muon
     select = store_selector(muon.store, kernels="reference") if muon is not None and named_hidden else None
+    nbytes_of_shape: dict[tuple[int, ...], int] = {}  # a store's init is real work (MuonQ's R0): once per shape
     for name, p in named_hidden:
         if select is None:
             costs[name] = adamw(p)
             continue
         m, n = sorted(p.shape[-2:])
         ns_flops = muon.ns_steps * (4 * m * m * n + 2 * m**3)
-        costs[name] = (float(momentum_nbytes(select, p.shape)), float(p.numel() + ns_flops))
+        shape = tuple(p.shape)
+        if shape not in nbytes_of_shape:
+            nbytes_of_shape[shape] = momentum_nbytes(select, shape)
+        costs[name] = (float(nbytes_of_shape[shape]), float(p.numel() + ns_flops))
     for name, p in named_others:
         costs[name] = adamw(p)
     return costs
@@ -411,72 +410,35 @@ class ShardedOptimizer(WrapsOptimizerSet):
         return {"format": FORMAT, "world_size": self.world_size, "owners": dict(self.owners)}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: per inner optimizer, its param groups (hyper-parameters, parameter
-        names) and the state of the parameters this rank owns, keyed by name."""
-        optimizers = {}
-        for opt_name, opt in self.inner:
-            sd = opt.state_dict()
-            by_id: dict[int, str] = {}
-            groups = []
-            for saved, live in zip(sd["param_groups"], opt.param_groups):
-                names = [self._names[p] for p in live["params"]]
-                by_id.update(zip(saved["params"], names))
-                groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
-            state = {by_id[pid]: value for pid, value in sd["state"].items() if self.owners[by_id[pid]] == self.rank}
-            optimizers[opt_name] = {"param_groups": groups, "state": state}
+        """This rank's shard (:mod:`muonq.optim.shard_format`): per inner optimizer, its param groups
+        (hyper-parameters, parameter names) and the state of the parameters this rank owns, by name."""
+        def owned(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+            return state if self.owners[name] == self.rank else None
+
+        optimizers = {opt_name: named_state(opt, self._names, owned) for opt_name, opt in self.inner}
         return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
 
     def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
         """The ranks of a checkpoint (written with owner map ``owners``) whose shards hold the
         state of the parameters this rank owns now (shard 0 alone, for the hyper-parameters, when
         it owns none)."""
-        unknown = [name for name in self.owned_names() if name not in owners]
-        if unknown:
-            raise ValueError(f"the checkpoint's optimizer shards do not know parameters {unknown[:3]}: another model")
-        return sorted({int(owners[name]) for name in self.owned_names()}) or [0]
+        return shards_holding(owners, self.owned_names())
 
     def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Load the entries of the parameters this rank owns from one shard or several (any world
         size). The shards must include every shard that holds one of them (:meth:`shards_to_read`)."""
-        shards = [shards] if isinstance(shards, Mapping) else list(shards)
-        merged: dict[str, dict[str, Any]] = {}
-        given: set[int] = set()
-        owners_then: Mapping[str, int] | None = None
-        for shard in shards:
-            if shard.get("format") != FORMAT:
-                raise ValueError(f"not an optimizer shard of format {FORMAT} (got {shard.get('format')!r})")
-            given.add(int(shard["rank"]))
-            owners_then = shard["owners"]
-            for opt_name, part in shard["optimizers"].items():
-                entry = merged.setdefault(opt_name, {"param_groups": part["param_groups"], "state": {}})
-                entry["state"].update(part["state"])
-        if owners_then is not None:
-            if set(owners_then) != set(self.owners):
-                raise ValueError("the checkpoint's optimizer state is for other parameters (another model)")
-            absent = sorted({owners_then[n] for n in self.owned_names()} - given)
-            if absent:
-                raise ValueError(f"optimizer shards {[shard_file(r) for r in absent]} were not given")
+        merged = merge_shards(shards, names=set(self.owners), needed=self.owned_names())
         if set(merged) != set(self.inner.optimizers):
             raise ValueError(
                 f"optimizer state holds {sorted(merged)} but this run builds {sorted(self.inner.optimizers)}: "
                 "the checkpoint comes from a different optimizer"
             )
+
+        def owned(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+            return state if self.owners[name] == self.rank else None
+
         for opt_name, opt in self.inner:
-            saved = merged[opt_name]
-            current = opt.state_dict()
-            if len(saved["param_groups"]) != len(current["param_groups"]):
-                raise ValueError(f"checkpoint's {opt_name} has {len(saved['param_groups'])} param groups, this run "
-                                 f"{len(current['param_groups'])}")
-            ids: dict[str, int] = {}
-            groups = []
-            for group_saved, group_now, live in zip(saved["param_groups"], current["param_groups"], opt.param_groups):
-                names = [self._names[p] for p in live["params"]]
-                if list(group_saved["params"]) != names:
-                    raise ValueError(f"checkpoint's {opt_name} param groups hold other parameters than this run's")
-                ids.update(zip(names, group_now["params"]))
-                groups.append({**group_saved, "params": group_now["params"]})
-            state = {ids[name]: value for name, value in saved["state"].items() if self.owners[name] == self.rank}
-            opt.load_state_dict({"state": state, "param_groups": groups})
+            load_named_state(opt_name, opt, merged[opt_name], self._names, owned)
 
 
 def build_sharded_optimizer(

@@ -6,7 +6,8 @@ Layout: ``<dir>/step_000100/`` holds the files that ranks wrote (``main.pt`` fro
 adds: the optimizer's owner map). Files are written into ``step_000100.partial/`` and the folder is renamed only
 after the manifest is complete, so a kill at any moment leaves either a whole checkpoint or a
 ``.partial`` folder that loading ignores. Loading verifies the checksums and falls back to the
-previous checkpoint, with a warning, when one is corrupt.
+previous checkpoint, with a warning, when one is corrupt; every file read from a step folder
+must be listed in its manifest, so nothing is loaded unverified.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import os
 import re
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
 
+from muonq.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MAIN = "main.pt"  # rank 0's file: model, loader, RNG, counters, config
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -45,6 +50,57 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _manifest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the manifest of the step folder ``folder``, None) or (None, why it cannot be used)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, f"no {MANIFEST}"
+    except (OSError, ValueError) as err:
+        return None, f"unreadable {MANIFEST} ({err})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return None, f"{MANIFEST} holds no file checksums"
+    if MAIN not in files:
+        return None, f"{MANIFEST} does not list {MAIN}"
+    return manifest, None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the step folder ``folder``; a missing or malformed one is a :class:`UserError`."""
+    manifest, problem = _manifest(folder)
+    if manifest is None:
+        raise UserError(f"checkpoint {folder}: {problem}")
+    return manifest
+
+
+def verify_folder(folder: Path) -> str | None:
+    """None if the step folder ``folder`` is complete and every file matches its manifest, else
+    what is wrong."""
+    manifest, problem = _manifest(folder)
+    if manifest is None:
+        return problem
+    match = _STEP_DIR.match(folder.name)
+    if match and manifest.get("step") != int(match.group(1)):
+        return f"its {MANIFEST} is of step {manifest.get('step')}"
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if _sha256(path) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def read_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load (tensors and plain containers only); a file torch cannot read is a :class:`UserError`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, UnpicklingError) as err:  # what torch raises for foreign bytes
+        # not torch's own text: it suggests weights_only=False, which would run the file's code
+        raise UserError(f"{path} is not a readable checkpoint file ({type(err).__name__})") from err
 
 
 def write_file(path: Path, payload: dict[str, Any]) -> None:
@@ -95,7 +151,7 @@ class CheckpointManager:
         self._prune()
         return final
 
-    def save(self, step: int, payload: dict[str, Any], *, name: str = "main.pt") -> Path:
+    def save(self, step: int, payload: dict[str, Any], *, name: str = MAIN) -> Path:
         """Single-writer save: begin, one file, commit."""
         self.begin(step)
         self.write_part(step, name, payload)
@@ -115,30 +171,30 @@ class CheckpointManager:
 
     def verify(self, step: int) -> str | None:
         """None if the checkpoint of ``step`` is complete and intact, else what is wrong."""
-        folder = self.step_dir(step)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError) as err:
-            return f"unreadable manifest ({err})"
-        for name, digest in manifest.get("files", {}).items():
-            path = folder / name
-            if not path.is_file():
-                return f"missing file {name}"
-            if _sha256(path) != digest:
-                return f"checksum mismatch in {name}"
-        return None
+        return verify_folder(self.step_dir(step))
 
-    def latest_valid(self) -> int | None:
-        """The newest intact checkpoint; corrupt ones are reported and skipped."""
+    def newest_intact(self) -> tuple[int | None, list[str]]:
+        """(the newest intact step or None, each newer checkpoint rejected on the way with its
+        reason); every rejected one is also logged as a warning."""
+        rejected = []
         for step in reversed(self.steps()):
             problem = self.verify(step)
             if problem is None:
-                return step
+                return step, rejected
             log.warning("checkpoint %s is corrupt (%s); trying the previous one", self.step_dir(step), problem)
-        return None
+            rejected.append(f"{self.step_dir(step).name} ({problem})")
+        return None, rejected
 
-    def load(self, step: int, name: str = "main.pt", map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        return torch.load(self.step_dir(step) / name, map_location=map_location, weights_only=True)
+    def load(self, step: int, name: str = MAIN, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """A file of a verified checkpoint; one its manifest does not list is refused."""
+        if name not in self.manifest(step)["files"]:
+            raise UserError(f"checkpoint {self.step_dir(step)}: {name} is not listed in its {MANIFEST}")
+        return read_file(self.step_dir(step) / name, map_location)
 
     def manifest(self, step: int) -> dict[str, Any]:
-        return json.loads((self.step_dir(step) / MANIFEST).read_text())
+        return read_manifest(self.step_dir(step))
+
+
+def every_checkpoint_rejected(directory: Path, rejected: list[str]) -> str:
+    """What to say of a checkpoint folder none of whose checkpoints can be loaded."""
+    return f"every checkpoint in {directory} is corrupt or incomplete: {'; '.join(rejected)}"

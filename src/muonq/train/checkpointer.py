@@ -1,9 +1,11 @@
 """A run's checkpoints: what one holds, when one is written, and resuming from the newest.
 
 Storage (atomic folders, checksums, pruning) is :class:`~muonq.train.checkpoint.CheckpointManager`;
-this adds the run's side: the payload (model, loader, RNG streams, counters, config), the ZeRO-1
-optimizer shards written by their ranks, the cadence (``logging_params.save_checkpoint`` every
-``save_ckpt_step`` steps) and which step is already on disk, so no state is written twice.
+this adds the run's side: the payload (the whole model, loader, RNG streams, counters, config), the
+optimizer shards written by their ranks (ZeRO-1's or FSDP's owners: one format for both), the
+cadence (``logging_params.save_checkpoint`` every ``save_ckpt_step`` steps), which step is already
+on disk, so no state is written twice, and the lock that keeps other runs out of the folder
+(:mod:`muonq.train.folder_lock`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from muonq.config import checkpoint_dir_for
 from muonq.data import TokenLoader
 from muonq.errors import MissingInputError, UserError
-from muonq.optim.zero import ShardedOptimizer, shard_file
+from muonq.optim.shard_format import shard_file
+from muonq.optim.zero import ShardedOptimizer
 from muonq.train import distributed as dist_utils
-from muonq.train.checkpoint import CheckpointManager
+from muonq.train import guard
+from muonq.train.checkpoint import CheckpointManager, every_checkpoint_rejected
 from muonq.train.distributed import DistInfo
+from muonq.train.folder_lock import FolderLock
+from muonq.train.parallelize import full_model_state, load_full_model_state
 
 log = logging.getLogger("muonq")
 
@@ -63,8 +70,7 @@ class Checkpointer:
     def __init__(self, cfg: DictConfig, *, run_name: str, dist: DistInfo, model: torch.nn.Module,
                  optimizer: ShardedOptimizer, loader: TokenLoader, state: TrainState) -> None:
         log_cfg = cfg.logging_params
-        self.manager = CheckpointManager(log_cfg.checkpoint_dir or Path("checkpoints") / run_name,
-                                         keep_last=log_cfg.keep_last)
+        self.manager = CheckpointManager(checkpoint_dir_for(cfg, run_name), keep_last=log_cfg.keep_last)
         self.cfg, self.dist, self.model, self.optimizer, self.loader, self.state = cfg, dist, model, optimizer, loader, state
         self.enabled, self.every = log_cfg.save_checkpoint, log_cfg.save_ckpt_step
         self.saved_at: int | None = None  # the step of the newest checkpoint of this run's current state
@@ -87,11 +93,11 @@ class Checkpointer:
             self.ensure_saved()
 
     # -- writing ---------------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, model_state: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
             "step": self.state.step,
             "skipped_steps": self.state.skipped_steps,
-            "model": self.model.state_dict(),
+            "model": model_state,
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "wandb_id": self.state.wandb_id,
@@ -104,13 +110,17 @@ class Checkpointer:
     def save(self) -> None:
         """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
         when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
-        manifest."""
+        manifest. Weights that are not finite are never saved (:meth:`check_weights_finite`). Under
+        FSDP2 gathering the whole model and the AdamW state are collectives."""
         step = self.state.step
+        self.check_weights_finite()
         if self.dist.is_main:
             self.manager.begin(step)
         dist_utils.barrier()
+        model_state = full_model_state(self.model)
         if self.dist.is_main:
-            self.manager.write_part(step, "main.pt", self._payload())
+            self.manager.write_part(step, "main.pt", self._payload(model_state))
+        del model_state
         if self.dist.rank == self.optimizer.rank:
             self.manager.write_part(step, shard_file(self.optimizer.rank), self.optimizer.state_dict())
         dist_utils.barrier()
@@ -118,6 +128,26 @@ class Checkpointer:
             self._commit(step)
         dist_utils.barrier()
         self.saved_at = step
+
+    def check_weights_finite(self) -> None:
+        """Raise :class:`~muonq.train.guard.NonFiniteError` if a weight is not finite on some rank.
+
+        The non-finite policies look at the loss and the gradients; an optimizer step can still
+        turn finite gradients into infinite weights (an overflowing update), which only the next
+        step's loss shows. A checkpoint of such weights would make every resume fail again."""
+        params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in self.model.named_parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params]) if params else torch.ones(1, dtype=torch.bool)
+        first = None if bool(finite.all()) else params[int((~finite).nonzero()[0])][0]
+        if not guard.agree(first is not None, device=self.dist.device)[0]:
+            return
+        where = guard.first_report(first)
+        newest = (f"the newest checkpoint is step {self.saved_at} in {self.step_dir(self.saved_at)}: rerun with "
+                  "resume=true and a lower learning rate" if self.saved_at is not None else
+                  "no checkpoint was saved: start over with a lower learning rate")
+        raise guard.NonFiniteError(
+            f"step {self.state.step}: the weights are not finite (first in {where}) though the loss and gradients "
+            f"checked so far were: an optimizer update overflowed; this state is not saved; {newest}"
+        )
 
     def _commit(self, step: int) -> None:
         partial = self.manager.partial_dir(step)
@@ -130,15 +160,32 @@ class Checkpointer:
         path = self.manager.commit(step, extra={"optimizer": self.optimizer.manifest()})
         log.info("checkpoint %s", path)
 
+    def lock_folder(self, run_dir: Path) -> FolderLock | None:
+        """Rank 0 locks the checkpoint folder for this run (other ranks hold nothing, so they
+        never race for it); when another live run holds it, every rank raises the same UserError."""
+        lock, problem = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock.take(self.manager.directory, run_dir=run_dir)
+            except UserError as err:
+                problem = str(err)
+        problem = dist_utils.broadcast_object(problem)
+        if problem is not None:
+            raise UserError(problem)
+        return lock
+
     # -- resuming --------------------------------------------------------------------------------
     def resume(self, mode: str) -> bool:
         """Load the newest intact checkpoint when ``mode`` (the ``resume`` setting) asks for it;
         True if one was loaded."""
         if mode == "false":
             return False
-        step = self.manager.latest_valid() if self.dist.is_main else None
-        step = dist_utils.broadcast_object(step)
+        found = self.manager.newest_intact() if self.dist.is_main else None
+        step, rejected = dist_utils.broadcast_object(found)
         if step is None:
+            if rejected:  # starting over would silently drop the run's progress
+                raise UserError(f"resume={mode}: {every_checkpoint_rejected(self.manager.directory, rejected)}; "
+                                "move them away (or use another logging_params.checkpoint_dir) to start over")
             if mode == "true":
                 raise MissingInputError(
                     f"resume=true but no complete checkpoint in {self.manager.directory}; "
@@ -159,8 +206,8 @@ class Checkpointer:
                 f"{payload['optimizer_name']!r}, this run uses {self.cfg.optimizer_params.name!r}"
             )
         try:
-            self.model.load_state_dict(payload["model"])
-        except RuntimeError as err:
+            load_full_model_state(self.model, payload["model"])
+        except (RuntimeError, KeyError, ValueError) as err:
             raise UserError(
                 f"checkpoint {self.step_dir(step)} holds a model of another shape "
                 f"({payload['model_config']}): {str(err).splitlines()[0]}"

@@ -34,6 +34,10 @@ from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED  # n
 REPEAT_GRACE_S = 1.0
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or weight ended the run (exit code :data:`EXIT_NONFINITE`)."""
+
+
 class StopRequested(Exception):
     """The run stopped at a step boundary after a signal; a checkpoint of ``step`` was saved."""
 

@@ -1,4 +1,4 @@
-"""Rank-0 metrics: console lines, a log file under ``logs/``, a JSONL file, and Weights & Biases;
+"""Rank-0 metrics: console lines, a log file per run under ``logs/``, a JSONL file, and Weights & Biases;
 what a training log line averages over; the optimizer-state report."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from muonq import metric_names as M
 from muonq.environment import wandb_mode
+from muonq.run_log import LOG_DIR, new_log_file
 from muonq.train import distributed as dist_utils
 
 log = logging.getLogger("muonq")
@@ -29,7 +30,7 @@ class MetricsLogger:
         enabled: bool,
         run_name: str,
         run_dir: Path,
-        log_dir: Path = Path("logs"),
+        log_dir: Path = LOG_DIR,
         wandb_kwargs: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
         resume_id: str | None = None,
@@ -38,6 +39,7 @@ class MetricsLogger:
         self.run = None
         self._jsonl = None
         self._file_handler: logging.Handler | None = None
+        self.log_file: Path | None = None
         if not enabled:
             log.setLevel(logging.WARNING)
             return
@@ -47,7 +49,8 @@ class MetricsLogger:
             handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
             log.addHandler(handler)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self._file_handler = logging.FileHandler(log_dir / f"{run_name}.log")
+        self.log_file = new_log_file(run_name, log_dir)
+        self._file_handler = logging.FileHandler(self.log_file)
         self._file_handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(self._file_handler)
         run_dir.mkdir(parents=True, exist_ok=True)

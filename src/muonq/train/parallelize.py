@@ -9,6 +9,7 @@ DTensors), so the optimizer is built after :func:`parallelize`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -23,16 +24,36 @@ def is_fsdp(parallelism: Any) -> bool:
 
 def parallelize(model: torch.nn.Module, dist: DistInfo, training_params: Any, parallelism: Any = None) -> torch.nn.Module:
     """``model`` in DDP over the process group when distributed (``parallelism=ddp``, the default),
-    or sharded in place by FSDP2 (``parallelism=fsdp``), then compiled when
-    ``training_params.compile``; ``model`` itself when neither."""
-    train_model = model
+    or sharded in place by FSDP2 (``parallelism=fsdp``); ``model`` itself when neither.
+
+    ``training_params.activation_checkpointing`` recomputes every transformer block in the
+    backward pass. ``training_params.compile`` compiles the whole wrapped model under ddp, and
+    each block before it is sharded under fsdp (a compiled region must not span FSDP2's per-block
+    gathers); the block's own modules, and so the parameter names, do not change either way."""
+    if training_params.activation_checkpointing:
+        checkpoint_blocks(model)
     if is_fsdp(parallelism):
-        train_model = shard_fsdp(model, dist, training_params, reshard_after_forward=parallelism.reshard_after_forward)
-    elif dist.distributed:
+        if training_params.compile:
+            for block in transformer_blocks(model):
+                block.compile()
+        return shard_fsdp(model, dist, training_params, reshard_after_forward=parallelism.reshard_after_forward)
+    train_model = model
+    if dist.distributed:
         train_model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if training_params.compile:
         train_model = torch.compile(train_model)
     return train_model
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Make every transformer block recompute its forward in the backward pass (torch's
+    non-reentrant activation checkpointing). The block's ``forward`` is replaced in place, not
+    wrapped in another module, so parameter names, checkpoints and FSDP2's per-block hooks (which
+    gather the block's parameters before its forward and its backward) stay as they are."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def shard_fsdp(model: torch.nn.Module, dist: DistInfo, training_params: Any, *,
@@ -103,3 +124,29 @@ def autocast_context(device: torch.device, *, autocast: bool, mixed_precision: s
     if device.type == "cuda" and autocast and mixed_precision != "float32":
         return torch.autocast("cuda", dtype=getattr(torch, mixed_precision))
     return contextlib.nullcontext()
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole (unsharded) state dict, on the CPU of rank 0; a collective under FSDP2
+    (every rank calls it; ranks other than 0 get an empty dict). The checkpoint format is the
+    same whatever the parallelism, so a checkpoint resumes, evaluates and exports anywhere."""
+    if not _has_dtensor_params(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict (as :func:`full_model_state` writes) into ``model``; under FSDP2
+    every rank passes the whole dict and keeps its rows (no communication)."""
+    if not _has_dtensor_params(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _has_dtensor_params(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in model.parameters())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from muonq import metric_names as M
 from muonq.config import optimizer_spec
@@ -38,6 +36,7 @@ from muonq.train.metrics import LogWindow, MetricsLogger, state_bytes_metrics
 from muonq.train.nonfinite import POLICIES, NonFiniteError, NonFinitePolicy
 from muonq.train.parallelize import autocast_context, gradient_sync, is_fsdp, local_bytes, parallelize
 from muonq.train.preemption import Preemption
+from muonq.train.progress import Progress, progress
 from muonq.train.schedule import lr_multiplier, total_steps
 from muonq.train.validate import Validator
 
@@ -76,7 +75,7 @@ class _Progress:
 
     metrics: MetricsLogger
     window: LogWindow
-    bar: tqdm
+    bar: Progress
     flops_per_token: float
     peak: float | None
     bytes_logged: bool = False
@@ -116,10 +115,18 @@ class Trainer:
         self.nonfinite: NonFinitePolicy = POLICIES[tp.nonfinite](
             device=self.device, checkpointer=self.checkpointer, state=self.state, locate=self._first_nonfinite_param,
             discard_grads=lambda: self.optimizer.zero_grad(set_to_none=True), is_main=self.dist.is_main,
+            max_consecutive_skips=tp.max_consecutive_skips,
         )
         self.preemption: Preemption | None = None  # while fit() runs
         self.hooks = Hooks()
         load_plugins(self)  # $MUONQ_PLUGINS: extensions and the tests' fault injection
+        # last, so a failure above leaves no lock behind; released by close()
+        self.folder_lock = self.checkpointer.lock_folder(self.run_dir)
+
+    def close(self) -> None:
+        """Release the checkpoint folder for other runs (rank 0; a no-op elsewhere)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def _build_model_and_optimizer(self) -> None:
         tp = self.cfg.recipe.training_params
@@ -270,9 +277,10 @@ class Trainer:
             tp.tokens_processed, self.dist.world_size, tp.batch_size, tp.context_length, self.grad_accum, self.device,
         )
         log.info("%s", matmul_dtype_line(self.optimizer_spec.muon, self.device))
-        show_bar = self.dist.is_main and sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, dynamic_ncols=True,
-                   desc=self.run_name, leave=False, mininterval=2.0)
+        if metrics.log_file is not None:
+            log.info("log file %s; metrics %s", metrics.log_file, self.run_dir / "metrics.jsonl")
+        bar = progress(show=self.dist.is_main, total=self.total_steps, initial=self.state.step, desc=self.run_name,
+                       every_s=cfg.logging_params.progress_every_s)
         window = LogWindow(self.device, tokens_per_step=tp.tokens_processed, every=cfg.logging_params.log_step,
                            total_steps=self.total_steps)
         return _Progress(metrics=metrics, window=window, bar=bar,
@@ -311,6 +319,7 @@ class Trainer:
         possibly long final validation), the final validation and checkpoint."""
         self.nonfinite.settle()
         self._stop_if(self.preemption.agreed())
+        self.nonfinite.at_end()
         final_val = self.validator.run_final(self.state.step, progress.metrics)
         self.checkpointer.save_final()
         return final_val
