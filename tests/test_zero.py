@@ -238,7 +238,8 @@ def test_sharded_checkpoints_resume_at_same_and_other_world_size(tmp_path, shake
     manifest = json.loads((step2 / "manifest.json").read_text())["optimizer"]
     assert manifest["world_size"] == 2 and set(manifest["owners"].values()) == {0, 1}
     assert "optimizer" not in torch.load(step2 / "main.pt", weights_only=True)
-    assert "ZeRO-1 over 2 ranks" in (tmp_path / "logs" / "two.log").read_text()
+    (log_file,) = (tmp_path / "logs").glob("two_*.log")  # per-run log files carry their start time
+    assert "ZeRO-1 over 2 ranks" in log_file.read_text()
 
     checkpoint_from("two", 2, "down")  # 2 -> 1 ranks from step 2; its own checkpoints have 1 shard
     down = run("down", 1, "resume=true")
@@ -271,7 +272,8 @@ def test_gradient_accumulation_under_torchrun_follows_one_process(tmp_path, shak
         if nproc > 1:  # each rank frees its model (DDP's reducer, gloo's work) before the process group
             # goes: left to interpreter exit, that teardown aborted a rank now and then after a good run
             assert proc.stderr.count("model released; process group alive") == nproc, proc.stderr[-3000:]
-        assert f"x {4 // nproc} accum" in proc.stderr + (tmp_path / "logs").joinpath(f"llama-tiny_muon.log").read_text()
+        log_file = max((tmp_path / "logs").glob("llama-tiny_muon_*.log"), key=lambda p: p.stat().st_mtime)  # this run's
+        assert f"x {4 // nproc} accum" in proc.stderr + log_file.read_text()
         curves[nproc] = losses(rows)
     assert sorted(curves[2]) == [1, 2, 3]
     assert all(math.isclose(curves[2][s], curves[1][s], rel_tol=1e-4) for s in curves[1]), curves
