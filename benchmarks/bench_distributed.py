@@ -6,7 +6,10 @@ rank as torchrun sets it, training the recipe's model with DDP and the run's opt
 the trainer shards it (``build_sharded_optimizer``, ZeRO-1 on) on random tokens: the global batch is
 the recipe's ``tokens_processed``, split evenly over the ranks. After ``--warmup`` steps it times
 ``--steps`` steps: the whole step (forward, backward, DDP all-reduce, optimizer) and the optimizer
-step alone (owned updates + parameter broadcast), each the slowest rank's median.
+step alone (owned updates + parameter broadcast), each the slowest rank's median. At more than
+one rank each optimizer runs twice, side by side on two copies of the model (steps alternate):
+with the broadcast after every update ("after", ``overlap=False``) and with Muon's broadcasts
+overlapping its next owner round ("overlapped", the default).
 
 "Bytes received" is the payload each rank receives from the parameter broadcasts per step (the
 parameters it does not own); "ideal" is every parameter reaching every rank once, total parameter
@@ -60,52 +63,63 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} does not split over {world} ranks")
     results = []
+    # At more than one rank, the plain ZeRO-1 step (every update, then every broadcast) and the
+    # overlapped one (Muon's rounds with their broadcasts in flight) on two copies of the model,
+    # stepped alternately (the order flips every step) so that load changes hit both alike.
+    variants = [("after", False), ("overlapped", True)] if world > 1 else [("-", True)]
     for name in args.optimizers:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(**model_cfg))
-        model.to(device)
-        hidden = model.hidden_matrices()
-        ids = {id(p) for _, p in hidden}
-        others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
-        cfg = dataclasses.replace(preset(name), zero=True)
-        opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
-                                      device_type=device.type)
-        train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        runs = []
+        for label, overlap in variants:
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(**model_cfg))
+            model.to(device)
+            hidden = model.hidden_matrices()
+            ids = {id(p) for _, p in hidden}
+            others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
+            cfg = dataclasses.replace(preset(name), zero=True)
+            opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
+                                          device_type=device.type, overlap=overlap)
+            train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+            runs.append({"label": label, "opt": opt, "train": train, "step": [], "opt_step": []})
         gen = torch.Generator().manual_seed(1234 + rank)
-        step_times, opt_times = [], []
         for i in range(args.warmup + args.steps):
             tokens = torch.randint(0, model_cfg["vocab_size"], (global_batch // world, seq + 1), generator=gen).to(device)
+            for run in runs if i % 2 == 0 else runs[::-1]:
+                if world > 1:
+                    dist.barrier()
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run["train"](tokens[:, :-1], tokens[:, 1:]).backward()
+                if cuda:
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                run["opt"].step()
+                run["opt"].zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                if i >= args.warmup:
+                    run["step"].append(t2 - t0)
+                    run["opt_step"].append(t2 - t1)
+        for run in runs:
+            opt = run["opt"]
+            mine = torch.tensor([statistics.median(run["step"]), statistics.median(run["opt_step"])], dtype=torch.float64,
+                                device=device)
             if world > 1:
-                dist.barrier()
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            train(tokens[:, :-1], tokens[:, 1:]).backward()
-            if cuda:
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            if i >= args.warmup:
-                step_times.append(t2 - t0)
-                opt_times.append(t2 - t1)
-        mine = torch.tensor([statistics.median(step_times), statistics.median(opt_times)], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        report, plan = opt.state_report(), opt.comm_plan()
-        received = torch.tensor([plan["bytes_received"]], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        results.append({
-            "optimizer": name, "world": world, "step_s": mine[0].item(), "opt_step_s": mine[1].item(),
-            "state_per_rank": report["per_rank"], "state_total": report["total"], "collectives": plan["collectives"],
-            "max_bytes_received": int(received.item()), "ideal_bytes_received": plan["ideal_bytes_received"],
-            "param_bytes": plan["param_bytes"], "device": str(device.type), "backend": dist.get_backend() if world > 1 else "-",
-        })  # fmt: skip
-        del train, opt, model
+                dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            report, plan = opt.state_report(), opt.comm_plan()
+            received = torch.tensor([plan["bytes_received"]], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(received, op=dist.ReduceOp.MAX)
+            results.append({
+                "optimizer": name, "world": world, "broadcast": run["label"], "step_s": mine[0].item(),
+                "opt_step_s": mine[1].item(), "state_per_rank": report["per_rank"], "state_total": report["total"],
+                "collectives": plan["collectives"], "max_bytes_received": int(received.item()),
+                "ideal_bytes_received": plan["ideal_bytes_received"], "param_bytes": plan["param_bytes"],
+                "device": str(device.type), "backend": dist.get_backend() if world > 1 else "-",
+            })  # fmt: skip
+        del runs
     if rank == 0:
         Path(tmp, f"world{world}.json").write_text(json.dumps(results))
     if world > 1:
@@ -131,24 +145,32 @@ def main() -> None:
         for world in args.worlds:
             mp.spawn(_worker, args=(world, args, tmp), nprocs=world, join=True)
             rows += json.loads(Path(tmp, f"world{world}.json").read_text())
-    base = {r["optimizer"]: r for r in rows if r["world"] == min(args.worlds)}
+    base = {r["optimizer"]: r for r in rows if r["world"] == min(args.worlds) and r["broadcast"] in ("-", "after")}
     model_cfg, global_batch, seq = _recipe(args.recipe, args.model)
     print(f"recipe {args.recipe} {' '.join(args.model)}: {model_cfg}; global batch {global_batch} x {seq} tokens; "
           f"{os.cpu_count()} CPU cores, 1 thread per rank; backend {rows[-1]['backend']} on {rows[-1]['device']}\n")
-    print("| optimizer | ranks | step ms | vs 1 rank | optimizer step ms | state MiB per rank (max) | vs 1 rank "
-          "| state MiB total | broadcasts / step | MiB received / rank / step (max) | ideal MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| optimizer | ranks | ZeRO-1 broadcast | step ms | vs 1 rank | optimizer step ms | state MiB per rank (max) "
+          "| vs 1 rank | state MiB total | broadcasts / step | MiB received / rank / step (max) | ideal MiB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.optimizers:
         for r in (r for r in rows if r["optimizer"] == name):
             b = base[name]
             per_rank = max(r["state_per_rank"])
-            print(f"| {name} | {r['world']} | {1e3 * r['step_s']:.1f} | {r['step_s'] / b['step_s']:.2f}x "
+            print(f"| {name} | {r['world']} | {r['broadcast']} | {1e3 * r['step_s']:.1f} | {r['step_s'] / b['step_s']:.2f}x "
                   f"| {1e3 * r['opt_step_s']:.1f} | {_mib(per_rank)} | {per_rank / max(b['state_per_rank']):.3f}x "
                   f"| {_mib(r['state_total'])} | {r['collectives']} | {_mib(r['max_bytes_received'])} "
                   f"| {_mib(r['ideal_bytes_received'])} |")
+    for name in args.optimizers:
+        for world in args.worlds:
+            pair = {r["broadcast"]: r for r in rows if r["optimizer"] == name and r["world"] == world}
+            if "after" in pair and "overlapped" in pair:
+                a, o = pair["after"], pair["overlapped"]
+                print(f"{name}, {world} ranks: optimizer step {1e3 * a['opt_step_s']:.1f} ms with the broadcast after "
+                      f"every update -> {1e3 * o['opt_step_s']:.1f} ms overlapped ({o['opt_step_s'] / a['opt_step_s']:.2f}x); "
+                      f"whole step {o['step_s'] / a['step_s']:.2f}x")
     print("\nper-rank state bytes:")
     for r in rows:
-        print(f"  {r['optimizer']:6s} {r['world']} ranks: {r['state_per_rank']}")
+        print(f"  {r['optimizer']:6s} {r['world']} ranks ({r['broadcast']}): {r['state_per_rank']}")
 
 
 if __name__ == "__main__":

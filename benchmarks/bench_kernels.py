@@ -40,7 +40,7 @@ import torch
 
 from muonq.optim.build import build_muon
 from muonq.optim.codecs import QuantCodec, make_codec
-from muonq.optim.newton_schulz import fast_matmul_dtype
+from muonq.optim.precision import fast_matmul_dtype
 from muonq.optim.stores import QuantizedStore
 from muonq.optim.subspace import power_iteration_step
 from muonq.config import preset

@@ -8,8 +8,13 @@ in rounds, one step of each per round in a shuffled order (so load changes on a 
 all of them alike), and the median step time of each is reported with its ratio to fp32 Muon's
 median: wall-clock time, and the process's CPU time, which other jobs on a shared machine inflate
 far less (with one torch thread, the default, CPU time is the step's compute time).
-Newton–Schulz runs in fp32 on CPUs (bf16 matmuls are emulated there). AdamW rows are for reference
-(they run no Newton–Schulz).
+Newton–Schulz and the power iteration run in the dtype ``optimizer_params.args.matmul_dtype=auto``
+picks on this machine (bf16 where the CPU multiplies bf16 natively, fp32 where it emulates it);
+the header says which. ``torch.optim.Muon`` runs in the same round, like for like with the row
+above it: the same matrices and gradients, the EMA momentum, AdamW-matched scale, no Nesterov,
+and bf16 Newton–Schulz (torch's is always bf16, so that project row pins matmul_dtype=bfloat16).
+Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys). AdamW rows are
+for reference (they run no Newton–Schulz).
 
     python benchmarks/bench_step_time.py [--rounds 15] [--threads 1]
 """
@@ -26,7 +31,10 @@ import torch
 
 from muonq.config import VARIANTS, preset
 from muonq.optim.build import build_optimizer
+from muonq.optim.precision import cpu_bf16, describe_matmul_dtype
 
+LIKE_TORCH = "muon, torch.optim.Muon's form (EMA, bf16 NS)"
+TORCH = "torch.optim.Muon (bf16 NS)"
 # (label, optimizer YAML, overrides)
 ROWS: list[tuple[str, str, dict]] = [
     ("muon (fp32)", "muon", {}),
@@ -40,6 +48,10 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
     ("grasp", "grasp", {}),
     ("muoneq (row, fp32 momentum)", "muoneq", {}),
+    ("muon, matmul_dtype=float32", "muon", {"matmul_dtype": "float32"}),
+    ("muonq, matmul_dtype=float32", "muonq", {"matmul_dtype": "float32"}),
+    (LIKE_TORCH, "muon", {"momentum_form": "ema", "matmul_dtype": "bfloat16"}),
+    (TORCH, "torch", {}),
     ("adamw (reference)", "adamw", {}),
     ("adamw8bit, torchao (reference)", "adamw8bit", {}),
 ]
@@ -51,6 +63,10 @@ def make(yaml_name: str, overrides: dict, weights: list[torch.Tensor], grads: li
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     for p, g in zip(params, grads):
         p.grad = g.clone()
+    if yaml_name == "torch":  # the hyper-parameters of muon.yaml (lr, decay, momentum), in torch's Muon
+        spec = preset("muon").muon
+        return torch.optim.Muon(params, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
+                                nesterov=False, adjust_lr_fn=spec.scale_mode)
     opt = build_optimizer(preset(yaml_name, **overrides), hidden=params, others=[])
     return opt
 
@@ -90,7 +106,11 @@ def main() -> None:
         load = " · load average %.1f %.1f %.1f" % tuple(__import__("os").getloadavg())
     except OSError:
         load = ""
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}{load}")
+    chip = cpu_bf16()
+    print(f"{chip.model or platform.processor() or platform.machine()}: bf16 matmuls "
+          f"{'native' if chip.native else 'emulated'} ({chip.reason}); {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}{load}")
+    print(describe_matmul_dtype("auto", "cpu"))
     print(f"one llama-60m layer: {len(LAYER)} matrices, {numel / 1e6:.2f}M elements; {args.rounds} rounds after "
           f"{args.warmup} warm-up steps, shuffled order per round; {wall:.0f} s\n")
     base = statistics.median(times[ROWS[0][0]])
@@ -102,6 +122,10 @@ def main() -> None:
         med, med_cpu = statistics.median(t), statistics.median(c)
         print(f"| {label} | {1e3 * med:.1f} | {1e3 * min(t):.0f}-{1e3 * max(t):.0f} | {med / base:.2f}x "
               f"| {1e3 * med_cpu:.1f} | {med_cpu / base_cpu:.2f}x | {1e3 * (med_cpu - base_cpu):+.1f} |")
+    ours, theirs = statistics.median(times[LIKE_TORCH]), statistics.median(times[TORCH])
+    ours_cpu, theirs_cpu = statistics.median(cpu[LIKE_TORCH]), statistics.median(cpu[TORCH])
+    print(f"\nlike for like: the project's Muon / torch.optim.Muon = {ours / theirs:.3f}x wall, "
+          f"{ours_cpu / theirs_cpu:.3f}x CPU")
 
 if __name__ == "__main__":
     main()

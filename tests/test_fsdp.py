@@ -255,8 +255,9 @@ def _rank(rank: int, world: int, port: int, names: list[str], out: str) -> None:
             shard_fsdp(model, info, None)  # CPU: no mixed precision, so no recipe needed
             hidden, others = _named(model)
             # one matrix per round for muonq (the overlapped path), one round for the others
-            opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1), hidden, others, rank=rank, world_size=world,
-                                     round_bytes=1 if name == "muonq" else 2**30)
+            opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1, matmul_dtype="float32"), hidden, others, rank=rank,
+                                     world_size=world, round_bytes=1 if name == "muonq" else 2**30)
+            assert opt.optimizers["muon"].matmul_dtype == "float32"  # the spec's choice reaches the owners' Muon
             assert len(opt._rounds) == (len(hidden) if name == "muonq" else 1)
             _train(model, opt)
             hidden_names = [n for n, _ in hidden]
@@ -272,7 +273,9 @@ def _rank(rank: int, world: int, port: int, names: list[str], out: str) -> None:
 
 
 # Largest absolute parameter difference after 3 steps, measured 2026-12-01: 6.0e-8 (muonq, grasp),
-# 1.07e-5 (muon8bit: a last-bit difference in the gradient can flip an 8-bit momentum code).
+# 1.07e-5 (muon8bit: a last-bit difference in the gradient can flip an 8-bit momentum code). Both
+# sides run fp32 matmuls: in bf16 (auto, on a CPU with native bf16) those last-bit differences flip
+# bf16 roundings inside Newton-Schulz, ~1e-4.
 PARAM_TOL = {"muonq": 1e-6, "muon8bit": 1e-4, "grasp": 1e-6}
 
 
@@ -291,7 +294,8 @@ def test_owner_only_state_and_same_parameters(tmp_path):
         torch.manual_seed(0)
         model = build_model(ModelConfig(**MODEL))
         hidden, others = _named(model)
-        opt = build_optimizer(preset(name, weight_decay=0.1), hidden=[p for _, p in hidden], others=[p for _, p in others])
+        opt = build_optimizer(preset(name, weight_decay=0.1, matmul_dtype="float32"), hidden=[p for _, p in hidden],
+                              others=[p for _, p in others])
         _train(model, opt)
         worst[name] = max(float((got[name]["params"][n] - p.detach()).abs().max()) for n, p in model.named_parameters())
     print("largest parameter difference:", worst)

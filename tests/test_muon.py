@@ -18,7 +18,7 @@ def test_matches_torch_muon(nesterov: bool, scale_mode: str, shape: tuple[int, i
     w = torch.randn(*shape, generator=gen)
     ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
     opt = Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, momentum_form="ema",
-               scale_mode=scale_mode, ns_dtype=torch.bfloat16)  # torch.optim.Muon always runs NS in bf16
+               scale_mode=scale_mode, matmul_dtype="bfloat16")  # torch.optim.Muon always runs NS in bf16
     ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov, adjust_lr_fn=scale_mode)
     for _ in range(6):
         g = torch.randn(*shape, generator=gen)
@@ -110,7 +110,7 @@ def test_batched_newton_schulz_groups_same_shapes_and_changes_nothing(monkeypatc
     for batch in (1, 3):
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=True, normalize=args.normalize, ns_batch_size=batch,
-                   store=store_selector(args.store, kernels="reference"))
+                   store=store_selector(args.store, kernels="reference"), matmul_dtype="float32")
         calls.clear()
         _steps(opt, params, grads)
         finals[batch] = [p.detach().clone() for p in params]

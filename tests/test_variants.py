@@ -113,7 +113,7 @@ def explicit_equilibrate(u: torch.Tensor, mode: str, eps: float = 1e-8) -> torch
 
 @pytest.mark.parametrize("mode,phase", [("row", None), ("rowcol", 3), ("rowcol", None)])
 def test_muoneq_is_wired_into_the_built_engine(mode, phase):
-    cfg = preset("muoneq", equilibrate=mode, phase=phase, weight_decay=0.0, lr=0.01)
+    cfg = preset("muoneq", equilibrate=mode, phase=phase, weight_decay=0.0, lr=0.01, matmul_dtype="float32")
     assert cfg.muon.nesterov and cfg.muon.store == FullPrecisionMomentum()
     g = torch.Generator().manual_seed(0)
     shape = (96, 160)

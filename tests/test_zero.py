@@ -155,6 +155,50 @@ def test_checkpoint_resumes_on_another_world_size(sweep, name) -> None:
             _assert_same_params(got, reference, f"{name} {resume_from} -> {world} ranks")
 
 
+def _overlap_worker(rank: int, world: int, tmp: str) -> None:
+    """Two ranks: the overlapped step (Muon in rounds, each round's broadcasts in flight while the
+    next computes) against the plain one (every update, then every bucket), same model and data."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    events: list[str] = []
+    real_broadcast = dist.broadcast
+    params = {}
+    for overlap in (False, True):
+        model, hidden, others = _model()
+        opt = build_sharded_optimizer(dataclasses.replace(preset("muonq"), zero=True), named_hidden=hidden,
+                                      named_others=others, rank=rank, world_size=world, overlap=overlap)
+        assert opt.overlap is overlap
+        muon = opt.inner.optimizers["muon"]
+        real_step = muon.step
+        muon.step = lambda *a, real_step=real_step, **k: events.append("ns") or real_step(*a, **k)
+        dist.broadcast = lambda *a, **k: events.append("send") or real_broadcast(*a, **k)
+        events.clear()
+        try:
+            _train(model, opt, range(1, STEPS + 1))
+        finally:
+            dist.broadcast = real_broadcast
+        params[overlap] = model.state_dict()
+        plan = opt.comm_plan()
+        assert plan["bytes_sent"] + plan["bytes_received"] == plan["param_bytes"]
+        per_step = events[: len(events) // STEPS]
+        if overlap:  # AdamW's buckets, then rounds: round j+1's NS runs after round j's matrices went out
+            assert per_step.count("ns") == len(opt._rounds) > 1
+            after_first = per_step[per_step.index("ns") + 1 :]
+            assert "send" in after_first and "ns" in after_first[after_first.index("send") :], per_step
+        else:  # every update, then every broadcast
+            assert per_step[0] == "ns" and per_step.count("ns") == 1, per_step
+    if rank == 0:
+        torch.save(params, Path(tmp) / "params.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_overlapped_broadcast_is_bit_identical_and_interleaves_with_the_rounds(tmp_path) -> None:
+    mp.spawn(_overlap_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    _assert_same_params(params[True], params[False], "overlapped vs plain ZeRO-1 step")
+
+
 def test_owner_assignment_balances_bytes_and_newton_schulz_work() -> None:
     # (state bytes, update work): one work-heavy matrix, three memory-only tensors
     costs = {"ns": (10.0, 100.0), "a": (10.0, 0.0), "b": (10.0, 0.0), "c": (10.0, 1.0)}
@@ -194,7 +238,8 @@ def test_sharded_checkpoints_resume_at_same_and_other_world_size(tmp_path, shake
     manifest = json.loads((step2 / "manifest.json").read_text())["optimizer"]
     assert manifest["world_size"] == 2 and set(manifest["owners"].values()) == {0, 1}
     assert "optimizer" not in torch.load(step2 / "main.pt", weights_only=True)
-    assert "ZeRO-1 over 2 ranks" in (tmp_path / "logs" / "two.log").read_text()
+    (log_file,) = (tmp_path / "logs").glob("two_*.log")  # per-run log files carry their start time
+    assert "ZeRO-1 over 2 ranks" in log_file.read_text()
 
     checkpoint_from("two", 2, "down")  # 2 -> 1 ranks from step 2; its own checkpoints have 1 shard
     down = run("down", 1, "resume=true")
@@ -227,7 +272,8 @@ def test_gradient_accumulation_under_torchrun_follows_one_process(tmp_path, shak
         if nproc > 1:  # each rank frees its model (DDP's reducer, gloo's work) before the process group
             # goes: left to interpreter exit, that teardown aborted a rank now and then after a good run
             assert proc.stderr.count("model released; process group alive") == nproc, proc.stderr[-3000:]
-        assert f"x {4 // nproc} accum" in proc.stderr + (tmp_path / "logs").joinpath(f"llama-tiny_muon.log").read_text()
+        log_file = max((tmp_path / "logs").glob("llama-tiny_muon_*.log"), key=lambda p: p.stat().st_mtime)  # this run's
+        assert f"x {4 // nproc} accum" in proc.stderr + log_file.read_text()
         curves[nproc] = losses(rows)
     assert sorted(curves[2]) == [1, 2, 3]
     assert all(math.isclose(curves[2][s], curves[1][s], rel_tol=1e-4) for s in curves[1]), curves

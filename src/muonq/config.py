@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from muonq.errors import UserError
-from muonq.optim.spec import FAMILIES, KERNEL_MODES, VALUE_MAPS, OptimizerSpec
+from muonq.optim.spec import FAMILIES, KERNEL_MODES, MATMUL_DTYPES, VALUE_MAPS, OptimizerSpec
 
 MODEL_TYPES = ("llama", "gpt")
 SCHEDULES = ("warm-up-cosine", "cosine", "constant")
@@ -88,6 +88,7 @@ class OptimizerArgs:
     ns_batch_size: int = 1  # same-shape matrices stacked into one batched Newton–Schulz call (1 = per matrix)
     scale_mode: str = "match_rms_adamw"  # or "original"
     momentum_form: str = "sum"  # or "ema" (torch.optim.Muon's form)
+    matmul_dtype: str = "auto"  # NS + power iteration: auto (bf16 where native, else fp32) | bfloat16 | float32
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     adamw_lr: Optional[float] = None  # lr of the AdamW side of Muon optimizers (None: same as lr)
@@ -366,6 +367,7 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
     _check(args.ns_batch_size >= 1, _ARGS + "ns_batch_size", f"must be >= 1, got {args.ns_batch_size}")
     _check_choice(args.scale_mode, _ARGS + "scale_mode", ("match_rms_adamw", "original"))
     _check_choice(args.momentum_form, _ARGS + "momentum_form", ("sum", "ema"))
+    _check_choice(args.matmul_dtype, _ARGS + "matmul_dtype", MATMUL_DTYPES)
     _check(
         len(args.adamw_betas) == 2 and all(0 <= b < 1 for b in args.adamw_betas),
         _ARGS + "adamw_betas",
@@ -440,7 +442,7 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     muon = MuonSpec(
         lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum, nesterov=a.nesterov, ns_steps=a.ns_steps,
         ns_batch_size=a.ns_batch_size, scale_mode=a.scale_mode, momentum_form=a.momentum_form, normalize=a.norm,
-        store=store, equilibrate=equilibrate,
+        store=store, equilibrate=equilibrate, matmul_dtype=a.matmul_dtype,
     )
     return OptimizerSpec(name=opt.name, family="muon", adamw=adamw, muon=muon, kernels=opt.kernels, zero=opt.zero)
 

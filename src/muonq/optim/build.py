@@ -58,6 +58,7 @@ def build_muon(spec: MuonSpec, params: list[torch.nn.Parameter], *, kernels: str
         nesterov=spec.nesterov,
         ns_steps=spec.ns_steps,
         ns_batch_size=spec.ns_batch_size,
+        matmul_dtype=spec.matmul_dtype,
         scale_mode=spec.scale_mode,
         momentum_form=spec.momentum_form,
         normalize=spec.normalize,

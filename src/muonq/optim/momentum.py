@@ -15,7 +15,7 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def _accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
+def accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
     return buf.lerp_(grad, 1.0 - beta) if ema else buf.mul_(beta).add_(grad)
 
 
@@ -33,8 +33,10 @@ class MomentumStore(ABC):
         """Return the stored momentum as an fp32 tensor of the parameter's shape."""
 
     @abstractmethod
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
-        """Encode ``momentum`` (fp32, parameter shape) into ``state``."""
+    def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
+        """Encode ``momentum`` (fp32, parameter shape) into ``state``. ``matmul_dtype`` is the dtype
+        of any matmul the encoding runs (the decomposition's power iteration); None: the machine's
+        faster one (:func:`muonq.optim.precision.fast_matmul_dtype`)."""
 
     def accumulate(
         self,
@@ -45,17 +47,18 @@ class MomentumStore(ABC):
         ema: bool,
         renormalize: bool,
         eps: float = 1e-12,
+        matmul_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """B <- beta * B_stored + grad, or the EMA B <- lerp(B_stored, grad, 1 - beta) if ``ema``;
-        then B / ||B||_F if ``renormalize``.
+        then B / ||B||_F if ``renormalize``. ``matmul_dtype``: as in :meth:`save`.
 
         Stores B and returns it unquantized: Newton–Schulz runs on this step's exact momentum and
         quantization only affects what is carried to the next step. Fused kernels override this.
         """
-        momentum = _accumulate_into(self.load(state), grad, beta, ema)
+        momentum = accumulate_into(self.load(state), grad, beta, ema)
         if renormalize:
             momentum.div_(momentum.norm().clamp_min(eps))
-        self.save(state, momentum)
+        self.save(state, momentum, matmul_dtype=matmul_dtype)
         return momentum
 
     def ns_input(
@@ -69,6 +72,7 @@ class MomentumStore(ABC):
         nesterov: bool,
         dtype: torch.dtype,
         eps: float = 1e-12,
+        matmul_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """:meth:`accumulate`, then Newton–Schulz's input U in ``dtype``: the new momentum B, or
         with ``nesterov`` grad + beta B (EMA form: lerp(grad, B, beta)).
@@ -76,7 +80,8 @@ class MomentumStore(ABC):
         U may alias the stored buffer: callers must not write into it. Fused kernels override this
         to produce U in the same pass as the update.
         """
-        momentum = self.accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+        momentum = self.accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+                                   matmul_dtype=matmul_dtype)
         if nesterov:
             momentum = grad.lerp(momentum, beta) if ema else grad.add(momentum, alpha=beta)
         return momentum.to(dtype)
@@ -93,11 +98,11 @@ class FullPrecisionStore(MomentumStore):
     def load(self, state: StateDict) -> torch.Tensor:
         return state["momentum_buffer"].clone()
 
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+    def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
         state["momentum_buffer"].copy_(momentum)
 
-    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
-        buf = _accumulate_into(state["momentum_buffer"], grad, beta, ema)
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12, matmul_dtype=None):
+        buf = accumulate_into(state["momentum_buffer"], grad, beta, ema)
         if renormalize:
             buf.div_(buf.norm().clamp_min(eps))
         return buf

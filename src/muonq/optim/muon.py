@@ -9,8 +9,9 @@ from typing import Callable, Iterable, Literal
 import torch
 
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore, StoreSelector
-from muonq.optim.stores import preserve_state_dtypes
-from muonq.optim.newton_schulz import QUINTIC_COEFFS, fast_matmul_dtype, zeropower_via_newtonschulz
+from muonq.optim.stores import Scratch, preserve_state_dtypes
+from muonq.optim.newton_schulz import QUINTIC_COEFFS, zeropower_via_newtonschulz
+from muonq.optim.precision import check_matmul_dtype, resolve_matmul_dtype
 
 ScaleMode = Literal["match_rms_adamw", "original"]
 MomentumForm = Literal["sum", "ema"]
@@ -38,9 +39,11 @@ class Muon(torch.optim.Optimizer):
     ``momentum_form='sum'`` keeps B <- mu B + G (the form MuonQ and the 8-bit paper use);
     ``'ema'`` keeps B <- mu B + (1 - mu) G, the form of ``torch.optim.Muon``. ``normalize`` is MuonQ's
     pre-quantization normalisation: G and the new B are scaled to unit Frobenius norm.
-    ``ns_dtype`` None runs Newton–Schulz in bf16 on GPUs and in fp32 on CPUs, where bf16 matmuls are
-    emulated and several times slower. The store hands NS its input already in that dtype (fused
-    kernels write it in the same pass as the momentum update).
+    ``matmul_dtype`` is the dtype of Newton–Schulz and of the store's matmuls (the decomposition's
+    power iteration): ``auto`` (or None) picks bf16 where the machine runs it natively (CUDA, CPUs
+    with AMX-BF16 or AVX512-BF16) and fp32 where bf16 is emulated (see :mod:`muonq.optim.precision`);
+    ``bfloat16`` / ``float32`` (or the torch dtypes) force one. The store hands NS its input already
+    in that dtype (fused kernels write it in the same pass as the momentum update).
     ``ns_batch_size`` > 1 stacks up to that many same-shape matrices of a group into one batched NS
     call (fewer, larger matmuls: it pays where small matrices leave a GPU idle); 1 runs NS per matrix.
     """
@@ -55,7 +58,7 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = False,
         ns_steps: int = 5,
         ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFS,
-        ns_dtype: torch.dtype | None = None,
+        matmul_dtype: str | torch.dtype | None = "auto",
         ns_batch_size: int = 1,
         eps: float = 1e-7,
         scale_mode: ScaleMode = "match_rms_adamw",
@@ -77,6 +80,7 @@ class Muon(torch.optim.Optimizer):
         if momentum_form not in ("sum", "ema"):
             raise ValueError(f"Muon momentum_form must be 'sum' or 'ema', got {momentum_form!r}")
         update_scale(torch.Size((1, 1)), scale_mode)  # validates the name
+        check_matmul_dtype(matmul_dtype)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -92,7 +96,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got one of shape {tuple(p.shape)}")
         self.ns_coefficients = ns_coefficients
-        self.ns_dtype = ns_dtype
+        self.matmul_dtype = matmul_dtype
         self.ns_batch_size = ns_batch_size
         self.momentum_form = momentum_form
         self.normalize = normalize
@@ -101,6 +105,7 @@ class Muon(torch.optim.Optimizer):
             store = FullPrecisionStore()
         self._select_store: StoreSelector = store if not isinstance(store, MomentumStore) else (lambda _p, s=store: s)
         self._stores: dict[torch.Tensor, MomentumStore] = {}
+        self._scratch = Scratch()  # the normalized gradient's CPU buffer (the store consumes it)
         # torch casts loaded state to the parameter dtype; codes and fp16 scales must stay as saved.
         preserve_state_dtypes(self)
 
@@ -140,8 +145,9 @@ class Muon(torch.optim.Optimizer):
             same.setdefault((p.shape, p.dtype, p.device), []).append(p)
         return [ps[i : i + self.ns_batch_size] for ps in same.values() for i in range(0, len(ps), self.ns_batch_size)]
 
-    def _ns_dtype(self, device: torch.device) -> torch.dtype:
-        return self.ns_dtype or fast_matmul_dtype(device)
+    def resolved_matmul_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the matmuls of a step on ``device`` (``auto`` resolved, cached per process)."""
+        return resolve_matmul_dtype(self.matmul_dtype, device)
 
     def _ns_input(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Update ``p``'s stored momentum and return Newton–Schulz's input for it."""
@@ -152,20 +158,23 @@ class Muon(torch.optim.Optimizer):
             store.init(state, p)
         grad = p.grad.float()
         if self.normalize:
-            grad = grad / grad.norm().clamp_min(group["eps"])
-        ns_dtype = self._ns_dtype(grad.device)
+            norm = grad.norm().clamp_min(group["eps"])
+            buffer = self._scratch.get("grad", grad)
+            grad = grad / norm if buffer is None else torch.div(grad, norm, out=buffer)
+        matmul_dtype = self.resolved_matmul_dtype(grad.device)
         update = store.ns_input(
             state, grad, beta=group["momentum"], ema=self.momentum_form == "ema", renormalize=self.normalize,
-            nesterov=group["nesterov"], dtype=ns_dtype if self.pre_ns is None else torch.float32,
+            nesterov=group["nesterov"], dtype=matmul_dtype if self.pre_ns is None else torch.float32,
+            matmul_dtype=matmul_dtype,
         )
         if self.pre_ns is not None:
-            update = self.pre_ns(update, int(state["step"].item())).to(ns_dtype)
+            update = self.pre_ns(update, int(state["step"].item())).to(matmul_dtype)
         return update
 
     def _orthogonalize(self, update: torch.Tensor, group: dict) -> torch.Tensor:
         return zeropower_via_newtonschulz(
             update, group["ns_steps"], coefficients=self.ns_coefficients, eps=group["eps"],
-            dtype=self._ns_dtype(update.device),
+            dtype=self.resolved_matmul_dtype(update.device),
         )
 
     def _apply(self, p: torch.Tensor, ortho: torch.Tensor, group: dict) -> None:

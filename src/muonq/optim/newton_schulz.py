@@ -8,12 +8,6 @@ import torch
 QUINTIC_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 
-def fast_matmul_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the optimizer's matmuls (Newton–Schulz, power iteration) on ``device``: bf16 on
-    GPUs; fp32 on CPUs, where bf16 matmuls are emulated and several times slower."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def zeropower_via_newtonschulz(
     update: torch.Tensor,
     steps: int = 5,

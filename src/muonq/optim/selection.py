@@ -8,7 +8,7 @@ from muonq.optim.codecs import Codec, make_codec
 from muonq.optim.kernels import KernelMode, choose_kernels
 from muonq.optim.momentum import FullPrecisionStore, MomentumStore, StoreSelector
 from muonq.optim.spec import CodecSpec, DecomposedMomentum, FullPrecisionMomentum, MomentumSpec, QuantizedMomentum
-from muonq.optim.stores import DecomposedStore, QuantizedStore
+from muonq.optim.stores import DecomposedStore, QuantizedStore, Scratch
 
 
 def make_spec_codec(spec: CodecSpec) -> Codec:
@@ -32,10 +32,11 @@ def store_selector(
 
     ``stochastic`` rounding draws from ``generator`` (default: the global RNG, which training
     checkpoints save). ``kernels`` (``optimizer_params.kernels``) picks fused Triton kernels or the
-    PyTorch codecs for the quantized stores (see :mod:`muonq.optim.kernels`).
+    PyTorch codecs for the quantized stores (see :mod:`muonq.optim.kernels`). The stores of one
+    selector share one :class:`~muonq.optim.stores.Scratch` (CPU buffers of their PyTorch update).
     """
     choose_kernels(kernels, [])  # a bad mode or kernels=triton without triton fails here, not at step 1
-    full = FullPrecisionStore()
+    full, scratch = FullPrecisionStore(), Scratch()
     if isinstance(spec, FullPrecisionMomentum):
         return lambda param: full
     decomposed = spec if isinstance(spec, DecomposedMomentum) else None
@@ -50,10 +51,10 @@ def store_selector(
         if decomposed and min(param.shape) // decomposed.rank_divisor >= 1:
             return DecomposedStore(
                 param.shape, rank_divisor=decomposed.rank_divisor, factor_codec=factor, residual_codec=residual,
-                generator=generator, kernels=kernels,
+                generator=generator, kernels=kernels, scratch=scratch,
             )
         if plain_spec.codec.granularity == "block" and param.numel() % plain_spec.codec.block_size:
             return full
-        return QuantizedStore(plain, param.shape, generator=generator, kernels=kernels)
+        return QuantizedStore(plain, param.shape, generator=generator, kernels=kernels, scratch=scratch)
 
     return select

@@ -17,6 +17,9 @@ KERNEL_MODES: tuple[str, ...] = ("auto", "triton", "reference")
 # "mulaw-after-scale": mu-law levels of x / absmax (the value is scaled first, then companded at full
 # strength mu). MuonQ's own mu-law acts on the raw values before the scale: CodecSpec.compand.
 VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw-after-scale")
+# The dtype of the Muon family's matmuls; auto: bf16 where the machine runs it natively (CUDA, CPUs
+# with AMX-BF16 or AVX512-BF16), fp32 where bf16 is emulated (see muonq.optim.precision).
+MATMUL_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class MuonSpec:
     normalize: bool  # MuonQ's pre-quantization normalization of gradient and momentum
     store: MomentumSpec
     equilibrate: EquilibrateSpec | None = None
+    matmul_dtype: str = "auto"  # Newton–Schulz, power iteration and NS input: one of MATMUL_DTYPES
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ import torch
 from muonq.optim.codecs import Codec
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.kernels import KernelChoice, KernelMode, choose_kernels
-from muonq.optim.momentum import MomentumStore, StateDict
+from muonq.optim.momentum import MomentumStore, StateDict, accumulate_into
+from muonq.optim.precision import fast_matmul_dtype
 from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
 
 
@@ -47,28 +48,85 @@ def _read(state: StateDict, part: str, codec: Codec) -> Encoded:
     return encoded
 
 
+class Scratch:
+    """Reusable CPU matrices for the temporaries of the stores' PyTorch update that never leave it
+    (the decoded momentum when NS gets a separate copy of it, B - P R^T): one fp32 buffer per role
+    and element count, shared by the stores of one optimizer and kept between steps. Without it,
+    each is a fresh matrix-sized allocation per matrix and step, whose pages the CPU faults in
+    again every time. Off the CPU (where allocators cache) it hands out nothing."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, role: str, like: torch.Tensor) -> torch.Tensor | None:
+        """An fp32 buffer of ``like``'s shape for ``role`` (its contents are garbage), or None
+        when ``like`` is not on the CPU."""
+        if like.device.type != "cpu":
+            return None
+        buffer = self._buffers.get((role, like.numel()))
+        if buffer is None:
+            buffer = self._buffers[(role, like.numel())] = torch.empty(like.numel(), dtype=torch.float32)
+        return buffer.view(like.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values())
+
+
 class _ShapeBound(MomentumStore):
     """A store for one parameter shape whose update runs on fused kernels when ``self.kernels``
-    applies (subclasses set it and implement :meth:`_fused`), else on the PyTorch reference."""
+    applies (subclasses set it and implement :meth:`_fused`), else on the PyTorch reference
+    (subclasses implement :meth:`_load` and :meth:`_save`)."""
 
     kernels: KernelChoice
 
-    def __init__(self, shape: Sequence[int], generator: torch.Generator | None) -> None:
+    def __init__(self, shape: Sequence[int], generator: torch.Generator | None, scratch: Scratch | None) -> None:
         self.shape = torch.Size(shape)
         self.generator = generator
+        self.scratch = scratch if scratch is not None else Scratch()
 
-    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12):
-        if not self.kernels.applies(grad):
-            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
-        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps)
+    def load(self, state: StateDict) -> torch.Tensor:
+        return self._load(state)[0]
 
-    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12):
+    def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
+        self._save(state, momentum, matmul_dtype=matmul_dtype)
+
+    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        """The stored momentum (fp32; in ``out`` when given) and what :meth:`_save` may reuse."""
+        raise NotImplementedError
+
+    def _save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None,
+              loaded: object = None, cast: torch.Tensor | None = None) -> None:
+        """:meth:`save`; ``loaded``: what :meth:`_load` returned besides B, ``cast``: B in
+        ``matmul_dtype`` if the caller has it."""
+        raise NotImplementedError
+
+    def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12, matmul_dtype=None):
         if not self.kernels.applies(grad):
-            return super().ns_input(
-                state, grad, beta=beta, ema=ema, renormalize=renormalize, nesterov=nesterov, dtype=dtype, eps=eps
-            )
-        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps, nesterov=nesterov,
-                           dtype=dtype)
+            return super().accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+                                      matmul_dtype=matmul_dtype)
+        return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
+                           matmul_dtype=matmul_dtype)
+
+    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12, matmul_dtype=None):
+        if self.kernels.applies(grad):
+            return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps, nesterov=nesterov,
+                               dtype=dtype, matmul_dtype=matmul_dtype)
+        # The reference: MomentumStore.ns_input's arithmetic. Unless NS's input is B itself (fp32,
+        # no Nesterov), B stays inside this call, so it is decoded into a scratch buffer; and the
+        # one cast of B serves NS and the power iteration.
+        matmul_dtype = matmul_dtype or fast_matmul_dtype(grad.device)
+        is_b = not nesterov and dtype == torch.float32
+        momentum, loaded = self._load(state, out=None if is_b else self.scratch.get("momentum", grad))
+        momentum = accumulate_into(momentum, grad, beta, ema)
+        if renormalize:
+            momentum.div_(momentum.norm().clamp_min(eps))
+        update = None if nesterov else momentum.to(dtype)
+        self._save(state, momentum, matmul_dtype=matmul_dtype, loaded=loaded,
+                   cast=update if update is not None and dtype == matmul_dtype else None)
+        if nesterov:
+            update = (grad.lerp(momentum, beta) if ema else grad.add(momentum, alpha=beta)).to(dtype)
+        return update
 
     def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
         """The fused update (kwargs of :meth:`ns_input`); returns NS's input."""
@@ -92,8 +150,9 @@ class QuantizedStore(_ShapeBound):
         *,
         generator: torch.Generator | None = None,
         kernels: KernelMode = "auto",
+        scratch: Scratch | None = None,
     ) -> None:
-        super().__init__(shape, generator)
+        super().__init__(shape, generator, scratch)
         self.codec = codec
         self.name = f"quantized[{codec!r}]"
         self.kernels = choose_kernels(kernels, [codec])
@@ -102,13 +161,13 @@ class QuantizedStore(_ShapeBound):
         self._check_param(param)
         _write(state, "momentum", self.codec.zeros(self.shape, param.device))
 
-    def load(self, state: StateDict) -> torch.Tensor:
-        return self.codec.decode(_read(state, "momentum", self.codec), self.shape)
+    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        return self.codec.decode(_read(state, "momentum", self.codec), self.shape, out=out), None
 
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+    def _save(self, state, momentum, *, matmul_dtype=None, loaded=None, cast=None) -> None:
         _write(state, "momentum", self.codec.encode(momentum, generator=self.generator))
 
-    def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _fused(self, state: StateDict, grad: torch.Tensor, *, matmul_dtype=None, **kwargs) -> torch.Tensor:
         from muonq.optim.kernels.fused import quantized_update
 
         return quantized_update(self.codec, _read(state, "momentum", self.codec), grad, **kwargs)
@@ -134,8 +193,9 @@ class DecomposedStore(_ShapeBound):
         seed: int = 0,
         generator: torch.Generator | None = None,
         kernels: KernelMode = "auto",
+        scratch: Scratch | None = None,
     ) -> None:
-        super().__init__(shape, generator)
+        super().__init__(shape, generator, scratch)
         if len(self.shape) != 2:
             raise ValueError(f"the decomposition needs a matrix, got shape {tuple(self.shape)}")
         if rank_divisor < 1:
@@ -170,14 +230,18 @@ class DecomposedStore(_ShapeBound):
         p_shape, r_shape = self.factor_shapes
         return self.factor_codec.decode(_read(state, part, self.factor_codec), p_shape if part == "P" else r_shape)
 
-    def load(self, state: StateDict) -> torch.Tensor:
-        residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape)
-        return residual.addmm_(self._factor(state, "P"), self._factor(state, "R").mT)
+    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        r = self._factor(state, "R")
+        residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape, out=out)
+        return residual.addmm_(self._factor(state, "P"), r.mT), r
 
-    def save(self, state: StateDict, momentum: torch.Tensor) -> None:
+    def _save(self, state, momentum, *, matmul_dtype=None, loaded=None, cast=None) -> None:
         momentum = momentum.float()
-        p, r = power_iteration_step(momentum, self._factor(state, "R"))
-        residual = momentum - p @ r.mT
+        basis = loaded if loaded is not None else self._factor(state, "R")
+        p, r = power_iteration_step(momentum, basis, matmul_dtype=matmul_dtype, cast=cast)
+        product = self.scratch.get("product", momentum)
+        residual = torch.mm(p, r.mT, out=product) if product is not None else p @ r.mT
+        residual = torch.sub(momentum, residual, out=residual)  # B - P R^T, in the product's buffer
         _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
         _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))

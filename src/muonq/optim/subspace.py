@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from muonq.optim.newton_schulz import fast_matmul_dtype
+from muonq.optim.precision import fast_matmul_dtype
 
 
 def shape_seed(shape: Sequence[int], k: int, base_seed: int = 0) -> int:
@@ -49,11 +49,12 @@ def power_iteration_step(
     the projection of ``matrix`` onto span(P), and the singular values of R estimate the top-k
     singular values of ``matrix``.
 
-    The two thin matmuls run in ``matmul_dtype`` (None: bf16 on GPUs, fp32 elsewhere) and the QR in
-    fp32. bf16 only moves the split between P R^T and the residual a little (callers form the
-    residual as matrix - P R^T from the returned factors, so the sum stays exact), far below the
-    4-bit error the parts are then stored with. ``cast`` is ``matrix`` already in ``matmul_dtype``
-    (a fused kernel's by-product), which saves the cast.
+    The two thin matmuls run in ``matmul_dtype`` (None: the machine's faster dtype, see
+    :func:`~muonq.optim.precision.fast_matmul_dtype`) and the QR in fp32. bf16 only moves the split
+    between P R^T and the residual a little (callers form the residual as matrix - P R^T from the
+    returned factors, so the sum stays exact), far below the 4-bit error the parts are then stored
+    with. ``cast`` is ``matrix`` already in ``matmul_dtype`` (a fused kernel's by-product), which
+    saves the cast.
     """
     if matrix.ndim != 2 or basis.ndim != 2 or basis.shape[0] != matrix.shape[1]:
         raise ValueError(f"basis of shape {tuple(basis.shape)} does not fit a matrix of shape {tuple(matrix.shape)}")

@@ -18,7 +18,17 @@ How it works
   device, at most ``bucket_cap_bytes``; a lone parameter is sent in place, without a copy) and each
   bucket is broadcast from its owner with ``async_op=True``, at most ``max_in_flight`` at a time, so
   buckets overlap while the temporary flat buffers stay bounded. Per step every rank receives
-  exactly the parameters it does not own, once: one collective per bucket, not per parameter.
+  exactly the parameters it does not own, once.
+* **Overlap** (``overlap=True``, the default). The AdamW side steps first and its buckets go in
+  flight; then Muon runs in rounds, modded-nanogpt's pattern: each rank's owned matrices are cut
+  into the same number of consecutive groups (about ``round_bytes`` each, at least two), round j
+  takes group j of every rank, each rank computes its own (Newton–Schulz included) and then
+  launches the round's broadcasts, one bucket per owner, in the same order on every rank, while
+  the next round computes; everything is waited on at the end of the step,
+  before the parameters are used again. Non-owners never read a parameter during the step, so it
+  can land at any time. The updates are the same computations as without overlap (Muon's update
+  of a matrix depends only on its own gradient and state), so the results are bit-identical;
+  ``overlap=False`` keeps the plain order (every update, then every bucket) for comparison.
 * **Checkpoints.** :meth:`ShardedOptimizer.state_dict` is this rank's shard, keyed by parameter
   *name* (not torch's positional ids) together with the owner map; ``load_state_dict`` takes any
   set of shards, keeps the entries of the parameters this rank owns *now*, and loads them through a
@@ -57,9 +67,13 @@ from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, nam
 from muonq.optim.spec import OptimizerSpec
 
 DEFAULT_BUCKET_CAP_BYTES = 32 * 2**20
+# Muon matrices per overlap round: about this many bytes per rank (at least two rounds), so that a
+# round's Newton–Schulz outlasts the latency of its broadcasts.
+DEFAULT_ROUND_BYTES = 4 * 2**20
 # Weights of (state bytes, update work) in the owner assignment: ZeRO-1 exists to cut memory, so a
 # rank's state bytes count double; work still spreads where one big tensor bounds the memory anyway.
 COST_WEIGHTS = (2.0, 1.0)
+_MAX_PENDING = 256  # collectives in flight at most (in-place ones hold no buffer, but each is a handle)
 NamedParams = Sequence[tuple[str, torch.Tensor]]
 # (hidden params, other params) -> the inner OptimizerSet; build_optimizer with the run's config.
 BuildFn = Callable[[list[torch.Tensor], list[torch.Tensor]], OptimizerSet]
@@ -186,6 +200,28 @@ def _make_buckets(owned: Sequence[tuple[int, torch.Tensor]], world_size: int, ca
     return buckets
 
 
+def _make_rounds(owned_by: Sequence[Sequence[torch.Tensor]], rank: int, round_bytes: int
+                 ) -> list[tuple[list[torch.Tensor], list[_Bucket]]]:
+    """Muon's overlap rounds: every rank's owned matrices (in model order) cut into the same number
+    R of consecutive groups of about equal bytes (R: the largest rank's bytes / ``round_bytes``, at
+    least 2, at most its matrix count). Round j is (this rank's group j, one bucket per rank's
+    group j in rank order, which every rank broadcasts in that order)."""
+    nbytes = [[p.numel() * p.element_size() for p in ps] for ps in owned_by]
+    most = max(len(ps) for ps in owned_by)
+    count = min(most, max(2, -(-max(sum(b) for b in nbytes) // max(1, round_bytes))))
+    groups = []
+    for ps, sizes in zip(owned_by, nbytes):
+        total, done, cut = sum(sizes), 0, [[] for _ in range(count)]
+        for p, size in zip(ps, sizes):
+            j = min(count - 1, int(done * count // total)) if total else 0
+            cut[j].append(p)
+            done += size
+        groups.append(cut)
+    return [(groups[rank][j], [b for r in range(len(owned_by)) for b in _make_buckets([(r, p) for p in groups[r][j]],
+                                                                                     len(owned_by), 2**62)])
+            for j in range(count)]
+
+
 class ShardedOptimizer(WrapsOptimizerSet):
     """ZeRO-1 around an :class:`OptimizerSet`; the same surface the trainer uses on OptimizerSet.
 
@@ -208,6 +244,8 @@ class ShardedOptimizer(WrapsOptimizerSet):
         costs: Mapping[str, Sequence[float]] | None = None,
         bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
         max_in_flight: int = 4,
+        overlap: bool = True,
+        round_bytes: int = DEFAULT_ROUND_BYTES,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -234,6 +272,16 @@ class ShardedOptimizer(WrapsOptimizerSet):
         self._foreign = [p for name, p in named if self.owners[name] != rank]
         self._buckets = _make_buckets([(self.owners[name], p) for name, p in named], world_size, bucket_cap_bytes)
         self._device = named[0][1].device if named else torch.device("cpu")
+        # The overlapped step: the buckets of everything but Muon's matrices, and Muon's rounds.
+        muon = self.inner.optimizers.get("muon")
+        self.overlap = overlap and world_size > 1 and muon is not None
+        self._rounds: list[tuple[list[torch.Tensor], list[_Bucket]]] = []
+        if self.overlap:
+            in_muon = {p for group in muon.param_groups for p in group["params"]}
+            self._other_buckets = _make_buckets(
+                [(self.owners[name], p) for name, p in named if p not in in_muon], world_size, bucket_cap_bytes)
+            owned_by = [[p for name, p in named if p in in_muon and self.owners[name] == r] for r in range(world_size)]
+            self._rounds = _make_rounds(owned_by, rank, round_bytes)
 
     def _check_same_owners(self) -> None:
         if self.world_size == 1:
@@ -252,36 +300,80 @@ class ShardedOptimizer(WrapsOptimizerSet):
 
     @torch.no_grad()
     def step(self) -> None:
-        """Update the owned parameters, then broadcast every parameter from its owner."""
+        """Update the owned parameters and broadcast every parameter from its owner (overlapped
+        with Muon's rounds, see the module docstring)."""
         hidden = [(p, p.grad) for p in self._foreign if p.grad is not None]
         for p, _ in hidden:
             p.grad = None
         try:
+            if self.overlap:
+                self._overlapped_step()
+                return
             self.inner.step()
         finally:
             for p, grad in hidden:
                 p.grad = grad
         self._broadcast_params()
 
+    def _overlapped_step(self) -> None:
+        """AdamW and its buckets in flight, then Muon round by round, each round's broadcasts in
+        flight while the next computes; all waited on before returning."""
+        pending: collections.deque = collections.deque()
+        for name, opt in self.inner:
+            if name != "muon":
+                opt.step()
+        for bucket in self._other_buckets:
+            self._launch(bucket, pending)
+        muon = self.inner.optimizers["muon"]
+        own = [(p, p.grad) for mine, _ in self._rounds for p in mine if p.grad is not None]
+        for p, _ in own:
+            p.grad = None
+        grads = dict(own)
+        try:
+            for mine, sends in self._rounds:
+                stepped = [p for p in mine if p in grads]
+                for p in stepped:
+                    p.grad = grads[p]
+                if stepped:
+                    muon.step()
+                for p in stepped:
+                    p.grad = None
+                for bucket in sends:
+                    self._launch(bucket, pending)
+            while pending:
+                self._finish(*pending.popleft())
+        finally:
+            for p, grad in own:
+                p.grad = grad
+
     def _broadcast_params(self) -> None:
         if self.world_size == 1:
             return
         pending: collections.deque = collections.deque()
         for bucket in self._buckets:
-            mine = bucket.owner == self.rank
-            if bucket.in_place:
-                flat = bucket.params[0].detach()
-            elif mine:
-                flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
-            else:
-                p0 = bucket.params[0]
-                flat = torch.empty(bucket.numel, dtype=p0.dtype, device=p0.device)
-            work = dist.broadcast(flat, src=bucket.owner, async_op=True)
-            pending.append((bucket, flat, work))
+            pending.append(self._start(bucket))
             if len(pending) >= self.max_in_flight:
                 self._finish(*pending.popleft())
         while pending:
             self._finish(*pending.popleft())
+
+    def _launch(self, bucket: _Bucket, pending: collections.deque) -> None:
+        """Start ``bucket``'s broadcast; finish the oldest ones while more than ``max_in_flight``
+        flat buffers are in flight (in-place broadcasts hold none; their handles are bounded too)."""
+        pending.append(self._start(bucket))
+        while sum(not b.in_place for b, _, _ in pending) > self.max_in_flight or len(pending) > _MAX_PENDING:
+            self._finish(*pending.popleft())
+
+    def _start(self, bucket: _Bucket) -> tuple[_Bucket, torch.Tensor, Any]:
+        """Launch the broadcast of ``bucket`` from its owner: (bucket, flat tensor, work handle)."""
+        if bucket.in_place:
+            flat = bucket.params[0].detach()
+        elif bucket.owner == self.rank:
+            flat = torch.cat([p.detach().reshape(-1) for p in bucket.params])
+        else:
+            p0 = bucket.params[0]
+            flat = torch.empty(bucket.numel, dtype=p0.dtype, device=p0.device)
+        return bucket, flat, dist.broadcast(flat, src=bucket.owner, async_op=True)
 
     def _finish(self, bucket: _Bucket, flat: torch.Tensor, work: Any) -> None:
         work.wait()
@@ -300,12 +392,15 @@ class ShardedOptimizer(WrapsOptimizerSet):
         """What :meth:`step` moves per step: collectives, payload bytes this rank sends (its own
         buckets, once each) and receives (everyone else's), and the ideal receive volume (every
         parameter byte reaches every rank once: total x (world - 1) / world)."""
-        total = sum(b.nbytes for b in self._buckets)
-        sent = sum(b.nbytes for b in self._buckets if b.owner == self.rank)
+        buckets = self._buckets
+        if self.overlap:
+            buckets = self._other_buckets + [b for _, sends in self._rounds for b in sends]
+        total = sum(b.nbytes for b in buckets)
+        sent = sum(b.nbytes for b in buckets if b.owner == self.rank)
         if self.world_size == 1:
             return {"collectives": 0, "bytes_sent": 0, "bytes_received": 0, "ideal_bytes_received": 0, "param_bytes": total}
         return {
-            "collectives": len(self._buckets), "bytes_sent": sent, "bytes_received": total - sent,
+            "collectives": len(buckets), "bytes_sent": sent, "bytes_received": total - sent,
             "ideal_bytes_received": total * (self.world_size - 1) // self.world_size, "param_bytes": total,
         }  # fmt: skip
 
@@ -354,9 +449,12 @@ def build_sharded_optimizer(
     rank: int,
     world_size: int,
     device_type: str = "cpu",
+    overlap: bool = True,
 ) -> ShardedOptimizer:
     """The run's optimizer: ``spec`` built by :func:`~muonq.optim.build.build_optimizer`, sharded
-    over ``world_size`` ranks when ``spec.zero`` is true, or None and ``world_size`` > 1."""
+    over ``world_size`` ranks when ``spec.zero`` is true, or None and ``world_size`` > 1.
+    ``overlap``: Muon's broadcasts overlap its next round (False: after every update; for
+    comparisons)."""
     from muonq.optim.build import build_optimizer
 
     zero = spec.zero
@@ -370,5 +468,5 @@ def build_sharded_optimizer(
 
     return ShardedOptimizer(
         build, named_hidden, named_others, rank=rank, world_size=world_size,
-        costs=optimizer_costs(spec, named_hidden, named_others) if world_size > 1 else None,
+        costs=optimizer_costs(spec, named_hidden, named_others) if world_size > 1 else None, overlap=overlap,
     )  # fmt: skip

@@ -26,6 +26,7 @@ from muonq.config import optimizer_spec
 from muonq.data import TokenLoader, check_dataset, dataset_dir, resolve_data_dir
 from muonq.models import build_model
 from muonq.optim.owned import OwnedMuonOptimizer
+from muonq.optim.precision import matmul_dtype_line
 from muonq.optim.zero import ShardedOptimizer, build_sharded_optimizer
 from muonq.train import distributed as dist_utils
 from muonq.train import guard
@@ -276,6 +277,7 @@ class Trainer:
             self.run_name, cfg.recipe.model.model_type, self.model.num_params() / 1e6, self.total_steps,
             tp.tokens_processed, self.dist.world_size, tp.batch_size, tp.context_length, self.grad_accum, self.device,
         )
+        log.info("%s", matmul_dtype_line(self.optimizer_spec.muon, self.device))
         if metrics.log_file is not None:
             log.info("log file %s; metrics %s", metrics.log_file, self.run_dir / "metrics.jsonl")
         bar = progress(show=self.dist.is_main, total=self.total_steps, initial=self.state.step, desc=self.run_name,

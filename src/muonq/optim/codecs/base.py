@@ -29,8 +29,9 @@ class Codec(ABC):
         """Encode ``x`` (any float dtype). ``generator`` feeds stochastic rounding, if enabled."""
 
     @abstractmethod
-    def decode(self, encoded: Mapping[str, torch.Tensor], shape: Shape) -> torch.Tensor:
-        """Decode to an fp32 tensor of ``shape`` (the shape that was encoded)."""
+    def decode(self, encoded: Mapping[str, torch.Tensor], shape: Shape, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode to an fp32 tensor of ``shape`` (the shape that was encoded): a fresh one, or
+        ``out`` (fp32, contiguous, of ``shape``) when given."""
 
     @abstractmethod
     def zeros(self, shape: Shape, device: torch.device | str = "cpu") -> Encoded:
@@ -53,6 +54,9 @@ class ValueMap(ABC):
     """
 
     bits: int
+    # Whether ``decode`` is a few arithmetic passes, cheaper on the CPU than a gather from the table
+    # of all 2**bits decoded values (which :class:`~muonq.optim.codecs.QuantCodec` uses otherwise).
+    cheap_decode: bool = False
 
     @abstractmethod
     def encode(
@@ -64,6 +68,10 @@ class ValueMap(ABC):
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """fp32 values in [-1, 1] of uint8 ``codes``."""
+
+    def decode_into(self, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` written into ``out`` (fp32, the shape of ``codes``)."""
+        return out.copy_(self.decode(codes))
 
     @property
     @abstractmethod

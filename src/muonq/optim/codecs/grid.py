@@ -32,3 +32,33 @@ def grid_scale(row_scale: torch.Tensor, col_scale: torch.Tensor, tile: int) -> t
     per_row = row_scale.float().repeat_interleave(tile, dim=1)[:, :cols]
     per_col = col_scale.float().repeat_interleave(tile, dim=0)[:rows]
     return torch.minimum(per_row, per_col)
+
+
+def grid_row_absmax(a: torch.Tensor, tile: int, *, out: torch.Tensor) -> torch.Tensor:
+    """The row absmax per tile column of ``a`` (|x| of some rows of a matrix), into ``out``
+    (rows x tile columns): :func:`grid_absmax`'s row part, without the padded copy."""
+    rows, cols = a.shape
+    full_tiles = cols // tile
+    full = full_tiles * tile
+    if full:
+        torch.amax(a[:, :full].reshape(rows, full_tiles, tile), dim=2, out=out[:, :full_tiles])
+    if full < cols:
+        torch.amax(a[:, full:], dim=1, keepdim=True, out=out[:, full_tiles:])
+    return out
+
+
+def grid_apply(op, part: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, tile: int, *,
+               out: torch.Tensor, combine=torch.minimum) -> torch.Tensor:
+    """``op(part, combine(row scale, column scale))`` elementwise into ``out``, for ``part``: rows
+    of one tile row of a matrix, ``row_scale`` their (rows x tile columns) scales and ``col_scale``
+    the tile row's (columns) scales. With ``combine`` = minimum, that is ``op(part, grid_scale)``,
+    one tile row at a time, without materialising the repeated scales."""
+    rows, cols = part.shape
+    full_tiles = cols // tile
+    full = full_tiles * tile
+    if full:
+        scale = combine(row_scale[:, :full_tiles, None], col_scale[:full].view(1, full_tiles, tile))
+        op(part[:, :full].reshape(rows, full_tiles, tile), scale, out=out[:, :full].view(rows, full_tiles, tile))
+    if full < cols:
+        op(part[:, full:], combine(row_scale[:, full_tiles:], col_scale[full:].view(1, -1)), out=out[:, full:])
+    return out

@@ -15,6 +15,8 @@ class LinearMap(ValueMap):
     :meth:`encode_steps` / :meth:`decode_steps` are the same map in units of one quantization step
     (u in [-L, L] -> round(u)), for codecs whose stored scale is the step rather than the absmax."""
 
+    cheap_decode = True
+
     def __init__(self, bits: int) -> None:
         self.bits = check_bits(bits)
         self.levels = 2 ** (bits - 1) - 1
@@ -41,6 +43,13 @@ class LinearMap(ValueMap):
         q = (u + uniform_noise(u, generator)).floor_() if stochastic else u.round()
         return q.clamp_(-self.levels, self.levels).add_(self._offset).to(torch.uint8)
 
+    def decode_into(self, codes, out):
+        return self.decode_steps_into(codes, out).div_(self.levels)
+
     def decode_steps(self, codes: torch.Tensor) -> torch.Tensor:
         """The integer level q in [-L, L] of each code, as fp32."""
         return codes.float().sub_(self._offset)
+
+    def decode_steps_into(self, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode_steps` written into ``out`` (fp32, the shape of ``codes``)."""
+        return out.copy_(codes).sub_(self._offset)

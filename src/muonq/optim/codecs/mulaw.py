@@ -47,6 +47,21 @@ class MuLawCompander:
         """The inverse of :meth:`compand`; a new tensor."""
         return torch.expm1(y.abs() * self.log1p_mu).mul_(self.inv_mu).copysign_(y)
 
+    # In-place forms for the CPU codec's slices: the same operations, into given buffers.
+
+    def compand_magnitude_(self, a: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """|compand(x clamped to [-1, 1])| in place of ``a`` = |x| (fp32): the clamp as
+        min(|x| mu, mu), which equals min(|x|, 1) mu; ``clamp=False`` where every |x| <= 1."""
+        a.mul_(self.mu)
+        if clamp:
+            a.clamp_max_(self.mu)
+        return torch.log1p(a, out=a).mul_(self.inv_log1p_mu)
+
+    def expand_(self, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+        """:meth:`expand` of ``y`` written into ``y``; ``scratch``: an fp32 buffer of its shape."""
+        t = torch.abs(y, out=scratch).mul_(self.log1p_mu)
+        return torch.copysign(torch.expm1(t, out=t).mul_(self.inv_mu), y, out=y)
+
 
 class MuLawMap(ValueMap):
     """z = sign(y) ln(1 + mu |y|) / ln(1 + mu) of the scaled value y = x / absmax, then linear codes

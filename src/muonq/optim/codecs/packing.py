@@ -31,7 +31,21 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
+    return pack_pairs(flat)
+
+
+def pack_pairs(flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``flat[0::2] | (flat[1::2] << 4)`` (an even count of 4-bit codes), into ``out`` if given.
+
+    Read as little-endian 16-bit words w (when the codes are contiguous and aligned), each byte is
+    ``(w & 0x0F) | ((w >> 4) & 0xF0)``: the same bytes, from contiguous instead of strided loads."""
+    if flat.is_contiguous() and flat.storage_offset() % 2 == 0 and flat.device.type == "cpu":
+        words = flat.view(torch.int16)
+        high = (words >> 4).bitwise_and_(0xF0).bitwise_or_(words & 0x0F)
+        return high.to(torch.uint8) if out is None else out.copy_(high)
+    if out is None:
+        return flat[0::2] | (flat[1::2] << 4)
+    return torch.bitwise_or(flat[0::2], flat[1::2] << 4, out=out)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

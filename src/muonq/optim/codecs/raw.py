@@ -26,8 +26,9 @@ class RawCodec(Codec):
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
         return {"values": x.to(self.dtype, copy=True)}
 
-    def decode(self, encoded: Mapping[str, torch.Tensor], shape: Shape) -> torch.Tensor:
-        return encoded["values"].to(torch.float32, copy=True).view(check_shape(shape))
+    def decode(self, encoded: Mapping[str, torch.Tensor], shape: Shape, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        values = encoded["values"].view(check_shape(shape))
+        return values.to(torch.float32, copy=True) if out is None else out.copy_(values)
 
     def zeros(self, shape: Shape, device: torch.device | str = "cpu") -> Encoded:
         return {"values": torch.zeros(check_shape(shape), dtype=self.dtype, device=device)}

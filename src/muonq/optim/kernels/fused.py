@@ -10,7 +10,7 @@ import torch
 from muonq.optim.codecs import Encoded, QuantCodec
 from muonq.optim.kernels import quant_update as qk
 from muonq.optim.kernels.spec import BLOCK, GRID, TENSOR, KernelSpec, kernel_spec
-from muonq.optim.newton_schulz import fast_matmul_dtype
+from muonq.optim.precision import fast_matmul_dtype
 from muonq.optim.subspace import power_iteration_step
 
 
@@ -86,12 +86,14 @@ def decomposed_update(
     eps: float,
     nesterov: bool = False,
     dtype: torch.dtype = torch.float32,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """B ~ P R^T + E (``parts`` holds the encodings of P, R and E): decode E, add the low-rank part
     and update in one pass (which also reduces ||B||^2 for renormalization), divide by the norm in a
     second, then run the power iteration with torch and re-encode the three parts. Returns NS's input
     in ``dtype``; when that is not the fp32 momentum itself, the update pass (or the division pass)
-    writes it as a by-product, and the power iteration reuses it as its bf16 copy of B when it is one.
+    writes it as a by-product, and the power iteration (in ``matmul_dtype``; None: the machine's
+    faster dtype) reuses it as its copy of B when it is one.
 
     The low-rank product and the residual B - P R^T are cuBLAS matmuls (the residual one with the
     subtraction fused as an addmm epilogue); only the elementwise work is in the kernels.
@@ -111,7 +113,7 @@ def decomposed_update(
     if renormalize:
         qk.divide(e_spec, momentum, _norm(partials, eps), ns_out=ns_input, grad=grad, beta=beta,
                   nesterov=qk.nesterov_mode(nesterov, ema))
-    matmul_dtype = fast_matmul_dtype(momentum.device)
+    matmul_dtype = matmul_dtype or fast_matmul_dtype(momentum.device)
     cast = ns_input if ns_input is not None and not nesterov and dtype == matmul_dtype else None
     p, r = power_iteration_step(momentum, r_hat, matmul_dtype=matmul_dtype, cast=cast)
     encode_into(factor_codec, p.contiguous(), parts["P"])
