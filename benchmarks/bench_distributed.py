@@ -1,5 +1,5 @@
-"""ZeRO-1 on one machine: step time, per-rank optimizer-state bytes and the bytes the optimizer's
-parameter broadcast moves, at 1, 2 and 4 ranks, for muon and muonq side by side.
+"""ZeRO-1 and FSDP2 on one machine: step time, per-rank optimizer-state bytes and the bytes the
+optimizer's collectives move, at 1, 2 and 4 ranks, for muon and muonq side by side.
 
 Each world size runs as spawned ranks (gloo on CPU, NCCL when every rank has a GPU), one thread per
 rank as torchrun sets it, training the recipe's model with DDP and the run's optimizer sharded as
@@ -8,8 +8,15 @@ the recipe's ``tokens_processed``, split evenly over the ranks. After ``--warmup
 ``--steps`` steps: the whole step (forward, backward, DDP all-reduce, optimizer) and the optimizer
 step alone (owned updates + parameter broadcast), each the slowest rank's median. At more than
 one rank each optimizer runs twice, side by side on two copies of the model (steps alternate):
-with the broadcast after every update ("after", ``overlap=False``) and with Muon's broadcasts
-overlapping its next owner round ("overlapped", the default).
+with the broadcast after every update ("ddp, after", ``overlap=False``) and with Muon's broadcasts
+overlapping its next owner round ("ddp, overlapped", the default); a third copy runs under FSDP2
+("fsdp": ``fully_shard`` per block and root, as ``parallelism=fsdp`` applies it, and the owned Muon
+optimizer: gradient rows to each matrix's owner and update rows back, by all-to-all).
+
+Under FSDP the collectives column counts the optimizer's all-to-alls (FSDP's own all-gathers and
+reduce-scatters of the forward and backward are in the step time, not in that column); bytes
+received are the all-to-all payload, and ideal is each gradient row reaching its owner once and
+each update row coming back once.
 
 "Bytes received" is the payload each rank receives from the parameter broadcasts per step (the
 parameters it does not own); "ideal" is every parameter reaching every rank once, total parameter
@@ -28,6 +35,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -35,7 +43,10 @@ import torch.multiprocessing as mp
 
 from muonq.config import CONF_DIR, ModelConfig, preset
 from muonq.models import build_model
+from muonq.optim.owned import OwnedMuonOptimizer
 from muonq.optim.zero import build_sharded_optimizer
+from muonq.train.distributed import DistInfo
+from muonq.train.parallelize import shard_fsdp
 
 
 def _recipe(name: str, model_overrides: list[str]) -> tuple[dict, int, int]:
@@ -66,7 +77,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
     # At more than one rank, the plain ZeRO-1 step (every update, then every broadcast) and the
     # overlapped one (Muon's rounds with their broadcasts in flight) on two copies of the model,
     # stepped alternately (the order flips every step) so that load changes hit both alike.
-    variants = [("after", False), ("overlapped", True)] if world > 1 else [("-", True)]
+    variants = [("ddp, after", False), ("ddp, overlapped", True), ("fsdp", None)] if world > 1 else [("-", True)]
     for name in args.optimizers:
         runs = []
         for label, overlap in variants:
@@ -77,9 +88,16 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
             ids = {id(p) for _, p in hidden}
             others = [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
             cfg = dataclasses.replace(preset(name), zero=True)
-            opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
-                                          device_type=device.type, overlap=overlap)
-            train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+            if overlap is None:  # FSDP2: the model's parameters become row shards before the optimizer is built
+                shard_fsdp(model, DistInfo(rank, rank, world, device), SimpleNamespace(autocast=False))
+                hidden = [(n, p) for n, p in model.named_parameters() if n in dict(hidden)]
+                others = [(n, p) for n, p in model.named_parameters() if n in dict(others)]
+                opt = OwnedMuonOptimizer(cfg, hidden, others, rank=rank, world_size=world, device_type=device.type)
+                train = model
+            else:
+                opt = build_sharded_optimizer(cfg, named_hidden=hidden, named_others=others, rank=rank, world_size=world,
+                                              device_type=device.type, overlap=overlap)
+                train = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
             runs.append({"label": label, "opt": opt, "train": train, "step": [], "opt_step": []})
         gen = torch.Generator().manual_seed(1234 + rank)
         for i in range(args.warmup + args.steps):
@@ -110,13 +128,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace, tmp: str) -> None:
                 dist.all_reduce(mine, op=dist.ReduceOp.MAX)
             report, plan = opt.state_report(), opt.comm_plan()
             received = torch.tensor([plan["bytes_received"]], dtype=torch.float64, device=device)
+            ideal = torch.tensor([plan["ideal_bytes_received"]], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(received, op=dist.ReduceOp.MAX)
+                dist.all_reduce(ideal, op=dist.ReduceOp.MAX)
             results.append({
                 "optimizer": name, "world": world, "broadcast": run["label"], "step_s": mine[0].item(),
                 "opt_step_s": mine[1].item(), "state_per_rank": report["per_rank"], "state_total": report["total"],
                 "collectives": plan["collectives"], "max_bytes_received": int(received.item()),
-                "ideal_bytes_received": plan["ideal_bytes_received"], "param_bytes": plan["param_bytes"],
+                "ideal_bytes_received": int(ideal.item()),
                 "device": str(device.type), "backend": dist.get_backend() if world > 1 else "-",
             })  # fmt: skip
         del runs
@@ -145,12 +165,12 @@ def main() -> None:
         for world in args.worlds:
             mp.spawn(_worker, args=(world, args, tmp), nprocs=world, join=True)
             rows += json.loads(Path(tmp, f"world{world}.json").read_text())
-    base = {r["optimizer"]: r for r in rows if r["world"] == min(args.worlds) and r["broadcast"] in ("-", "after")}
+    base = {r["optimizer"]: r for r in rows if r["world"] == min(args.worlds) and r["broadcast"] in ("-", "ddp, after")}
     model_cfg, global_batch, seq = _recipe(args.recipe, args.model)
     print(f"recipe {args.recipe} {' '.join(args.model)}: {model_cfg}; global batch {global_batch} x {seq} tokens; "
           f"{os.cpu_count()} CPU cores, 1 thread per rank; backend {rows[-1]['backend']} on {rows[-1]['device']}\n")
-    print("| optimizer | ranks | ZeRO-1 broadcast | step ms | vs 1 rank | optimizer step ms | state MiB per rank (max) "
-          "| vs 1 rank | state MiB total | broadcasts / step | MiB received / rank / step (max) | ideal MiB |")
+    print("| optimizer | ranks | layout | step ms | vs 1 rank | optimizer step ms | state MiB per rank (max) "
+          "| vs 1 rank | state MiB total | optimizer collectives / step | MiB received / rank / step (max) | ideal MiB (max) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.optimizers:
         for r in (r for r in rows if r["optimizer"] == name):
@@ -163,11 +183,15 @@ def main() -> None:
     for name in args.optimizers:
         for world in args.worlds:
             pair = {r["broadcast"]: r for r in rows if r["optimizer"] == name and r["world"] == world}
-            if "after" in pair and "overlapped" in pair:
-                a, o = pair["after"], pair["overlapped"]
+            if "ddp, after" in pair and "ddp, overlapped" in pair:
+                a, o = pair["ddp, after"], pair["ddp, overlapped"]
                 print(f"{name}, {world} ranks: optimizer step {1e3 * a['opt_step_s']:.1f} ms with the broadcast after "
                       f"every update -> {1e3 * o['opt_step_s']:.1f} ms overlapped ({o['opt_step_s'] / a['opt_step_s']:.2f}x); "
                       f"whole step {o['step_s'] / a['step_s']:.2f}x")
+            if "fsdp" in pair and "ddp, overlapped" in pair:
+                f, o = pair["fsdp"], pair["ddp, overlapped"]
+                print(f"{name}, {world} ranks: fsdp step {1e3 * f['step_s']:.1f} ms vs ddp (overlapped) "
+                      f"{1e3 * o['step_s']:.1f} ms ({f['step_s'] / o['step_s']:.2f}x)")
     print("\nper-rank state bytes:")
     for r in rows:
         print(f"  {r['optimizer']:6s} {r['world']} ranks ({r['broadcast']}): {r['state_per_rank']}")

@@ -255,6 +255,29 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         return dist.all_to_all_single(out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits,
                                       group=self._group, async_op=True)
 
+    def comm_plan(self) -> dict[str, int]:
+        """What the Muon exchange moves per step: collectives, the payload bytes this rank receives
+        (the other ranks' rows of the matrices it owns, and its rows of the other matrices' updates,
+        from the split sizes the all-to-alls use) and the ideal (each gradient row reaches its owner
+        once, each update row comes back once), counted from the shapes alone."""
+        element = torch.empty(0, dtype=self._dtype).element_size()
+        if self.world_size == 1:
+            return {"collectives": 0, "bytes_received": 0, "ideal_bytes_received": 0}
+        received = 0
+        for indices in self._rounds:
+            grads_in = self._split_sizes(indices, to_owner=False)
+            updates_in = self._split_sizes(indices, to_owner=True)
+            received += sum(n for r, n in enumerate(grads_in) if r != self.rank)
+            received += sum(n for r, n in enumerate(updates_in) if r != self.rank)
+        ideal = 0
+        for i, p in enumerate(self._hidden):
+            cols = math.prod(p.shape[1:])
+            start, end = self._rows[i][self.rank]
+            mine = (end - start) * cols
+            ideal += p.numel() - mine if self._owner[i] == self.rank else mine
+        return {"collectives": 2 * len(self._rounds), "bytes_received": received * element,
+                "ideal_bytes_received": ideal * element}
+
     # -- accounting ----------------------------------------------------------------------------------
     def state_report(self) -> dict[str, Any]:
         """As :meth:`WrapsOptimizerSet.state_report`: Muon state is the owners' whole-matrix state,
