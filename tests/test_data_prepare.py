@@ -197,7 +197,8 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: pathlib.Path,
 
 def test_ctrl_c_leaves_only_readable_shards(tmp_path: pathlib.Path, works: list) -> None:
     src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in chunk_documents(works) * 2))
+    # ~3M tokens: long enough that, on loaded cores, the interrupt lands while shards are being written
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in chunk_documents(works) * 6))
     command = [sys.executable, "process_data.py", "--input", str(src), "--name", "cc", "--tokenizer", "gpt2",
                "--data-dir", str(tmp_path), "--shard-tokens", "1000", "--num-proc", "2"]  # fmt: skip
     folder = tmp_path / "cc-gpt2"
