@@ -39,8 +39,6 @@ HSDP (``parallelism.dp_shard``): all of the above within each shard group.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -51,7 +49,7 @@ import torch.distributed as dist
 from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
 from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, named_state, shards_holding
 from muonq.optim.spec import OptimizerSpec
-from muonq.optim.zero import COST_WEIGHTS, NamedParams, assign_owners, optimizer_costs
+from muonq.optim.zero import COST_WEIGHTS, NamedParams, assign_owners, check_same_owners, optimizer_costs
 
 # Whole-matrix gradient bytes per exchange round (see OwnedMuonOptimizer._muon_step).
 DEFAULT_ROUND_BYTES = 64 * 2**20
@@ -100,7 +98,7 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         # checkpoints: the rank whose shard holds each AdamW tensor's whole state
         self._writers = assign_owners(optimizer_costs(spec, [], named_adamw), world_size, COST_WEIGHTS)
         self._owner = [self.owners[name] for name, _ in named_hidden]
-        self._check_same_owners()
+        check_same_owners(self.owners, rank=rank, world_size=world_size)
         self._rows = [shard_rows(p.shape[0], world_size) for p in self._hidden]
         for (name, p), rows in zip(named_hidden, self._rows):
             start, end = rows[rank]
@@ -130,16 +128,6 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         if adamw_params:
             optimizers["adamw"] = build_adamw(spec.adamw, adamw_params, device_type)
         self.inner = OptimizerSet(optimizers)
-
-    def _check_same_owners(self) -> None:
-        if self.world_size == 1:
-            return
-        digest = hashlib.sha256(json.dumps(self.owners, sort_keys=True).encode()).hexdigest()
-        holder = [digest]
-        dist.broadcast_object_list(holder, src=0)
-        if holder[0] != digest:
-            raise RuntimeError(f"rank {self.rank} assigned Muon matrix owners differently from rank 0: the ranks "
-                               "built different models or optimizer configs")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self._params:
@@ -326,10 +314,8 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
     def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Load a checkpoint's shards (ZeRO-1's or this optimizer's, any world size): each owner
         its matrices' Muon state, every rank its rows of the AdamW state."""
-        merged = merge_shards(shards, names={*self.owners, *self._writers}, needed=self._needed())
-        if set(merged) != set(self.inner.optimizers):
-            raise ValueError(f"optimizer state holds {sorted(merged)} but this run builds "
-                             f"{sorted(self.inner.optimizers)}: the checkpoint comes from a different optimizer")
+        merged = merge_shards(shards, names={*self.owners, *self._writers}, needed=self._needed(),
+                              optimizers=set(self.inner.optimizers))
         if "muon" in merged:
             load_named_state("muon", self.inner.optimizers["muon"], merged["muon"], self._names,
                              lambda name, state: state if self.owners[name] == self.rank else None)

@@ -47,10 +47,11 @@ def named_state(opt: torch.optim.Optimizer, names: Mapping[torch.Tensor, str], s
 
 
 def merge_shards(shards: Mapping[str, Any] | Iterable[Mapping[str, Any]], *, names: set[str],
-                 needed: Iterable[str]) -> dict[str, dict[str, Any]]:
+                 needed: Iterable[str], optimizers: set[str]) -> dict[str, dict[str, Any]]:
     """The named state of several shards, merged per inner optimizer. ``names``: every parameter
     this run optimizes (the checkpoint must know exactly these); ``needed``: the parameters whose
-    state this rank must find in the given shards. Raises ValueError on a mismatch."""
+    state this rank must find in the given shards; ``optimizers``: the inner optimizers this run
+    builds. Raises ValueError on a mismatch."""
     shards = [shards] if isinstance(shards, Mapping) else list(shards)
     merged: dict[str, dict[str, Any]] = {}
     given: set[int] = set()
@@ -69,6 +70,9 @@ def merge_shards(shards: Mapping[str, Any] | Iterable[Mapping[str, Any]], *, nam
         absent = sorted({owners_then[n] for n in needed} - given)
         if absent:
             raise ValueError(f"optimizer shards {[shard_file(r) for r in absent]} were not given")
+    if set(merged) != optimizers:
+        raise ValueError(f"optimizer state holds {sorted(merged)} but this run builds {sorted(optimizers)}: "
+                         "the checkpoint comes from a different optimizer")
     return merged
 
 

@@ -126,6 +126,19 @@ def assign_owners(
     return {name: owners[name] for name in names}
 
 
+def check_same_owners(owners: Mapping[str, int], *, rank: int, world_size: int) -> None:
+    """Every rank must have computed the same owner map (a collective over all ranks when
+    ``world_size`` > 1): a difference means the ranks built different models or configs."""
+    if world_size == 1:
+        return
+    digest = hashlib.sha256(json.dumps(dict(owners), sort_keys=True).encode()).hexdigest()
+    holder = [digest]
+    dist.broadcast_object_list(holder, src=0)
+    if holder[0] != digest:
+        raise RuntimeError(f"rank {rank} assigned parameter owners differently from rank 0: the ranks built "
+                           "different models or optimizer configs")
+
+
 def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams) -> dict[str, tuple[float, float]]:
     """(state bytes, update work) of each parameter under the optimizer ``spec`` describes.
 
@@ -267,7 +280,7 @@ class ShardedOptimizer(WrapsOptimizerSet):
         if missing:
             raise ValueError(f"no cost for parameters {missing[:3]}")
         self.owners: dict[str, int] = assign_owners({name: costs[name] for name, _ in named}, world_size, COST_WEIGHTS)
-        self._check_same_owners()
+        check_same_owners(self.owners, rank=rank, world_size=world_size)
         self.inner = build_fn([p for _, p in named_hidden], [p for _, p in named_others])
         self._foreign = [p for name, p in named if self.owners[name] != rank]
         self._buckets = _make_buckets([(self.owners[name], p) for name, p in named], world_size, bucket_cap_bytes)
@@ -282,18 +295,6 @@ class ShardedOptimizer(WrapsOptimizerSet):
                 [(self.owners[name], p) for name, p in named if p not in in_muon], world_size, bucket_cap_bytes)
             owned_by = [[p for name, p in named if p in in_muon and self.owners[name] == r] for r in range(world_size)]
             self._rounds = _make_rounds(owned_by, rank, round_bytes)
-
-    def _check_same_owners(self) -> None:
-        if self.world_size == 1:
-            return
-        digest = hashlib.sha256(json.dumps(self.owners, sort_keys=True).encode()).hexdigest()
-        holder = [digest]
-        dist.broadcast_object_list(holder, src=0)
-        if holder[0] != digest:
-            raise RuntimeError(
-                f"rank {self.rank} assigned parameter owners differently from rank 0: the ranks built "
-                "different models or optimizer configs"
-            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)  # the inner set holds every parameter
@@ -412,10 +413,7 @@ class ShardedOptimizer(WrapsOptimizerSet):
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard (:mod:`muonq.optim.shard_format`): per inner optimizer, its param groups
         (hyper-parameters, parameter names) and the state of the parameters this rank owns, by name."""
-        def owned(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
-            return state if self.owners[name] == self.rank else None
-
-        optimizers = {opt_name: named_state(opt, self._names, owned) for opt_name, opt in self.inner}
+        optimizers = {opt_name: named_state(opt, self._names, self._owned_state) for opt_name, opt in self.inner}
         return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
 
     def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
@@ -427,18 +425,13 @@ class ShardedOptimizer(WrapsOptimizerSet):
     def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Load the entries of the parameters this rank owns from one shard or several (any world
         size). The shards must include every shard that holds one of them (:meth:`shards_to_read`)."""
-        merged = merge_shards(shards, names=set(self.owners), needed=self.owned_names())
-        if set(merged) != set(self.inner.optimizers):
-            raise ValueError(
-                f"optimizer state holds {sorted(merged)} but this run builds {sorted(self.inner.optimizers)}: "
-                "the checkpoint comes from a different optimizer"
-            )
-
-        def owned(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
-            return state if self.owners[name] == self.rank else None
-
+        merged = merge_shards(shards, names=set(self.owners), needed=self.owned_names(), optimizers=set(self.inner.optimizers))
         for opt_name, opt in self.inner:
-            load_named_state(opt_name, opt, merged[opt_name], self._names, owned)
+            load_named_state(opt_name, opt, merged[opt_name], self._names, self._owned_state)
+
+    def _owned_state(self, name: str, state: dict[str, Any]) -> dict[str, Any] | None:
+        """``state`` if this rank owns parameter ``name``, else None (what a shard keeps of it)."""
+        return state if self.owners[name] == self.rank else None
 
 
 def build_sharded_optimizer(
