@@ -180,6 +180,13 @@ def test_check_dataset_reports_meta(data: pathlib.Path) -> None:
 def test_check_dataset_errors(data: pathlib.Path, tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileNotFoundError, match="python process_data.py --name fineweb100B --tokenizer llama2"):
         check_dataset(dataset_dir(tmp_path, "fineweb100B", "llama2"), seq_len=SEQ, model_vocab_size=32000)
+    # a data root that is a file, or that names one prepared dataset instead of the folder above it
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=rf"the data folder {tmp_path}/afile \(data_dir or DATA_DIR\) is a file"):
+        check_dataset(dataset_dir(tmp_path / "afile", "synthetic", "bpe-8192"), seq_len=SEQ, model_vocab_size=VOCAB)
+    with pytest.raises(ValueError, match=rf"{data} \(data_dir or DATA_DIR\) is itself a prepared dataset \(it holds "
+                                         rf"meta.json\); set it to the folder that holds the datasets, {tmp_path}$"):
+        check_dataset(dataset_dir(data, "synthetic", "bpe-8192"), seq_len=SEQ, model_vocab_size=VOCAB)
     with pytest.raises(ValueError, match="larger than the model's vocab_size 32000"):
         check_dataset(data, seq_len=SEQ, model_vocab_size=32000)
     with pytest.raises(ValueError, match=r"every train shard is shorter than seq_len \+ 1 = 1025"):

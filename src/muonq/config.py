@@ -208,6 +208,12 @@ class ConfigError(UserError):
     """A config value that cannot run; the message names the key."""
 
 
+# Learning rates run around 1e-3 (AdamW) and 0.02 (Muon); a step of more than MAX_LR diverges at
+# once, and from ~1e37 on, lr x the update scale cannot even be formed in float32 (a traceback from
+# inside the optimizer step, not a message). Such a value is a typo: refuse it.
+MAX_LR = 10.0
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -359,8 +365,8 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
            f"got {opt.name!r}, expected the name of a YAML in hydra_conf/optimizer_params/: {', '.join(OPTIMIZERS)}")
     _check_choice(opt.family, "optimizer_params.family", FAMILIES)
     _check_choice(opt.kernels, "optimizer_params.kernels", KERNEL_MODES)
-    _check(args.lr > 0, _ARGS + "lr", f"must be > 0, got {args.lr}")
-    _check(args.adamw_lr is None or args.adamw_lr > 0, _ARGS + "adamw_lr", f"must be > 0, got {args.adamw_lr}")
+    for key, lr in (("lr", args.lr), ("adamw_lr", args.adamw_lr)):
+        _check(lr is None or 0 < lr <= MAX_LR, _ARGS + key, f"must be in (0, {MAX_LR:g}], got {lr}")
     _check(args.weight_decay >= 0, _ARGS + "weight_decay", f"must be >= 0, got {args.weight_decay}")
     _check(0 <= args.momentum < 1, _ARGS + "momentum", f"must be in [0, 1), got {args.momentum}")
     _check(args.ns_steps >= 1, _ARGS + "ns_steps", f"must be >= 1, got {args.ns_steps}")

@@ -20,7 +20,7 @@ import it cheaply.
 
 from __future__ import annotations
 
-__all__ = ["MissingInputError", "UserError"]
+__all__ = ["AgreedUserError", "MissingInputError", "UserError"]
 
 
 class UserError(ValueError):
@@ -29,3 +29,8 @@ class UserError(ValueError):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user must provide (a dataset, a shard, a checkpoint) is not there."""
+
+
+class AgreedUserError(UserError):
+    """A :class:`UserError` that every rank of a job raises alike (a verdict rank 0 broadcast, or
+    the content of a checkpoint rank 0 verified and every rank reads): printed once per node."""

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from muonq.config import ConfigError, checkpoint_dir_for, register_configs, validate
 from muonq.environment import load_dotenv_once, wandb_logged_in, wandb_mode
-from muonq.errors import UserError
+from muonq.errors import AgreedUserError, UserError
 from muonq.exit_codes import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED
 from muonq.run_log import LOG_DIR
 from muonq.train.orphans import end_with_launcher
@@ -97,7 +98,16 @@ def preflight(cfg: DictConfig, *, run_dir: Path, run_name: str) -> None:
                         "or set WANDB_MODE=offline")
 
 
-def _print_user_error(err: UserError) -> None:
+# How long a torchrun worker that leaves an error to local rank 0 waits before exiting: torchrun
+# ends the other workers as soon as one exits, which could end rank 0 before it printed.
+_QUIET_EXIT_DELAY_S = 2.0
+
+
+def _report_user_error(err: UserError, *, every_rank_alike: bool) -> None:
+    """Print ``err`` in one line: once per node (local rank 0) when every rank raised it alike."""
+    if every_rank_alike and os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(_QUIET_EXIT_DELAY_S)
+        return
     print(f"{'config error' if isinstance(err, ConfigError) else 'error'}: {err}", file=sys.stderr)
 
 
@@ -107,8 +117,7 @@ def _preflight_or_exit(cfg: DictConfig, *, run_dir: Path, run_name: str) -> None
     try:
         preflight(cfg, run_dir=run_dir, run_name=run_name)
     except UserError as err:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            _print_user_error(err)
+        _report_user_error(err, every_rank_alike=True)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -178,7 +187,7 @@ def _exit_bad_input(err: UserError) -> NoReturn:
     from muonq.train.distributed import shutdown
 
     shutdown(graceful=False)
-    _print_user_error(err)
+    _report_user_error(err, every_rank_alike=isinstance(err, AgreedUserError))
     sys.exit(EXIT_BAD_INPUT)
 
 

@@ -71,9 +71,21 @@ def check_dataset(path: pathlib.Path, *, seq_len: int, model_vocab_size: int) ->
     return meta
 
 
+def _missing_dataset(path: pathlib.Path) -> UserError:
+    """Why the dataset folder ``path`` (``{data root}/{name}-{tag}``) is not there."""
+    root = path.parent
+    if root.is_file():
+        return UserError(f"the data folder {root} (data_dir or DATA_DIR) is a file; it must be the folder that holds "
+                         f"the prepared datasets, such as {path.name}/")
+    if (root / META_FILE).is_file():  # data_dir names one prepared dataset instead of the folder above it
+        return UserError(f"the data folder {root} (data_dir or DATA_DIR) is itself a prepared dataset (it holds "
+                         f"{META_FILE}); set it to the folder that holds the datasets, {root.parent}")
+    return MissingInputError(f"dataset folder {path} not found; create it with `{creation_command(path)}`")
+
+
 def _split_headers(path: pathlib.Path, split: str) -> list[ShardHeader]:
     if not path.is_dir():
-        raise MissingInputError(f"dataset folder {path} not found; create it with `{creation_command(path)}`")
+        raise _missing_dataset(path)
     headers = [read_header(p) for p in list_shards(path, split)]
     if not headers:
         raise MissingInputError(f"{path} has no {split} shards ({split}_NNNNNN.bin); create them with `{creation_command(path)}`")

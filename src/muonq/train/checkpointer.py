@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from muonq.config import checkpoint_dir_for
 from muonq.data import TokenLoader
-from muonq.errors import MissingInputError, UserError
+from muonq.errors import AgreedUserError, UserError
 from muonq.optim.shard_format import shard_file
 from muonq.optim.zero import ShardedOptimizer
 from muonq.train import distributed as dist_utils
@@ -171,7 +171,7 @@ class Checkpointer:
                 problem = str(err)
         problem = dist_utils.broadcast_object(problem)
         if problem is not None:
-            raise UserError(problem)
+            raise AgreedUserError(problem)
         return lock
 
     # -- resuming --------------------------------------------------------------------------------
@@ -184,15 +184,18 @@ class Checkpointer:
         step, rejected = dist_utils.broadcast_object(found)
         if step is None:
             if rejected:  # starting over would silently drop the run's progress
-                raise UserError(f"resume={mode}: {every_checkpoint_rejected(self.manager.directory, rejected)}; "
+                raise AgreedUserError(f"resume={mode}: {every_checkpoint_rejected(self.manager.directory, rejected)}; "
                                 "move them away (or use another logging_params.checkpoint_dir) to start over")
             if mode == "true":
-                raise MissingInputError(
+                raise AgreedUserError(
                     f"resume=true but no complete checkpoint in {self.manager.directory}; "
                     "use resume=auto to start fresh when none exists"
                 )
             return False
-        self._load(step)
+        try:
+            self._load(step)
+        except UserError as err:  # every rank reads the checkpoint rank 0 verified: all fail alike
+            raise AgreedUserError(str(err)) from err
         self.saved_at = step
         log.info("resumed from %s at step %d", self.step_dir(step), self.state.step)
         return True
