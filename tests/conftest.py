@@ -42,23 +42,27 @@ def shakespeare_data(tmp_path_factory) -> Path:
 
 def run_training(out_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600,
                  env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """Run the real entry point (python, or torchrun with gloo) and read back its metrics.jsonl."""
+    """Run the real entry point (python, or torchrun with gloo) and read back its metrics.jsonl.
+
+    One OpenMP thread by default, as torchrun gives its workers: the tests' models are small, and
+    threads that spin-wait on shared cores make a step many times slower."""
     import json
 
     from muonq.commands import entry_command
 
     cmd = entry_command(nproc, f"hydra.run.dir={out_dir}", f"data_dir={data_dir}", *overrides)
     proc = subprocess.run(cmd, cwd=out_dir.parent, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     metrics_file = out_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     return proc, rows
 
 
 def run_tool(module: str, *args: object, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run a tool's real command line, ``python -m <module> key=value ...``, from the repo root."""
+    """Run a tool's real command line, ``python -m <module> key=value ...``, from the repo root
+    (one OpenMP thread by default, as :func:`run_training`)."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def losses(rows: list[dict]) -> dict[int, float]:
@@ -83,8 +87,7 @@ def tiny_runs(tmp_path_factory, shakespeare_data) -> dict[str, dict]:
 
     def train(name: str) -> tuple[str, dict]:
         out = tmp_path_factory.mktemp(name) / "out"
-        proc, rows = run_training(out, shakespeare_data, *SLOW_RUN, f"optimizer_params={name}", timeout=1800,
-                                  env={"OMP_NUM_THREADS": "1"})
+        proc, rows = run_training(out, shakespeare_data, *SLOW_RUN, f"optimizer_params={name}", timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return name, {"loss": [r["val/final_loss"] for r in rows if "val/final_loss" in r][0], "out": out}
 

@@ -40,7 +40,7 @@ def trained(tmp_path_factory, shakespeare_data):
         root / "run", data_dir, *overrides, "logging_params.final_full_val=true", "optimizer_params=muonq",
         f"recipe.dataset.name={DATASET[0]}", f"recipe.dataset.tokenizer={DATASET[1]}",
         "recipe.training_params.max_steps=3", "logging_params.save_checkpoint=true",
-        f"logging_params.checkpoint_dir={ckpt_dir}", env={"OMP_NUM_THREADS": "1"},
+        f"logging_params.checkpoint_dir={ckpt_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = [r["val/final_loss"] for r in rows if "val/final_loss" in r]
@@ -52,8 +52,7 @@ def test_loss_equals_trainer_final_full_validation(trained, tmp_path) -> None:
     out = tmp_path / "eval.json"
     # seq_len is read from the checkpoint's loader state; TINY's batch_size is 4
     proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
-                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=none", f"out={out}",
-                    env={"OMP_NUM_THREADS": "1"})
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=none", f"out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["seq_len"] == 64
@@ -90,14 +89,14 @@ def test_damaged_checkpoint_is_refused_in_one_line(trained, tmp_path, damage, na
     before anything is evaluated."""
     folder = damaged_copy(trained["ckpt"], tmp_path, damage)
     proc = run_tool("muonq.evaluate", f"checkpoint={folder / name}", f"data_dir={trained['data_dir']}",
-                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "tasks=none", env={"OMP_NUM_THREADS": "1"})
+                    f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "tasks=none")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert re.fullmatch(message, proc.stderr.strip().splitlines()[-1]), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "validation loss" not in proc.stdout
 
 
 def test_cli_offline_reports_unavailable_tasks_and_exits_0(trained) -> None:
-    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
                     f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[hellaswag,arc_easy]",
                     "limit=4", env=env)
@@ -168,7 +167,7 @@ def test_zero_shot_on_a_local_task_through_the_exported_model(trained, tmp_path)
     out = tmp_path / "eval.json"
     proc = run_tool("muonq.evaluate", f"checkpoint={trained['ckpt']}", f"data_dir={trained['data_dir']}",
                     f"dataset={DATASET[0]}", f"tokenizer={DATASET[1]}", "batch_size=4", "tasks=[muonq_toy]",
-                    f"tasks_dir={tmp_path}", "device=cpu", f"out={out}", env={"OMP_NUM_THREADS": "1"})
+                    f"tasks_dir={tmp_path}", "device=cpu", f"out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["zero_shot"]) == {"muonq_toy"} and 0.0 <= result["zero_shot"]["muonq_toy"]["acc"] <= 1.0

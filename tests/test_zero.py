@@ -143,6 +143,10 @@ def test_sharded_equals_unsharded_and_state_splits_evenly(sweep, name) -> None:
         totals[world] = result["report"]["total"]
         assert len(per_rank) == world
         assert max(per_rank) <= 1.10 * totals[world] / world, (name, world, per_rank)
+        # the planner (meta tensors, no run) predicts the largest rank's state and the total exactly
+        planned, whole = plan(compose_config([*(f"recipe.model.{k}={v}" for k, v in MODEL.items()),
+                                              f"optimizer_params={name}"]), world)
+        assert (planned.state, whole.state) == (max(per_rank), totals[world]), (name, world, planned, whole, per_rank)
     assert totals[1] == totals[2] == totals[4] > 0
 
 
@@ -311,9 +315,12 @@ def test_a_rank_failing_inside_the_sharded_step_ends_the_job(tmp_path, shakespea
     assert elapsed < 120, elapsed
 
 
+# Every optimizer's sharded arithmetic, state split and planned bytes are checked in process above;
+# these run the entry point under torchrun for the state layouts no other 2-rank run of the suite
+# covers: grid-scaled residuals with 8-bit factors (grasp) and torchao's 8-bit AdamW (adamw8bit).
 @pytest.mark.slow
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_optimizer_trains_on_two_ranks(tmp_path, shakespeare_data, name) -> None:
+@pytest.mark.parametrize("name", ["grasp", "adamw8bit"])
+def test_optimizer_trains_on_two_ranks(tmp_path, shakespeare_data, name) -> None:
     proc, rows = run_training(tmp_path / "out", shakespeare_data, *TINY, f"optimizer_params={name}",
                               "recipe.training_params.max_steps=3", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
