@@ -15,8 +15,9 @@ from muonq.optim.momentum import StoreSelector
 def state_tensors(value: Any) -> Iterator[torch.Tensor]:
     """The plain tensors inside ``value`` (a tensor, or dicts / lists / tuples of them).
 
-    Wrapper tensor subclasses (torchao's ``OptimState8bit``, DTensor, ...) are opened through
-    ``__tensor_flatten__`` so their inner tensors, what they really hold on this rank, are seen.
+    Wrapper tensor subclasses (torchao's ``OptimState8bit`` and ``OptimState4bit``, DTensor, ...) are
+    opened through ``__tensor_flatten__`` so their inner tensors, what they really hold on this rank,
+    are seen.
     """
     if isinstance(value, torch.Tensor):
         flatten = getattr(value, "__tensor_flatten__", None)
@@ -95,10 +96,11 @@ def bytes_per_element(optimizer: torch.optim.Optimizer) -> float:
 
 def adamw_state_nbytes(shape: Sequence[int], *, element_size: int, bits: int, block_size: int) -> int:
     """AdamW's state bytes for one parameter without building it: two moments of ``element_size``
-    bytes (``bits`` 32), or torchao's AdamW8bit layout (``bits`` 8) for tensors of at least 4096
-    elements that fill whole blocks: per moment uint8 codes, one fp32 scale per block and a
-    256-entry fp32 code map (smaller tensors keep plain moments there too)."""
+    bytes (``bits`` 32), or torchao's AdamW8bit / AdamW4bit layout (``bits`` 8 / 4) for tensors of
+    at least 4096 elements that fill whole blocks: per moment the codes (``bits`` per element,
+    packed in uint8), one fp32 scale per block and a ``2**bits``-entry fp32 code map (smaller
+    tensors keep plain moments there too)."""
     numel = math.prod(shape)
-    if bits == 8 and numel >= 4096 and numel % block_size == 0:
-        return 2 * (numel + 4 * (numel // block_size) + 4 * 256)
+    if bits in (8, 4) and numel >= 4096 and numel % block_size == 0:
+        return 2 * (numel * bits // 8 + 4 * (numel // block_size) + 4 * 2**bits)
     return 2 * numel * element_size
