@@ -35,6 +35,8 @@ MUON_BYTES_PER_PARAM = "optim/muon_bytes_per_param"
 PARAM_BYTES_RANK_MAX = "memory/param_bytes_rank_max"
 GRAD_BYTES_RANK_MAX = "memory/grad_bytes_rank_max"
 MUON_RATIO_VS_FP32 = "optim/muon_ratio_vs_fp32"  # 4 bytes / MUON_BYTES_PER_PARAM
+# fp32 Muon + fp32 AdamW's state on this model / STATE_BYTES_TOTAL (muonq.optim.state_bytes.state_ratio_vs_fp32)
+STATE_RATIO_VS_FP32 = "optim/state_ratio_vs_fp32"
 
 
 def train_lr(optimizer: str) -> str:

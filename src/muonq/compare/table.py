@@ -10,12 +10,20 @@ TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
 
 COLUMNS = [
     "optimizer", "final train loss", "final val loss", "val ppl", "Δ val vs muon", "tokens/s",
-    "peak memory", "optimizer state", "Muon-matrix state", "vs fp32 Muon", "wall time",
+    "peak memory", "optimizer state", "vs fp32 Muon + AdamW", "Muon-matrix state", "vs fp32 Muon", "wall time",
 ]
 
 
 def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
+
+
+def times_smaller(ratio: float | None) -> str:
+    """A state ratio (reference bytes / these bytes) as the table prints it: "3.43x smaller",
+    "1.82x larger" below 1, an em dash when unknown."""
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def reference(results: list[RunResult]) -> RunResult | None:
@@ -43,8 +51,9 @@ def markdown_table(results: list[RunResult]) -> str:
             fmt(r.tokens_per_s, ",.0f"),
             format_bytes(r.peak_memory_bytes),
             format_bytes(r.state_bytes),
+            times_smaller(r.state_ratio_vs_fp32),
             format_bytes(r.muon_state_bytes),
-            "—" if r.muon_ratio_vs_fp32 is None else f"{r.muon_ratio_vs_fp32:.2f}x smaller",
+            times_smaller(r.muon_ratio_vs_fp32),
             "—" if r.wall_s is None else f"{r.wall_s:.1f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -104,3 +104,23 @@ def adamw_state_nbytes(shape: Sequence[int], *, element_size: int, bits: int, bl
     if bits in (8, 4) and numel >= 4096 and numel % block_size == 0:
         return 2 * (numel * bits // 8 + 4 * (numel // block_size) + 4 * 2**bits)
     return 2 * numel * element_size
+
+
+# The reference of the whole-optimizer ratio: fp32 Muon (one fp32 momentum per element of the
+# hidden matrices) with fp32 AdamW (two fp32 moments per element of every other parameter).
+FP32_MUON_BYTES_PER_ELEMENT = 4
+FP32_ADAMW_BYTES_PER_ELEMENT = 8
+
+
+def fp32_reference_nbytes(*, hidden_numel: int, other_numel: int) -> int:
+    """State bytes of fp32 Muon + fp32 AdamW on a model with these element counts (hidden
+    matrices, everything else), whatever optimizer the run itself uses."""
+    return FP32_MUON_BYTES_PER_ELEMENT * hidden_numel + FP32_ADAMW_BYTES_PER_ELEMENT * other_numel
+
+
+def state_ratio_vs_fp32(state_nbytes: float, *, hidden_numel: int, other_numel: int) -> float:
+    """How many times less state the whole optimizer (Muon side + AdamW side, ``state_nbytes``)
+    holds than fp32 Muon + fp32 AdamW on the same model (below 1: more; NaN without state)."""
+    if not state_nbytes:
+        return float("nan")
+    return fp32_reference_nbytes(hidden_numel=hidden_numel, other_numel=other_numel) / state_nbytes
