@@ -1,4 +1,5 @@
-"""The names of every metric a run writes (``metrics.jsonl`` and W&B), and how bytes are printed.
+"""The names of every metric a run writes (``metrics.jsonl`` and W&B), and how bytes and ratios
+are printed.
 
 The trainer writes these keys, the compare report and the benchmarks read them, the tests check
 them: each is spelled here once. One value has one key.
@@ -45,6 +46,14 @@ def train_lr(optimizer: str) -> str:
 
 def state_bytes_of(optimizer: str) -> str:
     return STATE_BYTES_PREFIX + optimizer
+
+
+def format_ratio(ratio: float | None) -> str:
+    """A state ratio (reference bytes / these bytes): ``3.43x smaller``, ``1.82x larger`` below 1,
+    an em dash when unknown (None or NaN)."""
+    if ratio is None or ratio != ratio:
+        return "—"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def format_bytes(n: float | None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from muonq.cli import as_int, parse_args, run_cli
-from muonq.metric_names import format_bytes
+from muonq.metric_names import format_bytes, format_ratio
 
 USAGE = """\
 usage: python -m muonq.plan [training overrides ...] world_size=N
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
             for side, nbytes in (("Muon side", whole.muon_state), ("AdamW side", whole.adamw_state)):
                 print(f"  {side:<20}{'':>15}{format_bytes(nbytes):>14}")
     print(f"optimizer state vs fp32 Muon + fp32 AdamW ({format_bytes(whole.fp32_state)}): "
-          f"{whole.state_ratio_vs_fp32:.2f}x less (one process)")
+          f"{format_ratio(whole.state_ratio_vs_fp32)} (one process)")
     print(f"not counted: {NOT_COUNTED}")
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from muonq.compare.runs import RunResult
-from muonq.metric_names import format_bytes
+from muonq.metric_names import format_bytes, format_ratio
 
 # Quality targets (final validation loss relative to fp32 Muon), checked when the runs are present.
 TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
@@ -16,14 +16,6 @@ COLUMNS = [
 
 def fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
-
-
-def times_smaller(ratio: float | None) -> str:
-    """A state ratio (reference bytes / these bytes) as the table prints it: "3.43x smaller",
-    "1.82x larger" below 1, an em dash when unknown."""
-    if ratio is None:
-        return "—"
-    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def reference(results: list[RunResult]) -> RunResult | None:
@@ -51,9 +43,9 @@ def markdown_table(results: list[RunResult]) -> str:
             fmt(r.tokens_per_s, ",.0f"),
             format_bytes(r.peak_memory_bytes),
             format_bytes(r.state_bytes),
-            times_smaller(r.state_ratio_vs_fp32),
+            format_ratio(r.state_ratio_vs_fp32),
             format_bytes(r.muon_state_bytes),
-            times_smaller(r.muon_ratio_vs_fp32),
+            format_ratio(r.muon_ratio_vs_fp32),
             "—" if r.wall_s is None else f"{r.wall_s:.1f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")

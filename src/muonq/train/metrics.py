@@ -157,7 +157,7 @@ def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool,
         where = f"{sharding} over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
     else:
         where = "replicated on every rank (optimizer_params.zero=false)" if distributed else "one rank"
-    line = f"optimizer state: {M.format_bytes(total)} total ({ratio:.2f}x less than fp32 Muon + fp32 AdamW), {where}"
+    line = f"optimizer state: {M.format_bytes(total)} total ({M.format_ratio(ratio)} than fp32 Muon + fp32 AdamW), {where}"
     if "muon" in report["per_optimizer"]:
         muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
         per_elem = muon / max(1, n_muon)
