@@ -1,17 +1,20 @@
-"""Exact Muon momentum bytes of every variant on the hidden matrices of the LLaMA recipes.
+"""Exact optimizer-state bytes of every variant on the LLaMA recipes: the Muon matrices alone, and
+the whole optimizer (Muon side + AdamW side).
 
-The bytes come from the real store code: each variant's selector builds the store of every distinct
-matrix shape, ``init`` allocates its state on the meta device, and the state tensors' ``nbytes`` are
-summed and multiplied by how many matrices have that shape. AdamW state (embeddings, head, norms)
-and step counters are not counted.
+Each recipe's model is built on the meta device from ``hydra_conf/recipe/<name>.yaml`` and its bytes
+come from :func:`muonq.optim.zero.optimizer_costs`, the count the planner and ZeRO-1 use: the real
+store code's ``init`` on meta tensors for Muon momentum (each distinct shape once), torchao's
+stored layout for the AdamW side. Step counters are not counted.
 
-AdamW rows, for comparison, put the same matrices under AdamW: ``adamw`` keeps two fp32 states
-(8 bytes per element); ``adamw8bit`` is torchao's AdamW8bit, whose state is measured, not assumed:
-a real llama-tiny's hidden matrices are stepped once with AdamW8bit built by
-``muonq.optim.build.build_optimizer`` and its tensor-subclass state (``OptimState8bit``: uint8
-codes, one fp32 scale per 256 elements, a 256-entry fp32 code map per state) is counted by
-``muonq.optim.state_bytes.state_bytes``; the per-tensor rule that reproduces that count exactly is
-then applied to the recipes' shapes.
+Two ratios: the Muon matrices' momentum against fp32 Muon's (4 bytes per element), and the whole
+optimizer's state against fp32 Muon + fp32 AdamW (4 bytes per hidden-matrix element, 8 per element
+of the embeddings, head and norms; :func:`muonq.optim.state_bytes.state_ratio_vs_fp32`).
+
+AdamW rows put the hidden matrices under AdamW too (the adamw family). torchao's AdamW8bit and
+AdamW4bit layouts are measured, not assumed: a real llama-tiny is stepped once with each, built by
+``muonq.optim.build.build_optimizer``, its tensor-subclass state (``OptimState8bit`` /
+``OptimState4bit``: codes, one fp32 scale per block, a 256- / 16-entry fp32 code map per state)
+counted by ``muonq.optim.state_bytes.state_bytes`` and compared with the per-tensor rule.
 
     python benchmarks/bench_state_memory.py
 """
@@ -19,110 +22,129 @@ then applied to the recipes' shapes.
 from __future__ import annotations
 
 import argparse
-import math
+import functools
+from typing import Any
 
 import torch
 
-from muonq.config import preset
-from muonq.optim.selection import store_selector
-from muonq.optim.state_bytes import adamw_state_nbytes, momentum_nbytes, state_bytes
+from muonq.config import compose_config, preset
+from muonq.optim.state_bytes import FP32_MUON_BYTES_PER_ELEMENT, state_bytes, state_ratio_vs_fp32
+from muonq.optim.zero import NamedParams, optimizer_costs
 
-# hidden, SwiGLU width, layers (as in hydra_conf/recipe/<name>.yaml)
-RECIPES: dict[str, tuple[int, int, int]] = {
-    "llama-60m": (512, 1376, 8),
-    "llama-350m": (1024, 2736, 24),
-    "llama-1b": (2048, 5461, 24),
-}
+RECIPES = ("llama-60m", "llama-350m", "llama-1b")
 
-# (label, variant, overrides)
-ROWS: list[tuple[str, str, dict]] = [
+# (label, variant, optimizer_params.args overrides)
+ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("muon (fp32)", "muon", {}),
     ("muon8bit linear, block 256", "muon8bit", {}),
     ("muon8bit dynamic, block 256", "muon8bit-dynamic", {}),
     ("muon8 (per-tensor 8-bit)", "muon8", {}),
     ("muon4 (per-tensor 4-bit)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
+    ("muonq + 8-bit AdamW side", "muonq", {"adamw_bits": 8}),
+    ("muonq + 4-bit AdamW side", "muonq", {"adamw_bits": 4}),
     ("muonq + residual block 128", "muonq-block128", {}),
     ("muonq rank/32 + residual block 256", "muonq", {"rank": 32, "residual_block_size": 256}),
     ("grasp-like (8-bit factors, grid 128)", "grasp", {}),
     ("muoneq (fp32 momentum, as muon)", "muoneq", {}),
+    ("adamw (2 x fp32 states)", "adamw", {}),
+    ("adamw8bit (torchao, block 256)", "adamw8bit", {}),
+    ("adamw, adamw_bits=4 (torchao AdamW4bit, block 256)", "adamw", {"adamw_bits": 4}),
 ]
-ADAMW_BLOCK = 256
 
 
-def adamw_bytes(shape: tuple[int, int]) -> int:
-    """torch AdamW: exp_avg and exp_avg_sq in fp32."""
-    return adamw_state_nbytes(shape, element_size=4, bits=32, block_size=ADAMW_BLOCK)
+@functools.cache
+def recipe_params(recipe: str) -> tuple[NamedParams, NamedParams]:
+    """(hidden matrices, everything else) of ``recipe``'s model, on the meta device."""
+    from muonq.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(compose_config([f"recipe={recipe}"]).recipe.model)
+    hidden = model.hidden_matrices()
+    ids = {id(p) for _, p in hidden}
+    return hidden, [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
 
 
-def adamw8bit_bytes(shape: tuple[int, int], block: int = ADAMW_BLOCK) -> int:
-    """torchao AdamW8bit, by the layout rule of :func:`muonq.optim.state_bytes.adamw_state_nbytes`."""
-    return adamw_state_nbytes(shape, element_size=4, bits=8, block_size=block)
+def state_split(variant: str, overrides: dict[str, Any], hidden: NamedParams, others: NamedParams) -> tuple[int, int]:
+    """(bytes of the hidden matrices' state, bytes of the whole optimizer's state)."""
+    costs = optimizer_costs(preset(variant, **overrides), hidden, others)
+    matrices = int(sum(costs[name][0] for name, _ in hidden))
+    return matrices, matrices + int(sum(costs[name][0] for name, _ in others))
 
 
-def measured_adamw8bit() -> tuple[int, int, int]:
-    """(bytes counted by state_bytes, bytes by :func:`adamw8bit_bytes`, elements) for AdamW8bit over a
-    real llama-tiny's hidden matrices after one step."""
+def table_rows(recipes: tuple[str, ...] = RECIPES) -> list[tuple[str, dict[str, tuple[int, float, float, int, float]]]]:
+    """Per row and recipe: (matrix bytes, vs fp32 Muon, bytes per element, whole bytes, vs fp32
+    Muon + fp32 AdamW)."""
+    rows = []
+    for label, variant, overrides in ROWS:
+        cells = {}
+        for recipe in recipes:
+            hidden, others = recipe_params(recipe)
+            numel = sum(p.numel() for _, p in hidden)
+            matrices, whole = state_split(variant, overrides, hidden, others)
+            ratio = state_ratio_vs_fp32(whole, hidden_numel=numel, other_numel=sum(p.numel() for _, p in others))
+            cells[recipe] = (matrices, FP32_MUON_BYTES_PER_ELEMENT * numel / matrices, matrices / numel, whole, ratio)
+        rows.append((label, cells))
+    return rows
+
+
+def markdown_table(recipes: tuple[str, ...] = RECIPES) -> str:
+    head = " | ".join(f"{r} matrices | vs fp32 Muon | B/elem | {r} whole optimizer | vs fp32 Muon + AdamW" for r in recipes)
+    lines = [f"| variant | {head} |", "|---|" + "---:|" * 5 * len(recipes)]
+    for label, cells in table_rows(recipes):
+        parts = [f"{m:,} | {r:.4f}x | {b:.4f} | {w:,} | {wr:.4f}x" for m, r, b, w, wr in (cells[x] for x in recipes)]
+        lines.append(f"| {label} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def one_matrix(variant: str, overrides: dict[str, Any], shape: tuple[int, int]) -> int:
+    with torch.device("meta"):
+        matrix = torch.nn.Parameter(torch.empty(shape))
+    return state_split(variant, overrides, [("m", matrix)], [])[0]
+
+
+def measured_adamw(bits: int) -> tuple[int, int, int]:
+    """(bytes counted by state_bytes, bytes by the per-tensor rule, elements) for torchao's
+    ``bits``-bit AdamW over a real llama-tiny's hidden matrices after one step."""
     from muonq.config import ModelConfig
     from muonq.models import build_model
     from muonq.optim.build import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_embd=128, n_layer=4, n_head=4, intermediate_size=352))
-    hidden = [p for _, p in model.hidden_matrices()]
-    opt = build_optimizer(preset("adamw8bit"), hidden=hidden, others=[]).optimizers["adamw"]
-    for p in hidden:
+    hidden = model.hidden_matrices()
+    spec = preset("adamw", adamw_bits=bits)
+    opt = build_optimizer(spec, hidden=[p for _, p in hidden], others=[]).optimizers["adamw"]
+    for _, p in hidden:
         p.grad = torch.randn_like(p)
     opt.step()
-    counted = state_bytes(opt)["total"]
-    return counted, sum(adamw8bit_bytes(tuple(p.shape)) for p in hidden), sum(p.numel() for p in hidden)
-
-
-def hidden_shapes(hidden: int, ffn: int, layers: int) -> list[tuple[tuple[int, int], int]]:
-    """(shape, count): q, k, v, o are hidden x hidden; gate and up ffn x hidden; down hidden x ffn."""
-    return [((hidden, hidden), 4 * layers), ((ffn, hidden), 2 * layers), ((hidden, ffn), layers)]
-
-
-def recipe_bytes(variant: str, overrides: dict, shapes: list[tuple[tuple[int, int], int]]) -> int:
-    if variant == "adamw":
-        return sum(adamw_bytes(shape) * count for shape, count in shapes)
-    if variant == "adamw8bit":
-        return sum(adamw8bit_bytes(shape) * count for shape, count in shapes)
-    select = store_selector(preset(variant, **overrides).muon.store)
-    return sum(momentum_nbytes(select, shape) * count for shape, count in shapes)
-
-
-def one_matrix(variant: str, overrides: dict, shape: tuple[int, int]) -> int:
-    return recipe_bytes(variant, overrides, [(shape, 1)])
+    predicted = int(sum(c[0] for c in optimizer_costs(spec, hidden, []).values()))
+    return state_bytes(opt)["total"], predicted, sum(p.numel() for _, p in hidden)
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    shapes = {name: hidden_shapes(*dims) for name, dims in RECIPES.items()}
-    numel = {name: sum(math.prod(s) * c for s, c in shape_list) for name, shape_list in shapes.items()}
-    rows = ROWS + [("adamw (2 x fp32 states)", "adamw", {}), ("adamw8bit (torchao, block 256)", "adamw8bit", {})]
-    table = {label: {name: recipe_bytes(v, o, shapes[name]) for name in RECIPES} for label, v, o in rows}
-    fp32 = table[ROWS[0][0]]
-
-    print("Muon matrices: " + ", ".join(f"{name} {numel[name] / 1e6:.1f}M elements" for name in RECIPES))
+    numel = {r: sum(p.numel() for _, p in recipe_params(r)[0]) for r in RECIPES}
+    others = {r: sum(p.numel() for _, p in recipe_params(r)[1]) for r in RECIPES}
+    print("Muon matrices: " + ", ".join(f"{r} {numel[r] / 1e6:.1f}M elements" for r in RECIPES))
+    print("AdamW side (embeddings, head, norms): " + ", ".join(f"{r} {others[r] / 1e6:.1f}M elements" for r in RECIPES))
     print()
-    print("| variant | " + " | ".join(f"{name} bytes | ratio | B/elem" for name in RECIPES) + " |")
-    print("|---|" + "---:|---:|---:|" * len(RECIPES))
-    for label, row in table.items():
-        cells = [f"{row[name]:,} | {fp32[name] / row[name]:.4f}x | {row[name] / numel[name]:.4f}" for name in RECIPES]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(markdown_table())
     print()
     print("| variant | one 512 x 512 matrix, bytes |")
     print("|---|---:|")
-    for label, variant, overrides in rows:
+    for label, variant, overrides in ROWS:
+        if "adamw_bits" in overrides and preset(variant).family == "muon":
+            continue  # a Muon optimizer's AdamW side holds no hidden matrix
         print(f"| {label} | {one_matrix(variant, overrides, (512, 512)):,} |")
-    counted, predicted, numel = measured_adamw8bit()
     print()
-    print(f"adamw8bit measured on a real llama-tiny (hidden matrices, {numel:,} elements, one step): state_bytes "
-          f"counts {counted:,} bytes = {counted / numel:.4f} bytes/element; the per-tensor rule gives {predicted:,} "
-          f"({'exact' if counted == predicted else 'MISMATCH'})")
-    if counted != predicted:
-        raise SystemExit("the AdamW8bit byte rule does not match the counted state")
+    for bits in (8, 4):
+        counted, predicted, n = measured_adamw(bits)
+        print(f"{bits}-bit AdamW measured on a real llama-tiny (hidden matrices, {n:,} elements, one step): "
+              f"state_bytes counts {counted:,} bytes = {counted / n:.4f} bytes/element; the per-tensor rule gives "
+              f"{predicted:,} ({'exact' if counted == predicted else 'MISMATCH'})")
+        if counted != predicted:
+            raise SystemExit(f"the {bits}-bit AdamW byte rule does not match the counted state")
 
 
 if __name__ == "__main__":

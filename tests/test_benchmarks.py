@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -65,3 +67,25 @@ def test_bench_train_runs_the_trainer_and_reports(tmp_path):
     muon, muonq = results
     assert 0 < muonq["state_bytes"] < muon["state_bytes"]
     assert "muonq / muon tokens/s" in proc.stdout
+
+
+def test_state_memory_table_shows_the_whole_optimizer_next_to_the_muon_matrices():
+    """Per row: the Muon matrices' bytes and ratio, then the whole optimizer's (Muon side + AdamW
+    side) and its ratio to fp32 Muon + fp32 AdamW; the 4-bit AdamW side is torchao's layout."""
+    bench = bench_module("bench_state_memory")
+    table = bench.markdown_table(("llama-tiny",))
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header == ["variant", "llama-tiny matrices", "vs fp32 Muon", "B/elem", "llama-tiny whole optimizer",
+                      "vs fp32 Muon + AdamW"]
+    rows = {label: cells["llama-tiny"] for label, cells in bench.table_rows(("llama-tiny",))}
+    d, ffn, layers, vocab = 128, 352, 4, 8192
+    hidden, tables, norms = layers * (4 * d * d + 3 * ffn * d), 2 * vocab * d, (2 * layers + 1) * d
+    fp32 = 4 * hidden + 8 * (tables + norms)
+    assert rows["muon (fp32)"] == (4 * hidden, 1.0, 4.0, fp32, 1.0)
+    matrices, _, _, whole, ratio = rows["muonq + 4-bit AdamW side"]
+    assert matrices == rows["muonq (default)"][0]
+    # per moment of each 8192 x 128 table: 4-bit codes two per byte, an fp32 scale per 256, a 16-entry map
+    per_moment = vocab * d // 2 + 4 * (vocab * d // 256) + 4 * 16
+    assert whole == matrices + 2 * 2 * per_moment + 2 * 4 * norms  # the 1-D gains keep fp32 moments
+    assert ratio == pytest.approx(fp32 / whole, rel=1e-12)
+    assert f"| {whole:,} | {ratio:.4f}x |" in table

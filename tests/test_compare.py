@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from muonq.compare.runs import load_run, read_metrics
-from muonq.metric_names import STATE_BYTES_TOTAL
+from muonq.metric_names import STATE_BYTES_TOTAL, STATE_RATIO_VS_FP32, format_bytes, format_ratio
 
 from .conftest import TINY
 
@@ -84,6 +84,8 @@ def test_table_numbers_match_run_logs(report) -> None:
         assert cells["wall time"] == f"{summary['wall_s']:.1f} s"
         state = [r for r in rows if STATE_BYTES_TOTAL in r][-1]
         assert json.loads((out / "report.json").read_text())["runs"][OPTIMIZERS.index(opt)]["state_bytes"] == state[STATE_BYTES_TOTAL]
+        assert cells["optimizer state"] == format_bytes(state[STATE_BYTES_TOTAL])
+        assert cells["vs fp32 Muon + AdamW"] == format_ratio(state[STATE_RATIO_VS_FP32])
         # the same steps, tokens and validation points for every optimizer
         assert summary["steps"] == STEPS
         vals = [r["step"] for r in rows if "val/loss" in r]
@@ -91,6 +93,10 @@ def test_table_numbers_match_run_logs(report) -> None:
     assert table["muon"]["vs fp32 Muon"] == "1.00x smaller"
     assert table["muon"]["Δ val vs muon"] == "+0.00%"
     assert table["adamw"]["Muon-matrix state"] == "—"
+    # the whole optimizer against fp32 Muon + fp32 AdamW: fp32 Muon is the reference itself; AdamW
+    # keeps 8 bytes instead of Muon's 4 on every hidden-matrix element
+    assert table["muon"]["vs fp32 Muon + AdamW"] == "1.00x smaller"
+    assert table["adamw"]["vs fp32 Muon + AdamW"].endswith("x larger")
 
 
 def test_from_runs_reproduces_the_table(report, tmp_path) -> None:

@@ -118,6 +118,21 @@ def test_mu_law_keys_say_where_the_companding_sits() -> None:
         preset("muonq", mu=0.0)
 
 
+@pytest.mark.parametrize("optimizer", ["muonq", "adamw"])
+def test_adamw_bits_takes_32_8_or_4(optimizer: str) -> None:
+    """The AdamW side of every optimizer (Muon family and adamw family alike) in 32, 8 or 4 bits;
+    anything else is one line naming the key."""
+    for bits in (32, 8, 4):
+        assert preset(optimizer, adamw_bits=bits).adamw.bits == bits
+    with pytest.raises(ConfigError) as err:
+        preset(optimizer, adamw_bits=6)
+    assert str(err.value) == "optimizer_params.args.adamw_bits: got 6, expected one of 32, 8, 4"
+    # two 4-bit codes per byte: torchao cannot pack an odd block
+    with pytest.raises(ConfigError, match=r"^optimizer_params\.args\.block_size: adamw_bits=4 .*even block size, got 255$"):
+        preset(optimizer, adamw_bits=4, block_size=255)
+    assert preset(optimizer, adamw_bits=8, block_size=255).adamw.block_size == 255
+
+
 def test_skip_budget_applies_to_skip_only() -> None:
     validate(_compose("recipe.training_params.nonfinite=skip", "recipe.training_params.max_consecutive_skips=3"))
     with pytest.raises(ConfigError, match=r"max_consecutive_skips: applies to nonfinite=skip only, not stop"):

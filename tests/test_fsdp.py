@@ -231,8 +231,8 @@ def _named(model):
     return hidden, [(n, p) for n, p in model.named_parameters() if id(p) not in ids]
 
 
-def _train(model, opt, steps: int = 3) -> None:
-    for step in range(steps):
+def _train(model, opt, steps: range = range(3)) -> None:
+    for step in steps:
         opt.set_lr_multiplier(1.0 - 0.2 * step)
         x, y = _batch(step)
         model(x, y).backward()
@@ -240,36 +240,86 @@ def _train(model, opt, steps: int = 3) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _rank(rank: int, world: int, port: int, names: list[str], out: str) -> None:
+def _owned_run(rank: int, world: int, names: list[str]) -> dict:
+    """3 steps of each optimizer in ``names`` over FSDP shards: final parameters and owners."""
+    from muonq.optim.owned import OwnedMuonOptimizer
+
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = _sharded_model(MODEL, rank, world)
+        hidden, others = _named(model)
+        # one matrix per round for muonq (the overlapped path), one round for the others
+        opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1, matmul_dtype="float32"), hidden, others, rank=rank,
+                                 world_size=world, round_bytes=1 if name == "muonq" else 2**30)
+        assert opt.optimizers["muon"].matmul_dtype == "float32"  # the spec's choice reaches the owners' Muon
+        assert len(opt._rounds) == (len(hidden) if name == "muonq" else 1)
+        _train(model, opt)
+        hidden_names = [n for n, _ in hidden]
+        assert opt.muon_state_names(hidden_names) == [n for n in hidden_names if opt.owners[n] == rank]
+        for n, proxy in zip(hidden_names, opt._proxies):  # a non-owner holds an empty proxy
+            assert (proxy.numel() > 0) == (opt.owners[n] == rank)
+        results[name] = {"params": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
+                         "owners": opt.owners}
+    return results
+
+
+# A 256-token vocabulary: each rank's rows of the embedding and head (128 x 64) are large enough for
+# torchao to quantize its AdamW state (>= 4096 elements, whole blocks).
+MODEL_4BIT = {**MODEL, "vocab_size": 256}
+
+
+def _adamw4_resume(rank: int, world: int, tmp: str) -> dict:
+    """muonq with 4-bit AdamW state over FSDP shards: 2 steps, this rank's checkpoint shard, 2 more
+    steps; then a new model and optimizer from the saved parameters and shards, the same 2 steps."""
+    from muonq.optim.owned import OwnedMuonOptimizer, _rows_like
+    from muonq.optim.shard_format import shard_file
+
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # torchao compiles its step: ~50 s per shape on a CPU
+
+    def build():
+        torch.manual_seed(0)
+        model = _sharded_model(MODEL_4BIT, rank, world)
+        hidden, others = _named(model)
+        return model, OwnedMuonOptimizer(preset("muonq", adamw_bits=4, matmul_dtype="float32"), hidden, others,
+                                         rank=rank, world_size=world)
+
+    model, opt = build()
+    _train(model, opt, range(2))
+    torch.save(opt.state_dict(), Path(tmp) / shard_file(rank))
+    saved = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, range(2, 4))
+    adamw = opt.optimizers["adamw"].state
+    kinds = {n: type(adamw[p]["exp_avg"].to_local()).__name__ for p, n in opt._names.items() if p in adamw}
+    straight = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    dist.barrier()  # every shard is written
+    model, opt = build()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(_rows_like(saved[n], p))
+    opt.load_state_dict([torch.load(Path(tmp) / shard_file(r), weights_only=True) for r in range(world)])
+    _train(model, opt, range(2, 4))
+    return {"kinds": kinds, "straight": straight, "resumed": {n: p.full_tensor().detach() for n, p in model.named_parameters()}}
+
+
+def _sharded_model(config: dict, rank: int, world: int) -> torch.nn.Module:
+    from muonq.train.distributed import DistInfo
+    from muonq.train.parallelize import shard_fsdp
+
+    model = build_model(ModelConfig(**config))
+    info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    shard_fsdp(model, info, None)  # CPU: no mixed precision, so no recipe needed
+    return model
+
+
+def _rank(rank: int, world: int, port: int, names: list[str], tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from muonq.optim.owned import OwnedMuonOptimizer
-        from muonq.train.distributed import DistInfo
-        from muonq.train.parallelize import shard_fsdp
-
-        results = {}
-        for name in names:
-            torch.manual_seed(0)
-            model = build_model(ModelConfig(**MODEL))
-            info = DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
-            shard_fsdp(model, info, None)  # CPU: no mixed precision, so no recipe needed
-            hidden, others = _named(model)
-            # one matrix per round for muonq (the overlapped path), one round for the others
-            opt = OwnedMuonOptimizer(preset(name, weight_decay=0.1, matmul_dtype="float32"), hidden, others, rank=rank,
-                                     world_size=world, round_bytes=1 if name == "muonq" else 2**30)
-            assert opt.optimizers["muon"].matmul_dtype == "float32"  # the spec's choice reaches the owners' Muon
-            assert len(opt._rounds) == (len(hidden) if name == "muonq" else 1)
-            _train(model, opt)
-            hidden_names = [n for n, _ in hidden]
-            assert opt.muon_state_names(hidden_names) == [n for n in hidden_names if opt.owners[n] == rank]
-            for n, proxy in zip(hidden_names, opt._proxies):  # a non-owner holds an empty proxy
-                assert (proxy.numel() > 0) == (opt.owners[n] == rank)
-            results[name] = {"params": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
-                             "owners": opt.owners}
+        results = {"owned": _owned_run(rank, world, names), "adamw4": _adamw4_resume(rank, world, tmp)}
         if rank == 0:
-            torch.save(results, out)
+            torch.save(results, Path(tmp) / "fsdp.pt")
     finally:
         dist.destroy_process_group()
 
@@ -281,17 +331,22 @@ def _rank(rank: int, world: int, port: int, names: list[str], out: str) -> None:
 PARAM_TOL = {"muonq": 1e-6, "muon8bit": 1e-4, "grasp": 1e-6}
 
 
-def test_owner_only_state_and_same_parameters(tmp_path):
-    """2 ranks, each computing the whole batch (so FSDP's average is the single-process gradient):
-    Muon state only on each matrix's owner, and the parameters of a single process after 3 steps."""
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> dict:
+    """2 spawned gloo ranks, each computing the whole batch (so FSDP's average is the single-process
+    gradient): the PARAM_TOL optimizers' runs, then the 4-bit AdamW save and resume."""
+    tmp = tmp_path_factory.mktemp("fsdp_in_process")
+    mp.spawn(_rank, args=(2, 29000 + os.getpid() % 1000, list(PARAM_TOL), str(tmp)), nprocs=2, join=True)
+    return torch.load(tmp / "fsdp.pt", weights_only=True)
+
+
+def test_owner_only_state_and_same_parameters(in_process):
+    """Muon state only on each matrix's owner, and the parameters of a single process after 3 steps."""
     from muonq.optim.build import build_optimizer
 
-    out = tmp_path / "fsdp.pt"
-    names = list(PARAM_TOL)
-    mp.spawn(_rank, args=(2, 29000 + os.getpid() % 1000, names, str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    got = in_process["owned"]
     worst = {}
-    for name in names:
+    for name in PARAM_TOL:
         assert set(got[name]["owners"].values()) == {0, 1}
         torch.manual_seed(0)
         model = build_model(ModelConfig(**MODEL))
@@ -301,4 +356,14 @@ def test_owner_only_state_and_same_parameters(tmp_path):
         _train(model, opt)
         worst[name] = max(float((got[name]["params"][n] - p.detach()).abs().max()) for n, p in model.named_parameters())
     print("largest parameter difference:", worst)
-    assert all(worst[n] < PARAM_TOL[n] for n in names), worst
+    assert all(worst[n] < PARAM_TOL[n] for n in PARAM_TOL), worst
+
+
+def test_4bit_adamw_state_saves_and_resumes_under_fsdp(in_process):
+    """Each rank keeps torchao's 4-bit state of its rows (the 1-D gains stay fp32); the checkpoint
+    gathers it whole and a new optimizer takes its rows back: the same parameters, bit for bit."""
+    got = in_process["adamw4"]
+    assert got["kinds"]["model.embed_tokens.weight"] == got["kinds"]["lm_head.weight"] == "OptimState4bit"
+    assert got["kinds"]["model.norm.weight"] == "Tensor"
+    assert got["resumed"].keys() == got["straight"].keys()
+    assert all(torch.equal(got["resumed"][n], got["straight"][n]) for n in got["straight"])

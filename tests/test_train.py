@@ -116,3 +116,81 @@ def test_the_run_starts_from_the_seeded_model_initialized_once(tmp_path, shakesp
     got = torch.load(out, weights_only=True)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+# -- the AdamW side in 4 bits, in process ------------------------------------------------------------
+
+ADAMW4 = (*TINY, "optimizer_params=muonq", "optimizer_params.args.adamw_bits=4", "optimizer_params.args.lr=0.006",
+          "recipe.training_params.max_steps=6", "logging_params.save_checkpoint=true",
+          "logging_params.save_ckpt_step=3", "logging_params.keep_last=5")
+
+
+def train_in_process(run_dir, data_dir, *overrides: str) -> list[dict]:
+    """The trainer as ``launch.run`` drives it (resume when asked, fit, close), in this process;
+    the rows of its metrics.jsonl."""
+    from muonq.config import compose_config, validate
+    from muonq.train.trainer import Trainer
+
+    cfg = compose_config([f"data_dir={data_dir}", *overrides])
+    validate(cfg)
+    trainer = Trainer(cfg, run_name=run_dir.name, run_dir=run_dir)
+    try:
+        trainer.maybe_resume()
+        trainer.fit()
+    finally:
+        trainer.close()
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def adamw4_runs(tmp_path_factory, shakespeare_data) -> dict[str, list[dict]]:
+    """muonq with 4-bit AdamW state: 6 steps with checkpoints at 3 and 6, then the step-3
+    checkpoint resumed to step 6. torchao's step runs eagerly (its torch.compile takes ~50 s per
+    parameter shape on a CPU; the arithmetic is the same, and both runs run it the same way)."""
+    tmp = tmp_path_factory.mktemp("adamw4")
+    ckpt = f"logging_params.checkpoint_dir={tmp / 'ckpt'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        mp.chdir(tmp)  # the runs' logs/ folder
+        full = train_in_process(tmp / "full", shakespeare_data, *ADAMW4, ckpt)
+        shutil.rmtree(tmp / "ckpt" / "step_000006")
+        resumed = train_in_process(tmp / "resumed", shakespeare_data, *ADAMW4, ckpt, "resume=true")
+    return {"full": full, "resumed": resumed}
+
+
+def test_muonq_with_4bit_adamw_state_trains(adamw4_runs) -> None:
+    got = losses(adamw4_runs["full"])
+    assert sorted(got) == list(range(1, 7)) and all(math.isfinite(v) for v in got.values())
+    assert got[6] < got[1] - 0.1, got
+
+
+def test_4bit_adamw_state_bytes_are_torchaos_layout_and_planned(adamw4_runs) -> None:
+    """The logged AdamW-side bytes are torchao's OptimState4bit layout (per moment: two 4-bit codes
+    per uint8, one fp32 scale per 256-element block, a 16-entry fp32 code map; tensors under 4096
+    elements keep two fp32 moments) and what ``muonq.plan`` predicts; the whole-optimizer ratio is
+    fp32 Muon + fp32 AdamW's bytes over the logged total."""
+    from muonq import metric_names as M
+    from muonq.config import compose_config
+    from muonq.plan import plan
+
+    row = next(r for r in adamw4_runs["full"] if M.STATE_BYTES_TOTAL in r)
+    vocab, d, ffn, layers = 8192, 64, 160, 2
+    table = vocab * d  # the embedding and the (untied) LM head
+    per_moment = table // 2 + 4 * (table // 256) + 4 * 16
+    norms = 2 * layers + 1
+    assert row[M.state_bytes_of("adamw")] == 2 * 2 * per_moment + norms * 2 * 4 * d
+    _, whole = plan(compose_config(list(ADAMW4)), 1)
+    assert (whole.adamw_state, whole.muon_state, whole.state) == (
+        row[M.state_bytes_of("adamw")], row[M.state_bytes_of("muon")], row[M.STATE_BYTES_TOTAL])
+    hidden = layers * (4 * d * d + 3 * ffn * d)
+    fp32 = 4 * hidden + 8 * (2 * table + norms * d)
+    assert row[M.STATE_RATIO_VS_FP32] == pytest.approx(fp32 / row[M.STATE_BYTES_TOTAL], rel=1e-12)
+    assert whole.state_ratio_vs_fp32 == pytest.approx(row[M.STATE_RATIO_VS_FP32], rel=1e-12)
+
+
+def test_4bit_adamw_state_resumes_bit_identically(adamw4_runs) -> None:
+    full, resumed = losses(adamw4_runs["full"]), losses(adamw4_runs["resumed"])
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+    final = [[r["val/final_loss"] for r in rows if "val/final_loss" in r] for rows in adamw4_runs.values()]
+    assert final[0] == final[1] and len(final[0]) == 1

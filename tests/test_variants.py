@@ -7,6 +7,7 @@ What other files already cover is not repeated here: codec error bounds of every
 
 - every named optimizer YAML builds through ``build_optimizer`` and takes steps;
 - torchao's AdamW8bit builds, and its tensor-subclass state is counted at ~2 bytes per element;
+- adamw_bits=4 makes torchao's AdamW4bit the AdamW side of every optimizer, in its documented layout;
 - MuonEq is wired into the built engine: the update is NS of the equilibrated Nesterov input,
   rowcol takes both statistics from the same U, and ``phase`` switches rowcol to row at that step;
 - the decomposed store's warm-started power iteration (one step per save) tracks the top-k
@@ -97,6 +98,35 @@ def test_adamw8bit_builds_and_counts_about_two_bytes_per_element():
     assert report["params"] == {"quantized": 2, "full_precision": 2}
     assert 2 * per_state / n == pytest.approx(2.0 + 8 / 256, abs=0.02)  # -> 2.031 for large tensors
     assert 2 * per_state / n < 0.26 * 8  # vs AdamW's 8 bytes per element
+
+
+def test_adamw4bit_is_the_adamw_side_of_every_optimizer(monkeypatch):
+    """adamw_bits=4 builds torchao's AdamW4bit for the adamw family and for every Muon-family YAML's
+    AdamW side; its state is torchao's documented 4-bit layout: per moment two 4-bit codes per
+    uint8, one fp32 scale per ``block_size`` elements and a 16-entry fp32 code map, for tensors of
+    at least 4096 elements that fill whole blocks (the others keep two fp32 moments)."""
+    pytest.importorskip("torchao")
+    from torchao.optim import AdamW4bit
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # torchao compiles its step: ~50 s per shape on a CPU
+    for name in OPTIMIZERS:
+        block = 128 if name == "adamw" else 256  # torchao's default for AdamW4bit, and this project's
+        spec = preset(name, adamw_bits=4, block_size=block)
+        hidden, others = small_model_params()
+        adamw = build_optimizer(spec, hidden=hidden, others=others).optimizers["adamw"]
+        assert isinstance(adamw, AdamW4bit) and adamw.block_size == block, name
+        stepped = [p for group in adamw.param_groups for p in group["params"]]  # Muon's steps are tested above
+        before = [p.detach().clone() for p in stepped]
+        for p in stepped:
+            p.grad = torch.randn_like(p)
+        adamw.step()
+        assert all(torch.isfinite(p).all() and not torch.equal(p.detach(), b) for p, b in zip(stepped, before)), name
+        table = others[0].numel()  # 64 x 256: quantized; the 256-element gain stays fp32
+        expected = 2 * (table // 2 + 4 * (table // block) + 4 * 16) + 2 * 4 * 256
+        assert type(adamw.state[others[0]]["exp_avg"]).__name__ == "OptimState4bit"
+        if spec.family == "adamw":  # the hidden matrices too: 256 x 512 quantized, 16 x 32 (< 4096) fp32
+            expected += 2 * (256 * 512 // 2 + 4 * (256 * 512 // block) + 4 * 16) + 2 * 4 * 16 * 32
+        assert state_bytes(adamw)["total"] == expected, name
 
 
 # -- MuonEq through the built optimizer -------------------------------------------------------------

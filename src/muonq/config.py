@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from muonq.errors import UserError
-from muonq.optim.spec import FAMILIES, KERNEL_MODES, MATMUL_DTYPES, VALUE_MAPS, OptimizerSpec
+from muonq.optim.spec import ADAMW_BITS, FAMILIES, KERNEL_MODES, MATMUL_DTYPES, VALUE_MAPS, OptimizerSpec
 
 MODEL_TYPES = ("llama", "gpt")
 SCHEDULES = ("warm-up-cosine", "cosine", "constant")
@@ -92,12 +92,12 @@ class OptimizerArgs:
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     adamw_lr: Optional[float] = None  # lr of the AdamW side of Muon optimizers (None: same as lr)
-    adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments, 8 = torchao's blockwise AdamW8bit
+    adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments; 8 / 4 = torchao's AdamW8bit / AdamW4bit
     # quantized state
     qbit: int = 32  # 32 = full precision; 8 or 4
     quant: str = "linear"  # code map after the scale: linear | dynamic | mulaw-after-scale (mu-law of x / absmax)
     gran: str = "block"  # tensor | block (per-tensor or blockwise scales)
-    block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-bit AdamW state
+    block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-/4-bit AdamW state
     min_quant_numel: int = 4096  # smaller matrices keep fp32 momentum
     stochastic: bool = False  # stochastic rounding when encoding
     # MuonQ parts
@@ -380,7 +380,8 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
         f"expected two values in [0, 1), got {list(args.adamw_betas)}",
     )
     _check(args.adamw_eps > 0, _ARGS + "adamw_eps", f"must be > 0, got {args.adamw_eps}")
-    _check(args.adamw_bits in (8, 32), _ARGS + "adamw_bits", f"got {args.adamw_bits}, expected 32 or 8")
+    _check(args.adamw_bits in ADAMW_BITS, _ARGS + "adamw_bits",
+           f"got {args.adamw_bits}, expected one of {', '.join(map(str, ADAMW_BITS))}")
     _check(args.qbit in (4, 8, 32), _ARGS + "qbit", f"got {args.qbit}, expected one of 4, 8, 32")
     _check(args.factor_bits in (4, 8, 32), _ARGS + "factor_bits", f"got {args.factor_bits}, expected one of 4, 8, 32")
     _check(args.quant != "mulaw", _ARGS + "quant",
@@ -394,6 +395,8 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
            f"quant={args.quant}")
     _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
     _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
+    _check(args.adamw_bits != 4 or args.block_size % 2 == 0, _ARGS + "block_size",
+           f"adamw_bits=4 packs two codes per byte and needs an even block size, got {args.block_size}")
     _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
     _check(args.residual_block_size >= 0, _ARGS + "residual_block_size", f"must be >= 0, got {args.residual_block_size}")
     _check(args.rank >= 0, _ARGS + "rank", f"must be >= 0 (0 = no decomposition), got {args.rank}")

@@ -1,4 +1,5 @@
-"""The names of every metric a run writes (``metrics.jsonl`` and W&B), and how bytes are printed.
+"""The names of every metric a run writes (``metrics.jsonl`` and W&B), and how bytes and ratios
+are printed.
 
 The trainer writes these keys, the compare report and the benchmarks read them, the tests check
 them: each is spelled here once. One value has one key.
@@ -35,6 +36,8 @@ MUON_BYTES_PER_PARAM = "optim/muon_bytes_per_param"
 PARAM_BYTES_RANK_MAX = "memory/param_bytes_rank_max"
 GRAD_BYTES_RANK_MAX = "memory/grad_bytes_rank_max"
 MUON_RATIO_VS_FP32 = "optim/muon_ratio_vs_fp32"  # 4 bytes / MUON_BYTES_PER_PARAM
+# fp32 Muon + fp32 AdamW's state on this model / STATE_BYTES_TOTAL (muonq.optim.state_bytes.state_ratio_vs_fp32)
+STATE_RATIO_VS_FP32 = "optim/state_ratio_vs_fp32"
 
 
 def train_lr(optimizer: str) -> str:
@@ -43,6 +46,14 @@ def train_lr(optimizer: str) -> str:
 
 def state_bytes_of(optimizer: str) -> str:
     return STATE_BYTES_PREFIX + optimizer
+
+
+def format_ratio(ratio: float | None) -> str:
+    """A state ratio (reference bytes / these bytes): ``3.43x smaller``, ``1.82x larger`` below 1,
+    an em dash when unknown (None or NaN)."""
+    if ratio is None or ratio != ratio:
+        return "—"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 
 def format_bytes(n: float | None) -> str:

@@ -4,9 +4,11 @@
 
 Every other argument is a training override, composed and validated exactly as ``run_hydra.py``
 does. The model is built on the meta device (nothing is allocated); the optimizer-state bytes come
-from the real stores' ``init`` on meta tensors and torchao's 8-bit AdamW layout, and the owners
+from the real stores' ``init`` on meta tensors and torchao's 8-/4-bit AdamW layout, and the owners
 from the same assignment the run makes, so a run's startup line reports the same numbers
-(``memory/param_bytes_rank_max``, ``memory/grad_bytes_rank_max``, ``optim/state_bytes_rank_max``).
+(``memory/param_bytes_rank_max``, ``memory/grad_bytes_rank_max``, ``optim/state_bytes_rank_max``;
+one process's ``optim/state_bytes_muon``, ``optim/state_bytes_adamw`` and
+``optim/state_ratio_vs_fp32``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from muonq.cli import as_int, parse_args, run_cli
-from muonq.metric_names import format_bytes
+from muonq.metric_names import format_bytes, format_ratio
 
 USAGE = """\
 usage: python -m muonq.plan [training overrides ...] world_size=N
@@ -28,7 +30,8 @@ usage: python -m muonq.plan [training overrides ...] world_size=N
 
 Prints the bytes of parameters, gradients and optimizer state as stored (fp32 parameters and
 gradients; state in its stored form, step counters left out), each the largest over ranks as a
-run logs it, the largest rank's total, and one process's figures for comparison.
+run logs it, the largest rank's total, and one process's figures for comparison: its state split
+into the Muon and the AdamW side, and how many times less that is than fp32 Muon + fp32 AdamW.
 """
 
 NOT_COUNTED = ("activations (they scale with batch_size x context_length and shrink with activation "
@@ -46,13 +49,37 @@ class RankBytes:
     total: int
 
 
+@dataclass(frozen=True)
+class ProcessBytes(RankBytes):
+    """Everything on one process, the state split into its two sides; ``hidden_numel`` /
+    ``other_numel`` are the model's elements in hidden matrices / everything else."""
+
+    muon_state: int
+    adamw_state: int
+    hidden_numel: int
+    other_numel: int
+
+    @property
+    def fp32_state(self) -> int:
+        """What fp32 Muon + fp32 AdamW would hold on this model."""
+        from muonq.optim.state_bytes import fp32_reference_nbytes
+
+        return fp32_reference_nbytes(hidden_numel=self.hidden_numel, other_numel=self.other_numel)
+
+    @property
+    def state_ratio_vs_fp32(self) -> float:
+        from muonq.optim.state_bytes import state_ratio_vs_fp32
+
+        return state_ratio_vs_fp32(self.state, hidden_numel=self.hidden_numel, other_numel=self.other_numel)
+
+
 def _rows(rows: int, world_size: int) -> list[int]:
     from muonq.optim.owned import shard_rows
 
     return [end - start for start, end in shard_rows(rows, world_size)]
 
 
-def plan(cfg: Any, world_size: int) -> tuple[RankBytes, RankBytes]:
+def plan(cfg: Any, world_size: int) -> tuple[RankBytes, ProcessBytes]:
     """(the largest rank's bytes under ``cfg``'s layout at ``world_size``, one process's bytes)."""
     from muonq.config import optimizer_spec
     from muonq.models import build_model
@@ -69,7 +96,11 @@ def plan(cfg: Any, world_size: int) -> tuple[RankBytes, RankBytes]:
     costs = optimizer_costs(spec, named_hidden, named_others)
     param_bytes = {name: p.numel() * p.element_size() for name, p in named}
     whole_params, whole_state = sum(param_bytes.values()), int(sum(c[0] for c in costs.values()))
-    whole = RankBytes(whole_params, whole_params, whole_state, 2 * whole_params + whole_state)
+    muon_state = int(sum(costs[name][0] for name, _ in named_hidden)) if spec.muon is not None else 0
+    whole = ProcessBytes(whole_params, whole_params, whole_state, 2 * whole_params + whole_state,
+                         muon_state=muon_state, adamw_state=whole_state - muon_state,
+                         hidden_numel=sum(p.numel() for _, p in named_hidden),
+                         other_numel=sum(p.numel() for _, p in named_others))
 
     per_rank = [[0, 0, 0] for _ in range(world_size)]
     if cfg.parallelism.name == "fsdp":  # every shard group (HSDP: dp_shard ranks) holds the same
@@ -117,6 +148,11 @@ def main(argv: list[str]) -> int:
     for label, mine, one in (("parameters (fp32)", rank.params, whole.params), ("gradients (fp32)", rank.grads, whole.grads),
                              ("optimizer state", rank.state, whole.state), ("total", rank.total, whole.total)):
         print(f"{label:<22}{format_bytes(mine):>15}{format_bytes(one):>14}")
+        if label == "optimizer state":
+            for side, nbytes in (("Muon side", whole.muon_state), ("AdamW side", whole.adamw_state)):
+                print(f"  {side:<20}{'':>15}{format_bytes(nbytes):>14}")
+    print(f"optimizer state vs fp32 Muon + fp32 AdamW ({format_bytes(whole.fp32_state)}): "
+          f"{format_ratio(whole.state_ratio_vs_fp32)} (one process)")
     print(f"not counted: {NOT_COUNTED}")
     return 0
 

@@ -27,6 +27,7 @@ class RunResult:
     tokens_per_s: float | None = None  # median over the logged intervals, the first one excluded
     peak_memory_bytes: int | None = None
     state_bytes: int | None = None  # all optimizer state (Muon matrices + AdamW parameters), summed over ranks
+    state_ratio_vs_fp32: float | None = None  # fp32 Muon + fp32 AdamW bytes on this model / state_bytes
     muon_state_bytes: int | None = None  # the Muon matrices' momentum alone, summed over ranks
     muon_ratio_vs_fp32: float | None = None  # fp32 Muon bytes / this run's Muon-matrix bytes
     wall_s: float | None = None
@@ -113,13 +114,18 @@ def load_run(run_dir: str | os.PathLike, label: str | None = None) -> RunResult:
         muon_key = names.state_bytes_of("muon")
         if row.get(muon_key) is not None:
             result.muon_state_bytes = int(row[muon_key])
-        ratio = row.get(names.MUON_RATIO_VS_FP32)
-        result.muon_ratio_vs_fp32 = float(ratio) if ratio is not None and math.isfinite(float(ratio)) else None
+        result.muon_ratio_vs_fp32 = _finite(row.get(names.MUON_RATIO_VS_FP32))
+        result.state_ratio_vs_fp32 = _finite(row.get(names.STATE_RATIO_VS_FP32))
     if summary.get("wall_s") is not None:
         result.wall_s = float(summary["wall_s"])
     elif len(rows) >= 2 and "time" in rows[0]:
         result.wall_s = float(rows[-1]["time"] - rows[0]["time"])
     return result
+
+
+def _finite(value: Any) -> float | None:
+    """A logged ratio, or None when absent or not finite (NaN: no state)."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
 def _median(values: list[float]) -> float:

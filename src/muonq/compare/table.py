@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from muonq.compare.runs import RunResult
-from muonq.metric_names import format_bytes
+from muonq.metric_names import format_bytes, format_ratio
 
 # Quality targets (final validation loss relative to fp32 Muon), checked when the runs are present.
 TARGETS = {"muon8bit": 0.005, "muonq": 0.01}
 
 COLUMNS = [
     "optimizer", "final train loss", "final val loss", "val ppl", "Δ val vs muon", "tokens/s",
-    "peak memory", "optimizer state", "Muon-matrix state", "vs fp32 Muon", "wall time",
+    "peak memory", "optimizer state", "vs fp32 Muon + AdamW", "Muon-matrix state", "vs fp32 Muon", "wall time",
 ]
 
 
@@ -43,8 +43,9 @@ def markdown_table(results: list[RunResult]) -> str:
             fmt(r.tokens_per_s, ",.0f"),
             format_bytes(r.peak_memory_bytes),
             format_bytes(r.state_bytes),
+            format_ratio(r.state_ratio_vs_fp32),
             format_bytes(r.muon_state_bytes),
-            "—" if r.muon_ratio_vs_fp32 is None else f"{r.muon_ratio_vs_fp32:.2f}x smaller",
+            format_ratio(r.muon_ratio_vs_fp32),
             "—" if r.wall_s is None else f"{r.wall_s:.1f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")

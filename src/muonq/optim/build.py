@@ -28,16 +28,25 @@ def _adamw_groups(params: list[torch.nn.Parameter], weight_decay: float, lr: flo
     return [g for g in groups if g["params"]]
 
 
+# The 8- and 4-bit AdamW sides are torchao's, not this project's codecs: those are made for Muon's
+# one signed momentum, while AdamW also keeps an unsigned second moment spanning decades, which at
+# 4 bits needs a code map without zero (Li et al., 2023). torchao implements the published 8-bit
+# (Dettmers et al., 2022) and 4-bit AdamW with such maps, and DTensor state for FSDP, so the AdamW
+# side stays a known baseline instead of a new optimizer to validate.
+_TORCHAO_ADAMW = {8: "AdamW8bit", 4: "AdamW4bit"}
+
+
 def build_adamw(spec: AdamWSpec, params: list[torch.nn.Parameter], device_type: str) -> torch.optim.Optimizer:
-    """torch's AdamW (fused on CUDA), or torchao's AdamW8bit for ``spec.bits`` 8."""
+    """torch's AdamW (fused on CUDA), or torchao's AdamW8bit / AdamW4bit for ``spec.bits`` 8 / 4."""
     groups = _adamw_groups(params, spec.weight_decay, spec.lr)
-    if spec.bits == 8:
+    if spec.bits in _TORCHAO_ADAMW:
         try:
-            from torchao.optim import AdamW8bit
+            import torchao.optim
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("8-bit AdamW state (adamw_bits=8, optimizer_params=adamw8bit) needs torchao: "
+            raise ImportError(f"{spec.bits}-bit AdamW state (adamw_bits={spec.bits}) needs torchao: "
                               "pip install torchao") from err
-        return AdamW8bit(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, block_size=spec.block_size)
+        adamw = getattr(torchao.optim, _TORCHAO_ADAMW[spec.bits])
+        return adamw(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, block_size=spec.block_size)
     assert spec.bits == 32, spec
     fused = device_type == "cuda"
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)

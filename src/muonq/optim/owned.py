@@ -335,8 +335,8 @@ def _whole(value: Any) -> Any:
 
 def _waited(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every async collective result inside it waited for: gathering a tensor subclass
-    (torchao's 8-bit AdamW state) gives one whose inner tensors are still in flight, which neither
-    arithmetic nor ``torch.save`` should see."""
+    (torchao's 8- and 4-bit AdamW state) gives one whose inner tensors are still in flight, which
+    neither arithmetic nor ``torch.save`` should see."""
     if hasattr(t, "trigger_wait"):
         return t.wait()
     if not hasattr(t, "__tensor_flatten__"):

@@ -20,6 +20,8 @@ VALUE_MAPS: tuple[str, ...] = ("linear", "dynamic", "mulaw-after-scale")
 # The dtype of the Muon family's matmuls; auto: bf16 where the machine runs it natively (CUDA, CPUs
 # with AMX-BF16 or AVX512-BF16), fp32 where bf16 is emulated (see muonq.optim.precision).
 MATMUL_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float32")
+# Bits of the AdamW state: 32 = torch's fp32 moments, 8 and 4 = torchao's blockwise AdamW8bit / AdamW4bit.
+ADAMW_BITS: tuple[int, ...] = (32, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class MuonSpec:
 
 @dataclass(frozen=True)
 class AdamWSpec:
-    """AdamW: torch's (``bits`` 32) or torchao's blockwise AdamW8bit (``bits`` 8, ``block_size``)."""
+    """AdamW: torch's (``bits`` 32) or torchao's blockwise AdamW8bit / AdamW4bit (``bits`` 8 / 4,
+    one fp32 scale per ``block_size`` elements)."""
 
     lr: float
     weight_decay: float

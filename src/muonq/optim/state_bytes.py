@@ -15,8 +15,9 @@ from muonq.optim.momentum import StoreSelector
 def state_tensors(value: Any) -> Iterator[torch.Tensor]:
     """The plain tensors inside ``value`` (a tensor, or dicts / lists / tuples of them).
 
-    Wrapper tensor subclasses (torchao's ``OptimState8bit``, DTensor, ...) are opened through
-    ``__tensor_flatten__`` so their inner tensors, what they really hold on this rank, are seen.
+    Wrapper tensor subclasses (torchao's ``OptimState8bit`` and ``OptimState4bit``, DTensor, ...) are
+    opened through ``__tensor_flatten__`` so their inner tensors, what they really hold on this rank,
+    are seen.
     """
     if isinstance(value, torch.Tensor):
         flatten = getattr(value, "__tensor_flatten__", None)
@@ -95,10 +96,31 @@ def bytes_per_element(optimizer: torch.optim.Optimizer) -> float:
 
 def adamw_state_nbytes(shape: Sequence[int], *, element_size: int, bits: int, block_size: int) -> int:
     """AdamW's state bytes for one parameter without building it: two moments of ``element_size``
-    bytes (``bits`` 32), or torchao's AdamW8bit layout (``bits`` 8) for tensors of at least 4096
-    elements that fill whole blocks: per moment uint8 codes, one fp32 scale per block and a
-    256-entry fp32 code map (smaller tensors keep plain moments there too)."""
+    bytes (``bits`` 32), or torchao's AdamW8bit / AdamW4bit layout (``bits`` 8 / 4) for tensors of
+    at least 4096 elements that fill whole blocks: per moment the codes (``bits`` per element,
+    packed in uint8), one fp32 scale per block and a ``2**bits``-entry fp32 code map (smaller
+    tensors keep plain moments there too)."""
     numel = math.prod(shape)
-    if bits == 8 and numel >= 4096 and numel % block_size == 0:
-        return 2 * (numel + 4 * (numel // block_size) + 4 * 256)
+    if bits in (8, 4) and numel >= 4096 and numel % block_size == 0:
+        return 2 * (numel * bits // 8 + 4 * (numel // block_size) + 4 * 2**bits)
     return 2 * numel * element_size
+
+
+# The reference of the whole-optimizer ratio: fp32 Muon (one fp32 momentum per element of the
+# hidden matrices) with fp32 AdamW (two fp32 moments per element of every other parameter).
+FP32_MUON_BYTES_PER_ELEMENT = 4
+FP32_ADAMW_BYTES_PER_ELEMENT = 8
+
+
+def fp32_reference_nbytes(*, hidden_numel: int, other_numel: int) -> int:
+    """State bytes of fp32 Muon + fp32 AdamW on a model with these element counts (hidden
+    matrices, everything else), whatever optimizer the run itself uses."""
+    return FP32_MUON_BYTES_PER_ELEMENT * hidden_numel + FP32_ADAMW_BYTES_PER_ELEMENT * other_numel
+
+
+def state_ratio_vs_fp32(state_nbytes: float, *, hidden_numel: int, other_numel: int) -> float:
+    """How many times less state the whole optimizer (Muon side + AdamW side, ``state_nbytes``)
+    holds than fp32 Muon + fp32 AdamW on the same model (below 1: more; NaN without state)."""
+    if not state_nbytes:
+        return float("nan")
+    return fp32_reference_nbytes(hidden_numel=hidden_numel, other_numel=other_numel) / state_nbytes

@@ -15,6 +15,7 @@ import torch
 
 from muonq import metric_names as M
 from muonq.environment import wandb_mode
+from muonq.optim.state_bytes import FP32_MUON_BYTES_PER_ELEMENT, state_ratio_vs_fp32
 from muonq.run_log import LOG_DIR, new_log_file
 from muonq.train import distributed as dist_utils
 
@@ -140,24 +141,29 @@ class LogWindow:
         self.t_last = time.perf_counter()
 
 
-def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool,
+def state_bytes_metrics(report: dict[str, Any], *, rank: int, distributed: bool, hidden_numel: int, other_numel: int,
                         sharding: str = "ZeRO-1") -> tuple[dict[str, float], str]:
-    """The optimizer-state metrics and their console line, from ``ShardedOptimizer.state_report()``."""
+    """The optimizer-state metrics and their console line, from ``ShardedOptimizer.state_report()``;
+    ``hidden_numel`` / ``other_numel``: the model's elements in hidden matrices / everything else
+    (what fp32 Muon + fp32 AdamW would hold state for)."""
     per_rank, total = report["per_rank"], report["total"]
     metrics: dict[str, float] = {M.STATE_BYTES_TOTAL: total, M.STATE_BYTES_RANK: per_rank[rank],
                                  M.STATE_BYTES_RANK_MAX: max(per_rank)}
     for name, nbytes in report["per_optimizer"].items():
         metrics[M.state_bytes_of(name)] = nbytes
+    ratio = state_ratio_vs_fp32(total, hidden_numel=hidden_numel, other_numel=other_numel)
+    metrics[M.STATE_RATIO_VS_FP32] = ratio
     if len(per_rank) > 1:
         where = f"{sharding} over {len(per_rank)} ranks: " + ", ".join(M.format_bytes(b) for b in per_rank)
     else:
         where = "replicated on every rank (optimizer_params.zero=false)" if distributed else "one rank"
-    line = f"optimizer state: {M.format_bytes(total)} total, {where}"
+    line = f"optimizer state: {M.format_bytes(total)} total ({M.format_ratio(ratio)} than fp32 Muon + fp32 AdamW), {where}"
     if "muon" in report["per_optimizer"]:
         muon, n_muon = report["per_optimizer"]["muon"], report["numel"]["muon"]
         per_elem = muon / max(1, n_muon)
+        muon_ratio = FP32_MUON_BYTES_PER_ELEMENT / per_elem if per_elem else float("nan")
         metrics[M.MUON_BYTES_PER_PARAM] = per_elem
-        metrics[M.MUON_RATIO_VS_FP32] = 4.0 / per_elem if per_elem else float("nan")
+        metrics[M.MUON_RATIO_VS_FP32] = muon_ratio
         line += (f"; Muon: {M.format_bytes(muon)} over {n_muon} params = {per_elem:.3f} bytes/param, "
-                 f"{4.0 / per_elem if per_elem else float('nan'):.2f}x less than fp32 Muon")
+                 f"{muon_ratio:.2f}x less than fp32 Muon")
     return metrics, line

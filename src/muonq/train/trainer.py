@@ -144,6 +144,9 @@ class Trainer:
         named_hidden = self.model.hidden_matrices()
         hidden_ids = {id(p) for _, p in named_hidden}
         named_others = [(n, p) for n, p in self.model.named_parameters() if id(p) not in hidden_ids]
+        # elements that fp32 Muon + fp32 AdamW would keep state for (global sizes, also under FSDP)
+        self.state_numel = {"hidden_numel": sum(p.numel() for _, p in named_hidden),
+                            "other_numel": sum(p.numel() for _, p in named_others)}
         # ZeRO-1 (optimizer_params.zero; on by default under torchrun): each rank keeps the state of
         # the parameters it owns; world size 1 is the same code with everything owned locally.
         self.optimizer_spec = optimizer_spec(self.cfg.optimizer_params)
@@ -169,7 +172,7 @@ class Trainer:
     def log_state_bytes(self) -> dict[str, float]:
         """Optimizer-state bytes of every rank and in total (a collective: every rank calls it)."""
         metrics, line = state_bytes_metrics(self.optimizer.state_report(), rank=self.optimizer.rank,
-                                            distributed=self.dist.distributed,
+                                            distributed=self.dist.distributed, **self.state_numel,
                                             sharding="FSDP (Muon state on owners)" if is_fsdp(self.cfg.parallelism) else "ZeRO-1")
         params = local_bytes(self.params)  # the gradients: one per trainable parameter, as its shard
         grads = local_bytes(p for p in self.params if p.requires_grad)
