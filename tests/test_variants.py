@@ -244,19 +244,20 @@ def test_decomposed_store_tracks_the_top_singular_subspace(factors):
 # Final validation loss (32,768 tokens) relative to the full-precision reference with the same seed,
 # data order and steps: the Muon variants against fp32 Muon, adamw8bit against fp32 AdamW (AdamW at
 # Muon's lr is a different optimizer, 9 % worse here). One-sided: doing better never fails.
-# Measured 2026-11-23 (llama-tiny, 150 steps, lr 0.006, seed 0, one torch thread per run):
-# muon 5.5513, muon8bit 5.5587 (+0.13 %), muon8 5.5542 (+0.05 %), muon4 5.6498 (+1.77 %), muonq 5.4915
-# (-1.08 %), grasp 5.5532 (+0.03 %), muoneq 5.5109 (-0.73 %); adamw 6.0690, adamw8bit 6.1072 (+0.63 %).
-# The margins are for 150 steps: at 300 steps (docs/benchmarks.md "Training quality on CPU", full
-# validation split) muon4's gap grows to +3.15 % and adamw8bit's to +1.84 %.
+# Measured 2026-12-02 (tests/conftest.py SLOW_RUN: llama-tiny, 512 tokens per step, 150 steps, lr 0.006,
+# one torch thread per run, AMD EPYC without AVX512), seeds 0 / 1: muon 5.9880 / 5.9964, muon8bit
+# -0.24 / -0.11 %, muon8 +0.21 / -0.08 %, muon4 +1.57 / +1.55 %, muonq -0.87 / -0.97 %, grasp +0.08 /
+# -0.09 %, muoneq -0.65 / -0.67 %; adamw 6.2825 / 6.3257, adamw8bit +0.73 / +0.57 % (+1.08 % with the
+# recipe's full batch on the same machine). The margins leave room for other CPUs' rounding: a
+# variant whose codec is broken is several percent off (muon4, per-tensor 4-bit, already 1.6 %).
 MARGINS = {
     "muon8bit": 0.01,
     "muon8": 0.01,
-    "adamw8bit": 0.01,
+    "adamw8bit": 0.02,
     "muon4": 0.03,
-    "muonq": 0.03,
-    "grasp": 0.03,
-    "muoneq": 0.02,
+    "muonq": 0.015,
+    "grasp": 0.015,
+    "muoneq": 0.01,
 }
 REFERENCE = {name: ("adamw" if name == "adamw8bit" else "muon") for name in MARGINS}
 
@@ -264,9 +265,9 @@ REFERENCE = {name: ("adamw" if name == "adamw8bit" else "muon") for name in MARG
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(MARGINS))
 def test_variant_trains_close_to_full_precision(optimizer, tiny_runs):
-    """llama-tiny, 150 steps, lr 0.006, seed 0: final validation loss at most 1 % (muon8bit, muon8,
-    adamw8bit), 2 % (muoneq) or 3 % (muon4, muonq, grasp) above the full-precision reference (fp32
-    Muon; fp32 AdamW for adamw8bit). Margins from the measured gaps (comment above MARGINS)."""
+    """The shared 150-step llama-tiny runs, seed 0: final validation loss at most 1 % (muon8bit, muon8,
+    muoneq), 1.5 % (muonq, grasp), 2 % (adamw8bit) or 3 % (muon4) above the full-precision reference
+    (fp32 Muon; fp32 AdamW for adamw8bit). Margins from the measured gaps (comment above MARGINS)."""
     reference = tiny_runs[REFERENCE[optimizer]]["loss"]
     loss = tiny_runs[optimizer]["loss"]
     print(f"{optimizer}: {loss:.4f} vs {REFERENCE[optimizer]} {reference:.4f} ({100 * (loss / reference - 1):+.2f} %)")
