@@ -808,7 +808,7 @@ def test_missing_or_corrupt_shards_fail_in_one_line(tmp_path: Path, shakespeare_
 
 @pytest.mark.parametrize("change, message, nproc", [
     ("recipe.model.n_layer=3", r"holds a model of another shape", 1),
-    ("optimizer_params=muon", r"error: \S+step_000004 was written by optimizer 'muonq', this run uses 'muon'", 2),
+    ("optimizer_params=muon", r"error: checkpoint \S+step_000004 was written by optimizer 'muonq', this run uses 'muon'", 2),
 ])
 def test_checkpoint_of_another_model_or_optimizer_is_refused(tmp_path: Path, shakespeare_data: Path, matrix,
                                                             change: str, message: str, nproc: int) -> None:

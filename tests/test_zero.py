@@ -281,6 +281,7 @@ def test_gradient_accumulation_under_torchrun_follows_one_process(tmp_path, shak
         curves[nproc] = losses(rows)
     assert sorted(curves[2]) == [1, 2, 3]
     assert all(math.isclose(curves[2][s], curves[1][s], rel_tol=1e-4) for s in curves[1]), curves
+    assert (tmp_path / "n2" / ".hydra" / "config.yaml").exists()  # written by rank 0 alone, to the shared folder
 
 
 # Loaded at start-up by every Python process of the job (PYTHONPATH): rank 1 raises in its third
@@ -321,8 +322,10 @@ def test_a_rank_failing_inside_the_sharded_step_ends_the_job(tmp_path, shakespea
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["grasp", "adamw8bit"])
 def test_optimizer_trains_on_two_ranks(tmp_path, shakespeare_data, name) -> None:
+    # torchao compiles AdamW8bit's step (~20 s per process here); eager runs the same arithmetic, and
+    # the compiled step trains in the single-process runs (tests/conftest.py tiny_runs, test_reliability)
     proc, rows = run_training(tmp_path / "out", shakespeare_data, *TINY, f"optimizer_params={name}",
-                              "recipe.training_params.max_steps=3", nproc=2)
+                              "recipe.training_params.max_steps=3", nproc=2, env={"TORCHDYNAMO_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses(rows)) == 3 and all(math.isfinite(v) for v in losses(rows).values())
     b = _state_bytes(rows)
