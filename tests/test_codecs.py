@@ -382,6 +382,25 @@ def test_cpu_encoding_and_decoding_paths_give_the_reference_bytes_and_values(bit
             assert codec.decode(encoded, shape, out=out).data_ptr() == out.data_ptr()
 
 
+@pytest.mark.parametrize("columns", [1, 2, 4, 3])
+def test_table_gather_moves_every_rows_bytes_unchanged(columns):
+    """The CPU decoder gathers table rows as single 4/8/16-byte words: any bit pattern (NaN payloads,
+    -0.0, subnormals) must arrive as it was, into fresh and offset outputs alike."""
+    from muonq.optim.codecs.quant import _gather_rows
+
+    g = torch.Generator().manual_seed(columns)
+    bits = torch.randint(-(2**31), 2**31 - 1, (256, columns), generator=g, dtype=torch.int32)
+    bits[:4] = torch.tensor([0x7FC00001, 0x7F800001, -(2**31), 1], dtype=torch.int32).view(4, 1)  # NaNs, -0.0, subnormal
+    table = bits.view(torch.float32)
+    index = torch.randint(0, 256, (1001,), generator=g, dtype=torch.int32)
+    index[:256] = torch.arange(256, dtype=torch.int32)
+    want = bits[index.long()]
+    buffer = torch.empty((1001 + 1) * columns)
+    for out in (torch.empty(1001, columns), buffer[columns:].view(1001, columns), buffer[1:1 + 1001 * columns].view(1001, columns)):
+        got = _gather_rows(table, index, out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got.view(torch.int32), want)
+
+
 @pytest.mark.parametrize("gran", ["tensor", "column", "block"])
 def test_companded_cpu_encoder_falls_back_when_the_absmax_it_predicts_is_not_the_one_it_meets(gran):
     """The one-pass encoder takes the companded absmax to be the companding of the raw absmax; a

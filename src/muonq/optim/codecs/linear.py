@@ -15,10 +15,11 @@ class LinearMap(ValueMap):
     :meth:`encode_steps` / :meth:`decode_steps` are the same map in units of one quantization step
     (u in [-L, L] -> round(u)), for codecs whose stored scale is the step rather than the absmax."""
 
-    cheap_decode = True
-
     def __init__(self, bits: int) -> None:
         self.bits = check_bits(bits)
+        # 8-bit codes decode with one conversion and one subtraction; 4-bit codes would first be
+        # unpacked, which costs more than gathering them from the codec's table
+        self.cheap_decode = bits == 8
         self.levels = 2 ** (bits - 1) - 1
         self._offset = 2 ** (bits - 1)
 
