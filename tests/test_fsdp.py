@@ -98,12 +98,15 @@ def test_fsdp_halves_per_rank_bytes(curves, name):
     assert _first(fsdp, M.STATE_BYTES_TOTAL) == pytest.approx(_first(single, M.STATE_BYTES_TOTAL), rel=0.01)
 
 
-def test_four_ranks_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_tmp, shakespeare_data):
-    """muonq at 4 FSDP ranks (no accumulation): the single-process losses to 1e-4, and the largest
-    rank's parameters + gradients + optimizer state within 10% of a quarter of one process's."""
-    rows = _run(fsdp_tmp, shakespeare_data, "muonq", 4, "parallelism=fsdp")
+def test_four_ranks_resume_two_and_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_tmp, shakespeare_data):
+    """muonq at 4 FSDP ranks (no accumulation), resumed from the 2-rank FSDP run's step-5
+    checkpoint (its Muon state re-assigned to four owners, the AdamW state re-sharded): the
+    single-process losses to 1e-4, and the largest rank's parameters + gradients + optimizer state
+    within 10% of a quarter of one process's. (The HSDP test resumes 4 ranks' checkpoint at 2.)"""
+    rows = _resumed_rows(fsdp_tmp, shakespeare_data, "muonq", 4, "muonq_2", "parallelism=fsdp")
     single, four = losses(curves["muonq", "single"]), losses(rows)
-    assert all(math.isclose(four[s], single[s], rel_tol=REL_TOL) for s in single), (four, single)
+    assert sorted(four) == list(range(SAVE_AT + 1, STEPS + 1))
+    assert all(math.isclose(four[s], single[s], rel_tol=REL_TOL) for s in four), (four, single)
     keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
     ratio = sum(_first(rows, k) for k in keys) / sum(_first(curves["muonq", "single"], k) for k in keys)
     print(f"muonq at 4 ranks: largest rank's bytes {ratio:.3f} of one process's")
@@ -150,12 +153,18 @@ def test_planner_predicts_the_logged_bytes(curves, name):
             _first(rows, M.PARAM_BYTES_RANK_MAX), _first(rows, M.GRAD_BYTES_RANK_MAX), _first(rows, M.STATE_BYTES_RANK_MAX))
 
 
-def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> dict[int, float]:
-    """Losses of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s step-5 checkpoint."""
+def _resumed_rows(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> list[dict]:
+    """The metrics of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s step-5
+    checkpoint."""
     tag = f"_from_{source}"
     step = f"step_{SAVE_AT:06d}"
     shutil.copytree(tmp / "ckpt" / source / step, tmp / "ckpt" / f"{name}_{nproc}{tag}" / step)
-    return losses(_run(tmp, data, name, nproc, "resume=true", *extra, tag=tag))
+    return _run(tmp, data, name, nproc, "resume=true", *extra, tag=tag)
+
+
+def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> dict[int, float]:
+    """The losses of :func:`_resumed_rows`."""
+    return losses(_resumed_rows(tmp, data, name, nproc, source, *extra))
 
 
 def test_checkpoints_move_between_fsdp_and_ddp(curves, fsdp_tmp, shakespeare_data):
