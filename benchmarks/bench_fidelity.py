@@ -23,7 +23,8 @@ gradients of the last K steps of a real run (from its momentum at step T - K; se
 
 Matrices: rank-8 signal (singular values 1 ... 0.1) plus Student-t (df 3) noise of equal Frobenius
 norm, at 512x512, 1376x512, 1024x2736; and, with ``--captured FILE``, every matrix in a
-``torch.save``'d dict name -> tensor (captured real momentum).
+``torch.save``'d dict name -> tensor (captured real momentum: ``benchmarks/data`` holds a 256-wide
+4-layer LLaMA's and a 512-wide 2-layer one's, llama-60m's matrix shapes).
 
     python benchmarks/bench_fidelity.py [--captured benchmarks/data/momentum_llama-tiny-256.pt]
         [--stream benchmarks/data/cache/grad_stream_llama-tiny-256.pt] [--synthetic-stream 50]

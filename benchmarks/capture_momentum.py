@@ -5,8 +5,8 @@ with fp32 Muon, the trainer's way (warm-up-cosine schedule, global grad-norm cli
 embeddings/head/norms), and writes
 
 - ``--out`` (small, meant to be kept): {matrix name: B / ||B||_F} at the last step, the momentum
-  of a handful of hidden matrices as MuonQ would see it (fp32). Read by
-  ``bench_fidelity.py --captured``.
+  of a handful of hidden matrices as MuonQ would see it (fp32, or fp16 with ``--save-dtype``).
+  Read by ``bench_fidelity.py --captured``.
 - ``--stream-out`` (large cache, not for git): for the same matrices, the momentum B at step
   T - K (``start``), the K clipped gradients of steps T - K + 1 ... T (``grads``, K x m x n) and the
   final momentum (``final``). Replaying B <- mu B + G over ``grads`` from ``start`` gives ``final``
@@ -15,6 +15,16 @@ embeddings/head/norms), and writes
 Needs the prepared corpus (``python process_data.py`` writes ./data/tiny_shakespeare-bpe-8192).
 
     python benchmarks/capture_momentum.py [--steps 300] [--n-embd 256] [--stream 50]
+
+The two committed captures (one torch thread; identical tensors on every rerun):
+
+    python benchmarks/capture_momentum.py      # momentum_llama-tiny-256.pt: d 256, 4 layers
+    python benchmarks/capture_momentum.py --n-embd 512 --ffn 1376 --n-layer 2 --n-head 8 \
+        --matrices model.layers.0.self_attn.q_proj.weight model.layers.1.self_attn.v_proj.weight \
+        model.layers.0.self_attn.o_proj.weight model.layers.1.mlp.gate_proj.weight \
+        model.layers.0.mlp.up_proj.weight model.layers.1.mlp.down_proj.weight --save-dtype float16 \
+        --out benchmarks/data/momentum_llama-2x512.pt \
+        --stream-out benchmarks/data/cache/grad_stream_llama-2x512.pt   # llama-60m's widths, 2 layers
 """
 
 from __future__ import annotations
@@ -101,7 +111,8 @@ def capture(args: argparse.Namespace) -> None:
     val = val_loss(model, path, batch_size=args.batch_size, seq_len=args.context, max_tokens=32768)
     print(f"val loss {val:.4f} after {args.steps} steps")
 
-    momentum = {short_name(name): (b / b.norm()).contiguous() for name, b in final.items()}
+    dtype = getattr(torch, args.save_dtype)
+    momentum = {short_name(name): (b / b.norm()).to(dtype).contiguous() for name, b in final.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(momentum, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB): "
@@ -139,6 +150,8 @@ def main() -> None:
                         help="torch CPU threads (1 is fastest on a busy shared machine; 0: torch's default)")
     parser.add_argument("--data-dir", default=None, help="default: $DATA_DIR, else ./data")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
+                        help="dtype of --out (float16 halves the file; 4-bit storage error is ~100x fp16's rounding)")
     parser.add_argument("--stream-out", type=Path, default=DEFAULT_STREAM)
     args = parser.parse_args()
     if not 0 <= args.stream < args.steps:
