@@ -505,6 +505,68 @@ def test_compander_order_is_gentler_than_companding_after_the_scale():
     assert err == pytest.approx(0.135, abs=0.005)
 
 
+def spiked(shape, seed=0) -> torch.Tensor:
+    """Unit-norm Gaussian with one entry in 1000 made 10 times larger: outliers that set the absmax
+    scale of their group and leave its bulk a few codes."""
+    x = gaussian(shape, seed)
+    spikes = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))[: x.numel() // 1000]
+    x.view(-1)[spikes] *= 10.0
+    return x / x.norm()
+
+
+def test_scale_search_keeps_per_block_the_clipped_scale_of_least_squared_error():
+    """Reference written here: per block, each ratio r of 1, 0.9, ..., 0.5 quantizes with the
+    original quantizer's arithmetic at the step max(r absmax(y) / 7, 1e-8) (entries beyond it
+    saturate at code +-7); the kept one has the least squared error, the larger r on ties."""
+    x = spiked((48, 80), seed=8)
+    block, ratios = 64, (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    codec = make_codec(4, "linear", "block", block_size=block, compand=True, mu=MU, scale_search=True)
+    decoded = codec.decode(codec.encode(x), x.shape).view(-1, block)
+    y = x.clamp(-1.0, 1.0).view(-1, block)
+    y = y.sign() * torch.log1p(MU * y.abs()) * (1.0 / math.log1p(MU))
+    expected, chosen = [], []
+    for row, target in zip(y, x.view(-1, block)):
+        candidates = []
+        for r in ratios:
+            step = (r * row.abs().amax() / 7).clamp(min=1e-8)
+            z = torch.round(row / step).clamp(-7, 7) * step.to(torch.float16).float()
+            value = z.sign() * torch.expm1(z.abs() * math.log1p(MU)) * (1.0 / MU)
+            candidates.append((((value - target) ** 2).sum().item(), value))
+        best = min(range(len(ratios)), key=lambda i: (candidates[i][0], i))
+        expected.append(candidates[best][1])
+        chosen.append(ratios[best])
+    assert torch.equal(decoded, torch.stack(expected))
+    assert len(set(chosen)) > 1  # blocks with spikes clip them, the others keep the absmax
+    plain = make_codec(4, "linear", "block", block_size=block, compand=True, mu=MU)
+    assert plain.nbytes(x.shape) == codec.nbytes(x.shape)
+
+
+@pytest.mark.parametrize("value_map, compand, gran", [("linear", True, "tensor"), ("mulaw-after-scale", False, "block"),
+                                                      ("linear", False, "column")])
+def test_scale_search_never_loses_to_the_absmax_scale_and_decodes_as_usual(value_map, compand, gran):
+    """Per group the searched encoding is at most the absmax encoding's squared error (ratio 1 is a
+    candidate) and lower overall with outliers, and the ordinary decoder reads it; a ragged last
+    block and NaN (stored as zero) included."""
+    x = spiked((37, 50), seed=9)
+    x[3, 4] = float("nan")
+    kwargs = dict(block_size=128, mu=15.0 if value_map != "linear" else MU, compand=compand)
+    searched = make_codec(4, value_map, gran, scale_search=True, **kwargs)
+    plain = make_codec(4, value_map, gran, **kwargs)
+    target = torch.nan_to_num(x, nan=0.0)
+    errors = [(c.decode(c.encode(x), x.shape) - target) ** 2 for c in (searched, plain)]
+    per_group = {"tensor": lambda e: e.sum().view(1), "column": lambda e: e.sum(0),
+                 "block": lambda e: torch.nn.functional.pad(e.reshape(-1), (0, -e.numel() % 128)).view(-1, 128).sum(1)}[gran]
+    mine, theirs = per_group(errors[0]), per_group(errors[1])
+    assert torch.all(mine <= theirs) and mine.sum() < 0.95 * theirs.sum()
+
+
+def test_scale_search_refuses_grid_scales_and_stochastic_rounding():
+    with pytest.raises(ValueError, match="scale search"):
+        make_codec(4, "linear", "grid", scale_search=True)
+    with pytest.raises(ValueError, match="scale search"):
+        make_codec(4, "linear", "block", stochastic=True, scale_search=True)
+
+
 @pytest.mark.parametrize("gran", ["tensor", "block", "column", "grid"])
 def test_compander_error_is_half_a_step_in_the_companded_domain(gran):
     x = heavy_tailed((64, 128))

@@ -118,6 +118,17 @@ def test_mu_law_keys_say_where_the_companding_sits() -> None:
         preset("muonq", mu=0.0)
 
 
+def test_residual_scale_search_reaches_only_the_residual_and_needs_a_decomposition() -> None:
+    store = preset("muonq", residual_scale_search=True).muon.store
+    assert store.residual.scale_search and not store.factor.scale_search
+    assert not store.narrow.codec.scale_search
+    for args, needs in (({"rank": 0}, "rank > 0"), ({"grid": True}, "grid=false"), ({"stochastic": True}, "stochastic=false")):
+        with pytest.raises(ConfigError, match=r"optimizer_params\.args\.residual_scale_search: .*" + re.escape(needs)):
+            preset("muonq", residual_scale_search=True, **args)
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.residual_scale_search"):
+        preset("muon", residual_scale_search=True)
+
+
 @pytest.mark.parametrize("optimizer", ["muonq", "adamw"])
 def test_adamw_bits_takes_32_8_or_4(optimizer: str) -> None:
     """The AdamW side of every optimizer (Muon family and adamw family alike) in 32, 8 or 4 bits;

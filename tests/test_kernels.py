@@ -399,10 +399,12 @@ def test_triton_mode_refuses_codecs_without_kernels_and_auto_falls_back():
         store_selector(args.store, kernels="triton")(torch.empty(256, 256))
     store = store_selector(args.store, kernels="auto")(torch.empty(256, 256))
     assert isinstance(store, DecomposedStore) and "stochastic" in store.kernels.unfusable
+    searched = store_selector(preset("muonq", residual_scale_search=True).muon.store, kernels="auto")(torch.empty(256, 256))
+    assert "scale search" in searched.kernels.unfusable
 
 
 @parent_only
-def test_only_stochastic_rounding_and_foreign_codecs_lack_kernels():
+def test_only_stochastic_rounding_scale_search_and_foreign_codecs_lack_kernels():
     from muonq.optim.kernels.spec import unfusable_reason
 
     for gran in ("tensor", "block", "row", "column", "grid"):
@@ -410,6 +412,7 @@ def test_only_stochastic_rounding_and_foreign_codecs_lack_kernels():
         assert unfusable_reason(make_codec(4, "linear", gran, block_size=99, tile_size=24, compand=True)) is None
     assert "not a quantizing codec" in unfusable_reason(RawCodec())
     assert "stochastic" in unfusable_reason(make_codec(8, "linear", "block", stochastic=True))
+    assert "PyTorch encoder" in unfusable_reason(make_codec(4, "linear", "block", compand=True, scale_search=True))
 
 
 @parent_only

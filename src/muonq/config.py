@@ -107,6 +107,7 @@ class OptimizerArgs:
     rank: int = 0  # structural decomposition rank divisor: k = min(m, n) // rank; 0 = off
     residual_block_size: int = 0  # MuonQ residual: 0 = one scale per tensor, else per block
     factor_bits: int = 4  # bits of the decomposition factors P and R
+    residual_scale_search: bool = False  # residual scales: absmax x the ratio in 1 ... 0.5 of least squared error
     # GRASP
     grid: bool = False  # grid scales (min of row and column absmax) on the residual
     tile_size: int = 128
@@ -402,6 +403,11 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
     _check(args.rank >= 0, _ARGS + "rank", f"must be >= 0 (0 = no decomposition), got {args.rank}")
     _check(args.tile_size > 0, _ARGS + "tile_size", f"must be > 0, got {args.tile_size}")
     _check(args.mu > 0, _ARGS + "mu", f"must be > 0, got {args.mu}")
+    if args.residual_scale_search:
+        _check(args.qbit != 32 and args.rank > 0, _ARGS + "residual_scale_search",
+               "searches the scales of the decomposition's residual and needs rank > 0 and qbit 4 or 8")
+        _check(not args.grid and not args.stochastic, _ARGS + "residual_scale_search",
+               "needs deterministic rounding (stochastic=false) and tensor or block residual scales (grid=false)")
     _check_choice(args.equilibrate, _ARGS + "equilibrate", EQUILIBRATE_MODES)
     _check(args.phase is None or args.phase >= 0, _ARGS + "phase", f"must be >= 0, got {args.phase}")
     _check(args.eq_clip is None or args.eq_clip >= 1, _ARGS + "eq_clip", f"must be >= 1, got {args.eq_clip}")
@@ -417,8 +423,9 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     (MuonQ's quantizer); with ``rank`` > 0 the MuonQ / GRASP
     decomposition: factors of ``factor_bits`` bits with one scale per column, the residual with
     ``grid`` scales (``tile_size``), else one per ``residual_block_size`` block when > 0, else one
-    per tensor; matrices too narrow for the rank, and every matrix without ``rank``, use scales per
-    ``gran`` (per ``tile_size`` grid when ``grid``). 8-bit codes keep fp32 scales, 4-bit fp16.
+    per tensor (scales of least squared error with ``residual_scale_search``); matrices too
+    narrow for the rank, and every matrix without ``rank``, use scales per ``gran`` (per
+    ``tile_size`` grid when ``grid``). 8-bit codes keep fp32 scales, 4-bit fp16.
     """
     from muonq.optim.spec import (
         AdamWSpec, CodecSpec, DecomposedMomentum, EquilibrateSpec, FullPrecisionMomentum, MuonSpec, QuantizedMomentum,
@@ -432,9 +439,9 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     if not muon_family:
         return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
 
-    def codec(bits: int, granularity: str, block_size: int = a.block_size) -> CodecSpec:
+    def codec(bits: int, granularity: str, block_size: int = a.block_size, scale_search: bool = False) -> CodecSpec:
         return CodecSpec(bits, a.quant, granularity, block_size=block_size, tile_size=a.tile_size, mu=a.mu,
-                         compand=a.compand, stochastic=a.stochastic)
+                         compand=a.compand, stochastic=a.stochastic, scale_search=scale_search)
 
     store: Any = FullPrecisionMomentum()
     if a.qbit != 32:
@@ -443,7 +450,9 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
             residual_gran = "grid" if a.grid else ("block" if a.residual_block_size else "tensor")
             store = DecomposedMomentum(
                 a.rank, factor=codec(a.factor_bits, "column"),
-                residual=codec(a.qbit, residual_gran, block_size=a.residual_block_size or a.block_size), narrow=store,
+                residual=codec(a.qbit, residual_gran, block_size=a.residual_block_size or a.block_size,
+                               scale_search=a.residual_scale_search),
+                narrow=store,
             )
     equilibrate = None
     if a.equilibrate != "none":

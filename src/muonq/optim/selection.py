@@ -15,7 +15,7 @@ def make_spec_codec(spec: CodecSpec) -> Codec:
     """The codec a :class:`CodecSpec` describes (8-bit codes keep fp32 scales, 4-bit fp16)."""
     return make_codec(
         spec.bits, spec.value_map, spec.granularity, block_size=spec.block_size, tile_size=spec.tile_size,
-        mu=spec.mu, compand=spec.compand, stochastic=spec.stochastic,
+        mu=spec.mu, compand=spec.compand, stochastic=spec.stochastic, scale_search=spec.scale_search,
     )
 
 

@@ -30,7 +30,8 @@ class CodecSpec:
     8 and 4 store codes of ``value_map`` with absmax scales per ``granularity`` (tensor, block of
     ``block_size``, column, or ``tile_size`` grid). ``compand``: MuonQ's quantizer, mu-law
     companding (``mu``) of the raw values clamped to [-1, 1] before the scale, then linear codes
-    with the quantization step as the stored scale."""
+    with the quantization step as the stored scale. ``scale_search``: each group's scale is the
+    absmax ratio (1 ... 0.5) of least squared error, not the absmax."""
 
     bits: int
     value_map: str = "linear"
@@ -40,6 +41,7 @@ class CodecSpec:
     mu: float = 255.0
     compand: bool = False
     stochastic: bool = False
+    scale_search: bool = False
 
 
 @dataclass(frozen=True)

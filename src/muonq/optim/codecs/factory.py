@@ -40,11 +40,12 @@ def make_codec(
     compand: bool = False,
     scale_dtype: torch.dtype | None = None,
     stochastic: bool = False,
+    scale_search: bool = False,
 ) -> Codec:
     """``bits`` 32 gives the lossless :class:`RawCodec`; 8 or 4 a :class:`QuantCodec`.
 
     ``compand``: mu-law companding (``mu``) of the raw values before the scale, MuonQ's quantizer
-    (linear codes only).
+    (linear codes only). ``scale_search``: see :class:`QuantCodec`.
 
     ``scale_dtype`` defaults to fp32 for 8-bit codes (the 8-bit Muon layout: one fp32 absmax per
     block) and fp16 for 4-bit codes (MuonQ's layout).
@@ -61,4 +62,5 @@ def make_codec(
         scale_dtype=scale_dtype,
         stochastic=stochastic,
         compander=MuLawCompander(mu) if compand else None,
+        scale_search=scale_search,
     )

@@ -47,13 +47,19 @@ _LITTLE = sys.byteorder == "little"
 Granularity = Literal["tensor", "block", "row", "column", "grid"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "block", "row", "column", "grid")
 _MATRIX_ONLY = ("row", "column", "grid")
+# Scale search: each group's scale is the absmax times the ratio whose decoded group has the least
+# squared error (ties keep the larger). Clipping the few largest entries of a heavy-tailed group
+# buys finer steps for the rest.
+SEARCH_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 class QuantCodec(Codec):
     """``granularity``: one scale per tensor; per ``block_size`` flattened elements (a ragged last
     block is allowed); per row or per column of a matrix; or grid scales on ``tile_size`` tiles.
     ``compander``: compand the raw values before the scale (needs a linear map; see the module
-    docstring)."""
+    docstring). ``scale_search``: each group's scale is chosen among absmax x :data:`SEARCH_RATIOS`
+    for the least squared error of the decoded group (deterministic rounding; not with grid
+    scales); the decoder and the bytes are the same."""
 
     def __init__(
         self,
@@ -65,7 +71,10 @@ class QuantCodec(Codec):
         scale_dtype: torch.dtype = torch.float32,
         stochastic: bool = False,
         compander: MuLawCompander | None = None,
+        scale_search: bool = False,
     ) -> None:
+        if scale_search and (granularity == "grid" or stochastic):
+            raise ValueError("scale search needs deterministic rounding and tensor, block, row or column scales")
         if compander is not None and not isinstance(value_map, LinearMap):
             raise ValueError(f"companding is followed by linear codes, got the value map {value_map!r}")
         if granularity not in GRANULARITIES:
@@ -81,6 +90,7 @@ class QuantCodec(Codec):
         self.scale_dtype = check_scale_dtype(scale_dtype)
         self.stochastic = stochastic
         self.compander = compander
+        self.scale_search = scale_search
         self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}  # CPU slice buffers of encoding and expansion
 
@@ -91,9 +101,10 @@ class QuantCodec(Codec):
     def __repr__(self) -> str:
         detail = {"block": f", block_size={self.block_size}", "grid": f", tile_size={self.tile_size}"}
         compand = f", compander={self.compander!r}" if self.compander is not None else ""
+        search = ", scale_search=True" if self.scale_search else ""
         return (
             f"QuantCodec({self.value_map!r}, {self.granularity!r}{detail.get(self.granularity, '')}, "
-            f"scale_dtype={self.scale_dtype}, stochastic={self.stochastic}{compand})"
+            f"scale_dtype={self.scale_dtype}, stochastic={self.stochastic}{compand}{search})"
         )
 
     # -- layout -------------------------------------------------------------------------------
@@ -133,6 +144,8 @@ class QuantCodec(Codec):
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
         shape = self._check(x.shape)
         x = x.float()
+        if self.scale_search:
+            return self._encode_searched(x, shape)
         if x.device.type == "cpu" and not self.stochastic and x.numel() > CHUNK:
             encoded = self._encode_sliced(x.contiguous(), shape)
             if encoded is not None:
@@ -153,6 +166,39 @@ class QuantCodec(Codec):
         scale, divisor = self._scale(groups.abs().amax(dim=dim, keepdim=True))
         y = (groups / divisor).reshape(-1)[: math.prod(shape)]
         return {"codes": self._codes(y, generator), "scale": scale.reshape(-1)}
+
+    def _encode_searched(self, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded:
+        """:meth:`_encode_whole` once per ratio of :data:`SEARCH_RATIOS` (the group absmax scaled
+        by it, values beyond the scale saturating), keeping per group the codes and scale whose
+        decoding is nearest to the input in squared error."""
+        groups, dim = self._groups(torch.nan_to_num(x, nan=0.0))
+        if self.compander is not None:
+            target = groups.clamp(-1.0, 1.0)
+            y = self.compander.compand(target)
+        else:
+            target = y = groups
+        absmax = y.abs().amax(dim=dim, keepdim=True)
+        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for ratio in SEARCH_RATIOS:
+            if self.compander is None:
+                scale = store_scale(absmax * ratio, self.scale_dtype)
+                codes = self.value_map.encode((groups / safe_divisor(scale)).clamp(-1.0, 1.0))
+                decoded = self.value_map.decode(codes).mul_(scale.float())
+            else:
+                scale, divisor = step_scale(absmax * ratio, self.value_map.levels, self.scale_dtype)
+                levels = (y / divisor).round_().clamp_(-self.value_map.levels, self.value_map.levels)
+                codes = self.value_map.encode_steps(levels)
+                decoded = self.compander.expand(levels.mul_(scale.float()))
+            error = (decoded - target).square_().sum(dim=dim, keepdim=True)
+            if best is None:
+                best = (error, codes, scale)
+                continue
+            better = error < best[0]
+            best = (torch.where(better, error, best[0]), torch.where(better, codes, best[1]),
+                     torch.where(better, scale, best[2]))
+        assert best is not None
+        codes = best[1].reshape(-1)[: math.prod(shape)]
+        return {"codes": pack(codes, self.bits), "scale": best[2].reshape(-1)}
 
     def _scale(self, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored scale, fp32 divisor) of group absmaxes."""

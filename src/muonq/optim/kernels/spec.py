@@ -88,6 +88,8 @@ def unfusable_reason(codec: Codec) -> str | None:
         return f"{type(codec).__name__} is not a quantizing codec"
     if codec.stochastic:
         return "stochastic rounding draws from torch generators, which a kernel cannot reproduce"
+    if codec.scale_search:
+        return "the scale search (least-squared-error scales) runs in the PyTorch encoder only"
     if type(codec.value_map) not in (LinearMap, DynamicMap, MuLawMap):
         return f"value map {codec.value_map!r} has no kernel"
     return None
