@@ -28,7 +28,7 @@ norm, at 512x512, 1376x512, 1024x2736; and, with ``--captured FILE``, every matr
 
     python benchmarks/bench_fidelity.py [--captured benchmarks/data/momentum_llama-tiny-256.pt]
         [--stream benchmarks/data/cache/grad_stream_llama-tiny-256.pt] [--synthetic-stream 50]
-        [--candidates | --orders] [--summary] [--warm-saves 8] [--seed 0]
+        [--candidates | --orders | --hifi] [--summary] [--warm-saves 8] [--seed 0]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon8 (per-tensor)", "muon8", {}),
     ("muon4 (naive per-tensor)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
+    ("muonq-hifi", "muonq-hifi", {}),
     ("muonq mu-law after the scale", "muonq", {"compand": False, "quant": "mulaw-after-scale"}),
     ("muonq compand off", "muonq", {"compand": False}),
     ("muonq rank 0", "muonq", {"rank": 0}),
@@ -99,6 +100,22 @@ CANDIDATES: list[tuple[str, str, dict]] = [
      {**_AFTER_SCALE, "mu": 15.0, "rank": 32, "residual_block_size": 128}),
     ("muonq after-scale mu 15 rank/32 + residual b256", "muonq",
      {**_AFTER_SCALE, "mu": 15.0, "rank": 32, "residual_block_size": 256}),
+]
+
+# muonq-hifi (rank/20, 256-element residual blocks, scale search, mu-law mu 3 after the scale)
+# against the paper's layout, one change at a time, and its nearest rivals at no more bytes.
+HIFI: list[tuple[str, str, dict]] = [
+    ("muonq (default)", "muonq", {}),
+    ("muonq-hifi", "muonq-hifi", {}),
+    ("muonq-hifi without scale search", "muonq-hifi", {"residual_scale_search": False}),
+    ("muonq-hifi, linear codes", "muonq-hifi", {"quant": "linear"}),
+    ("muonq-hifi, mu 7 after the scale", "muonq-hifi", {"mu": 7.0}),
+    ("muonq-hifi, paper order mu 1000", "muonq-hifi", {"quant": "linear", "compand": True, "mu": 1000.0}),
+    ("muonq rank/20 + residual b256 (paper order)", "muonq", {"rank": 20, "residual_block_size": 256}),
+    ("muonq rank/20 + residual b256 + scale search", "muonq",
+     {"rank": 20, "residual_block_size": 256, "residual_scale_search": True}),
+    ("muonq-hifi rank/18 + residual b512", "muonq-hifi", {"rank": 18, "residual_block_size": 512}),
+    ("muonq-hifi rank/40, 8-bit factors", "muonq-hifi", {"rank": 40, "factor_bits": 8}),
 ]
 
 # Where mu-law sits in the quantizer: "paper order" (MuonQ's: compand the raw values, then take the
@@ -296,6 +313,7 @@ def main() -> None:
     parser.add_argument("--synthetic-stream", type=int, default=50, help="steps of the synthetic stream (0: skip)")
     parser.add_argument("--candidates", action="store_true", help="add the 'beating the paper' candidates")
     parser.add_argument("--orders", action="store_true", help="only the rows comparing where mu-law sits")
+    parser.add_argument("--hifi", action="store_true", help="only muonq-hifi, its ablations and rivals")
     parser.add_argument("--summary", action="store_true", help="print only the summary tables (no per-matrix tables)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the single synthetic matrices")
     parser.add_argument("--warm-saves", type=int, default=8, help="saves before measuring (>= 1)")
@@ -306,7 +324,9 @@ def main() -> None:
         parser.error("--warm-saves must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = ORDERS if args.orders else ROWS + (CANDIDATES if args.candidates else [])
+    if args.orders and args.hifi:
+        parser.error("--orders and --hifi each choose the rows; give one")
+    rows = ORDERS if args.orders else HIFI if args.hifi else ROWS + (CANDIDATES if args.candidates else [])
     t0 = time.perf_counter()
     print(f"warm saves: {args.warm_saves}; NS: 5 quintic steps in fp32; matrices normalised to unit Frobenius norm; "
           "B/elem llama-60m: exact state bytes per element over llama-60m's hidden matrices")

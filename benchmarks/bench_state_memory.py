@@ -43,6 +43,8 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("muonq (default)", "muonq", {}),
     ("muonq + 8-bit AdamW side", "muonq", {"adamw_bits": 8}),
     ("muonq + 4-bit AdamW side", "muonq", {"adamw_bits": 4}),
+    ("muonq-hifi", "muonq-hifi", {}),
+    ("muonq-hifi + 8-bit AdamW side", "muonq-hifi", {"adamw_bits": 8}),
     ("muonq + residual block 128", "muonq-block128", {}),
     ("muonq rank/32 + residual block 256", "muonq", {"rank": 32, "residual_block_size": 256}),
     ("grasp-like (8-bit factors, grid 128)", "grasp", {}),

@@ -43,6 +43,7 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon8 (per-tensor 8-bit)", "muon8", {}),
     ("muon4 (per-tensor 4-bit)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
+    ("muonq-hifi", "muonq-hifi", {}),
     ("muonq + residual b128", *VARIANTS["muonq-block128"]),
     ("muonq mu 15 + residual b128", "muonq", {"mu": 15.0, "residual_block_size": 128}),
     ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),

@@ -16,9 +16,13 @@ Needs the prepared corpus (``python process_data.py`` writes ./data/tiny_shakesp
 
     python benchmarks/capture_momentum.py [--steps 300] [--n-embd 256] [--stream 50]
 
-The two committed captures (one torch thread; identical tensors on every rerun):
+The two committed captures (one torch thread). A rerun gives the same tensors on a CPU of the same
+kind; another CPU's fp32 kernels round differently and 300 steps take the run elsewhere: the
+256-wide file came back bit-identical on an AVX512 Zen 5 (2026-12-01), but an AVX2 Zen 3 gives
+other matrices of the same kind (2026-12-03: muonq's NS err on them 0.632 against the committed
+file's 0.630). The stream cache is written by the rerun, so keep the committed file with --out:
 
-    python benchmarks/capture_momentum.py      # momentum_llama-tiny-256.pt: d 256, 4 layers
+    python benchmarks/capture_momentum.py --out /tmp/m256.pt   # d 256, 4 layers; stream to the cache
     python benchmarks/capture_momentum.py --n-embd 512 --ffn 1376 --n-layer 2 --n-head 8 \
         --matrices model.layers.0.self_attn.q_proj.weight model.layers.1.self_attn.v_proj.weight \
         model.layers.0.self_attn.o_proj.weight model.layers.1.mlp.gate_proj.weight \

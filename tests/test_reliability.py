@@ -4,9 +4,9 @@ Every test drives the real entry point (``python run_hydra.py`` or torchrun with
 subprocess, kills it for real where that is the point, and compares the losses after the
 rerun bit for bit with an uninterrupted run of the same command (CPU, fp32: exact).
 
-References are shared to keep the file fast: one Hydra sweep (``-m``, one process for all nine
-optimizers) writes the uninterrupted single-process runs and their checkpoints; a second sweep
-resumes all nine from damaged checkpoint folders. Checkpoint cadence never changes the losses
+References are shared to keep the file fast: one Hydra sweep (``-m``, one process for every
+optimizer) writes the uninterrupted single-process runs and their checkpoints; a second sweep
+resumes them all from damaged checkpoint folders. Checkpoint cadence never changes the losses
 (saving consumes no randomness), so kill tests with other cadences compare against them too.
 """
 
@@ -43,7 +43,7 @@ BOUND_S = 120  # one step + a checkpoint + teardown, with room for 2 busy shared
 # work, 2 threads spin-wait on each other and a TINY step takes 10 s instead of 0.1 s.
 THREADS = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 # A 2-rank resume per optimizer costs two torchrun launches; by default a sample runs (muonq is
-# also killed and resumed under torchrun below); MUONQ_TEST_ALL_2RANK=1 runs all nine.
+# also killed and resumed under torchrun below); MUONQ_TEST_ALL_2RANK=1 runs them all.
 TWO_RANK_OPTIMIZERS = OPTIMIZERS if os.environ.get("MUONQ_TEST_ALL_2RANK") else ("muon8bit",)
 
 
@@ -225,7 +225,7 @@ def sweep_jobs(sweep_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory, shakespeare_data) -> Matrix:
-    """All nine optimizers: uninterrupted (one sweep), then resumed from damaged checkpoints."""
+    """Every optimizer: uninterrupted (one sweep), then resumed from damaged checkpoints."""
     root = tmp_path_factory.mktemp("matrix")
     names = ",".join(OPTIMIZERS)
     sweep = [sys.executable, str(REPO / "run_hydra.py"), "-m", f"data_dir={shakespeare_data}", *CKPT,
