@@ -16,7 +16,7 @@ and bf16 Newton–Schulz (torch's is always bf16, so that project row pins matmu
 Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys). AdamW rows are
 for reference (they run no Newton–Schulz).
 
-    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1]
+    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"]
 """
 
 from __future__ import annotations
@@ -78,13 +78,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each optimizer first")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="comma-separated row labels to run with fp32 Muon (default: all)")
     args = parser.parse_args()
+    only = [label.strip() for label in args.only.split(",") if label.strip()]
+    unknown = sorted(set(only) - {label for label, _, _ in ROWS})
+    if unknown:
+        parser.error(f"--only: no row {', '.join(map(repr, unknown))}; rows: {', '.join(label for label, _, _ in ROWS)}")
+    rows = [row for row in ROWS if not only or row[0] == ROWS[0][0] or row[0] in only]
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     weights = [torch.randn(shape, generator=gen) * 0.02 for shape in LAYER]
     grads = [torch.randn(shape, generator=gen) * 1e-3 for shape in LAYER]
-    opts = {label: make(yaml_name, overrides, weights, grads) for label, yaml_name, overrides in ROWS}
+    opts = {label: make(yaml_name, overrides, weights, grads) for label, yaml_name, overrides in rows}
     for opt in opts.values():
         for _ in range(args.warmup):
             opt.step()
@@ -123,10 +129,11 @@ def main() -> None:
         med, med_cpu = statistics.median(t), statistics.median(c)
         print(f"| {label} | {1e3 * med:.1f} | {1e3 * min(t):.0f}-{1e3 * max(t):.0f} | {med / base:.2f}x "
               f"| {1e3 * med_cpu:.1f} | {med_cpu / base_cpu:.2f}x | {1e3 * (med_cpu - base_cpu):+.1f} |")
-    ours, theirs = statistics.median(times[LIKE_TORCH]), statistics.median(times[TORCH])
-    ours_cpu, theirs_cpu = statistics.median(cpu[LIKE_TORCH]), statistics.median(cpu[TORCH])
-    print(f"\nlike for like: the project's Muon / torch.optim.Muon = {ours / theirs:.3f}x wall, "
-          f"{ours_cpu / theirs_cpu:.3f}x CPU")
+    if LIKE_TORCH in times and TORCH in times:
+        ours, theirs = statistics.median(times[LIKE_TORCH]), statistics.median(times[TORCH])
+        ours_cpu, theirs_cpu = statistics.median(cpu[LIKE_TORCH]), statistics.median(cpu[TORCH])
+        print(f"\nlike for like: the project's Muon / torch.optim.Muon = {ours / theirs:.3f}x wall, "
+              f"{ours_cpu / theirs_cpu:.3f}x CPU")
 
 if __name__ == "__main__":
     main()
