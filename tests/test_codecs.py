@@ -541,6 +541,24 @@ def test_scale_search_keeps_per_block_the_clipped_scale_of_least_squared_error()
     assert plain.nbytes(x.shape) == codec.nbytes(x.shape)
 
 
+@pytest.mark.parametrize("gran", ["block", "row"])
+def test_scale_search_in_slices_gives_the_whole_tensors_codes(monkeypatch, gran):
+    """The CPU search goes through slices of CHUNK elements made of whole groups: with slices of
+    four groups (and a ragged last block, and a last slice of fewer groups) the codes and scales
+    are those of the tensor searched at once."""
+    import muonq.optim.codecs.quant as quant
+
+    x = spiked((50, 64), seed=10)
+    for compand, value_map in ((True, "linear"), (False, "mulaw-after-scale")):
+        codec = make_codec(4, value_map, gran, block_size=60, mu=MU if compand else 3.0, compand=compand,
+                           scale_search=True)
+        whole = codec.encode(x)
+        monkeypatch.setattr(quant, "CHUNK", 4 * (60 if gran == "block" else 64))
+        sliced = codec.encode(x)
+        monkeypatch.setattr(quant, "CHUNK", 1 << 17)
+        assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole), (gran, value_map)
+
+
 @pytest.mark.parametrize("value_map, compand, gran", [("linear", True, "tensor"), ("mulaw-after-scale", False, "block"),
                                                       ("linear", False, "column")])
 def test_scale_search_never_loses_to_the_absmax_scale_and_decodes_as_usual(value_map, compand, gran):
