@@ -72,8 +72,9 @@ def losses(rows: list[dict]) -> dict[int, float]:
 # The training-quality runs shared by test_variants (each variant against its full-precision
 # reference) and test_train (Muon and AdamW learn beyond a unigram model): llama-tiny with 4 x 128
 # tokens per step (a quarter of the recipe's batch), 150 steps, lr 0.006, seed 0, two runs at a time
-# with one torch thread each: 60-90 s per run, ~5.5 min for the ten on two idle cores of an AMD EPYC
-# without AVX512 (measured 2026-12-02; the recipe's full batch took ~14 min there).
+# with one torch thread each: 40-90 s per run, 3.9 min for the ten on two idle cores of an AMD EPYC
+# without AVX512 (measured 2026-12-03; ~5 min for nine on 2026-12-02; the recipe's full batch took
+# ~14 min there).
 SLOW_STEPS = 150
 SLOW_RUN = ("recipe=llama-tiny", f"recipe.training_params.max_steps={SLOW_STEPS}", "recipe.training_params.batch_size=4",
             "recipe.training_params.tokens_processed=512", "optimizer_params.args.lr=0.006",
