@@ -194,15 +194,15 @@ class QuantCodec(Codec):
         """(codes, scale) of least squared error over :data:`SEARCH_RATIOS` for these groups."""
         best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for ratio in SEARCH_RATIOS:
+            scale, divisor = self._scale(absmax * ratio)
+            scaled = y / divisor
             if self.compander is None:
-                scale = store_scale(absmax * ratio, self.scale_dtype)
-                codes = self.value_map.encode((y / safe_divisor(scale)).clamp_(-1.0, 1.0))
-                decoded = self.value_map.decode(codes).mul_(scale.float())
+                codes = self.value_map.encode(scaled.clamp_(-1.0, 1.0))
             else:
-                scale, divisor = step_scale(absmax * ratio, self.value_map.levels, self.scale_dtype)
-                levels = (y / divisor).round_().clamp_(-self.value_map.levels, self.value_map.levels)
-                codes = self.value_map.encode_steps(levels)
-                decoded = self.compander.expand(self.value_map.decode_steps(codes).mul_(scale.float()))
+                codes = self.value_map.encode_steps(scaled)
+            decoded = self._decode_codes(codes).mul_(scale.float())
+            if self.compander is not None:
+                decoded = self.compander.expand(decoded)
             error = decoded.sub_(target).square_().sum(dim=dim, keepdim=True)
             if best is None:
                 best = (error, codes, scale)
