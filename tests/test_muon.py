@@ -123,6 +123,86 @@ def test_batched_newton_schulz_groups_same_shapes_and_changes_nothing(monkeypatc
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["muon", "muonq", "muon8bit", "muoneq", "grasp"])
+def test_a_fused_qkv_weight_steps_as_its_three_matrices(variant: str) -> None:
+    """row_blocks=3 (split_qkv): a 192 x 64 weight's update, state and bytes are exactly those of
+    three 64 x 64 matrices stepped side by side (momentum, normalisation, rank, MuonEq, NS, scale)."""
+    from muonq.config import preset
+    from muonq.optim.build import build_muon
+    from muonq.optim.state_bytes import state_bytes
+
+    spec = preset(variant, matmul_dtype="float32", ns_batch_size=3).muon
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(192, 64, generator=gen)
+    grads = [[torch.randn(192, 64, generator=gen)] for _ in range(4)]
+    fused = torch.nn.Parameter(start.clone())
+    opt = build_muon(spec, [fused], kernels="reference", qkv_blocks={fused: 3})
+    _steps(opt, [fused], grads)
+    parts = [torch.nn.Parameter(w.clone()) for w in start.chunk(3)]
+    ref = build_muon(spec, parts, kernels="reference")  # NS of the three in one batch, as the split does
+    _steps(ref, parts, [list(g[0].chunk(3)) for g in grads])
+    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
+    blocks = opt.block_states(fused)
+    assert len(blocks) == 3 and all(blocks[i].keys() == ref.state[q].keys() - {"step"} for i, q in enumerate(parts))
+    assert all(torch.equal(blocks[i][k], ref.state[q][k]) for i, q in enumerate(parts) for k in blocks[i])
+    assert state_bytes(opt)["total"] == state_bytes(ref)["total"]
+    unsplit = build_muon(preset(variant, matmul_dtype="float32", split_qkv=False).muon, [fused], qkv_blocks={fused: 3})
+    assert unsplit.row_blocks(fused) == 1
+
+
+def test_split_weights_batch_with_their_like_and_a_bad_split_is_refused(monkeypatch) -> None:
+    """ns_batch_size stacks split weights' blocks into one NS call of 2 x 3 matrices; the result is
+    the per-weight one (fp32 here, to 1e-6)."""
+    from muonq.config import preset
+    from muonq.optim import muon as muon_module
+    from muonq.optim.build import build_muon
+
+    calls: list[tuple[int, ...]] = []
+    real = muon_module.zeropower_via_newtonschulz
+    monkeypatch.setattr(muon_module, "zeropower_via_newtonschulz", lambda u, *a, **k: calls.append(tuple(u.shape)) or real(u, *a, **k))
+
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(96, 32, generator=gen) for _ in range(2)]
+    grads = [[torch.randn(96, 32, generator=gen) for _ in range(2)] for _ in range(3)]
+    finals = []
+    for batch in (1, 2):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = build_muon(preset("muonq", matmul_dtype="float32", ns_batch_size=batch, min_quant_numel=0).muon, params,
+                         qkv_blocks={p: 3 for p in params})
+        calls.clear()
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        finals.append(torch.cat([p.detach() for p in params]))
+        assert calls == ([(3, 32, 32)] * 2 if batch == 1 else [(6, 32, 32)]) * 3
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="3 row blocks"):
+        p = torch.nn.Parameter(torch.zeros(10, 4))
+        Muon([p], row_blocks={p: 3})
+
+
+@pytest.mark.parametrize("saved,loaded,differs", [
+    ({"split": False}, {"split": True}, "block0"),  # a fused checkpoint into a split run
+    ({"rank": 8}, {"rank": 4}, "P.codes"),
+])
+def test_saved_state_of_another_configuration_is_refused_at_load(saved, loaded, differs) -> None:
+    from muonq.config import preset
+    from muonq.optim.build import build_muon
+
+    def build(split: bool = True, rank: int = 8) -> tuple[Muon, torch.nn.Parameter]:
+        p = torch.nn.Parameter(torch.ones(192, 64))
+        return build_muon(preset("muonq", rank=rank, split_qkv=split).muon, [p], qkv_blocks={p: 3}), p
+
+    opt, p = build(**saved)
+    p.grad = torch.randn(192, 64)
+    opt.step()
+    other, _ = build(**loaded)
+    with pytest.raises(ValueError, match=rf"other optimizer_params.args .*split_qkv") as err:
+        other.load_state_dict(opt.state_dict())
+    assert differs in str(err.value)
+
+
 @pytest.mark.parametrize("ema", [False, True])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_store_ns_input_is_the_momentum_or_its_nesterov_form_in_the_ns_dtype(ema: bool, nesterov: bool) -> None:

@@ -31,11 +31,11 @@ def low_rank_plus_noise(m: int, n: int, *, rank: int = 8, noise: float = 0.5, se
     return b / b.norm()
 
 
-def make_muon(name: str, params, **overrides) -> Muon:
+def make_muon(name: str, params, *, row_blocks=None, **overrides) -> Muon:
     """The variant's Muon in fp32 matmuls: the fidelity tests here compare with fp32 references."""
     args = preset(name, **overrides).muon
     return Muon(params, lr=0.02, weight_decay=0.0, store=store_selector(args.store), normalize=args.normalize,
-                matmul_dtype="float32")
+                matmul_dtype="float32", row_blocks=row_blocks)
 
 
 # -- exact bytes ------------------------------------------------------------------------------------
@@ -80,6 +80,51 @@ def test_recipe_memory_ratios(recipe):
     assert round(fp32 / total("muonq"), 2) >= 7.28  # the paper's "7.3x" (exact: 7.2775-7.2786)
     assert fp32 / total("muon8bit") >= 3.9
     assert fp32 / total("muon8bit-dynamic") >= 3.9
+
+
+# muonq's ratio to fp32 Muon with c_attn split (gpt-tiny's 128-wide blocks keep a little more per element)
+GPT_RATIOS = {"gpt-tiny": 7.30, "gpt-small": 7.31, "gpt-large": 7.31}
+
+
+@pytest.mark.parametrize("recipe", list(GPT_RATIOS))
+def test_gpt_recipes_split_qkv_for_the_papers_ratio_and_plan_the_bytes_they_hold(recipe):
+    """GPT's fused c_attn is three matrices for Muon by default: muonq holds 7.31x less than fp32
+    Muon on the GPT recipes (as the original, which splits it); fused (split_qkv=false) is one matrix. The planned
+    per-parameter bytes (optimizer_costs, meta device) are those a real step creates (gpt-tiny)."""
+    from muonq.config import compose_config
+    from muonq.models import build_model
+    from muonq.optim.build import build_optimizer
+    from muonq.optim.zero import optimizer_costs
+
+    model_cfg = compose_config([f"recipe={recipe}"]).recipe.model
+    with torch.device("meta"):
+        meta = build_model(model_cfg)
+    hidden, qkv = meta.hidden_matrices(), meta.qkv_blocks()
+    assert len(qkv) == model_cfg.n_layer and all(name.endswith("attn.c_attn.weight") and k == 3 for name, k in qkv.items())
+
+    def total(name, **overrides):
+        return sum(c[0] for c in optimizer_costs(preset(name, **overrides), hidden, [], qkv).values())
+
+    fp32 = total("muon")
+    assert fp32 == 4 * sum(p.numel() for _, p in hidden)
+    assert round(fp32 / total("muonq"), 2) == GPT_RATIOS[recipe]
+    assert fp32 / total("muonq", split_qkv=False) > fp32 / total("muonq")  # one rank-k basis for three blocks
+    assert fp32 / total("muonq-hifi") >= fp32 / total("muonq")
+    if recipe != "gpt-tiny":
+        return
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    named = dict(model.hidden_matrices())
+    for name in ("muonq", "grasp", "muon8bit"):
+        spec = preset(name)
+        opt = build_optimizer(spec, hidden=list(named.values()), others=[],
+                              qkv_blocks={named[n]: k for n, k in model.qkv_blocks().items()}).optimizers["muon"]
+        for p in named.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        held = {n: sum(t.nbytes for k, t in opt.state[p].items() if k != "step") for n, p in named.items()}
+        planned = optimizer_costs(spec, list(named.items()), [], model.qkv_blocks())
+        assert held == {n: int(c[0]) for n, c in planned.items()}, name
 
 
 # -- power iteration and the decomposition ---------------------------------------------------------
@@ -307,12 +352,16 @@ def test_quantized_updates_follow_fp32_muon():
 # -- checkpoints ------------------------------------------------------------------------------------
 
 
-ROUND_TRIP = [(name, {}) for name in QUANTIZED] + [("muonq", {"stochastic": True}), ("muon8bit", {"stochastic": True})]
+ROUND_TRIP = ([(name, {}, 1) for name in QUANTIZED] + [("muonq", {"stochastic": True}, 1), ("muon8bit", {"stochastic": True}, 1)]
+              + [(name, {}, 3) for name in ("muonq", "muon8bit", "grasp")])
 
 
-@pytest.mark.parametrize("name,overrides", ROUND_TRIP, ids=[f"{n}{'-stochastic' if o else ''}" for n, o in ROUND_TRIP])
-def test_state_dict_round_trip_continues_bit_identically(name, overrides):
-    shapes = [(96, 128), (32, 64)]  # the second stays fp32 (< min_quant_numel)
+@pytest.mark.parametrize("name,overrides,blocks", ROUND_TRIP,
+                         ids=[f"{n}{'-stochastic' if o else ''}{'-split' if b > 1 else ''}" for n, o, b in ROUND_TRIP])
+def test_state_dict_round_trip_continues_bit_identically(name, overrides, blocks):
+    """Three steps, state_dict through bytes, a new optimizer: three more steps alike, bit for bit
+    (``blocks`` 3: the first weight is split into three row blocks, as a fused QKV weight is)."""
+    shapes = [(96, 128), (32, 64)]  # the second stays fp32 (< min_quant_numel); split: 3 x 32 x 128
     grads = [[torch.randn(s, generator=torch.Generator().manual_seed(10 * i + j)) for j, s in enumerate(shapes)] for i in range(6)]
 
     def step(opt, params, grad_list):
@@ -321,7 +370,7 @@ def test_state_dict_round_trip_continues_bit_identically(name, overrides):
         opt.step()
 
     params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(99))) for s in shapes]
-    opt = make_muon(name, params, **overrides)
+    opt = make_muon(name, params, row_blocks={params[0]: blocks}, **overrides)
     for i in range(3):
         step(opt, params, grads[i])
     buffer = io.BytesIO()
@@ -330,7 +379,7 @@ def test_state_dict_round_trip_continues_bit_identically(name, overrides):
     loaded = torch.load(buffer, weights_only=True)
 
     clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    resumed = make_muon(name, clones, **overrides)
+    resumed = make_muon(name, clones, row_blocks={clones[0]: blocks}, **overrides)
     preserve_state_dtypes(resumed)
     resumed.load_state_dict(loaded)
     for p, q in zip(params, clones):

@@ -89,6 +89,7 @@ class OptimizerArgs:
     scale_mode: str = "match_rms_adamw"  # or "original"
     momentum_form: str = "sum"  # or "ema" (torch.optim.Muon's form)
     matmul_dtype: str = "auto"  # NS + power iteration: auto (bf16 where native, else fp32) | bfloat16 | float32
+    split_qkv: bool = True  # Muon: a fused QKV weight (GPT) is three matrices, as in the original; false: one
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     adamw_lr: Optional[float] = None  # lr of the AdamW side of Muon optimizers (None: same as lr)
@@ -460,7 +461,7 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     muon = MuonSpec(
         lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum, nesterov=a.nesterov, ns_steps=a.ns_steps,
         ns_batch_size=a.ns_batch_size, scale_mode=a.scale_mode, momentum_form=a.momentum_form, normalize=a.norm,
-        store=store, equilibrate=equilibrate, matmul_dtype=a.matmul_dtype,
+        store=store, equilibrate=equilibrate, matmul_dtype=a.matmul_dtype, split_qkv=a.split_qkv,
     )
     return OptimizerSpec(name=opt.name, family="muon", adamw=adamw, muon=muon, kernels=opt.kernels, zero=opt.zero)
 

@@ -93,7 +93,7 @@ def plan(cfg: Any, world_size: int) -> tuple[RankBytes, ProcessBytes]:
     named_others = [(n, p) for n, p in model.named_parameters() if id(p) not in hidden_ids]
     named = [*named_hidden, *named_others]
     spec = optimizer_spec(cfg.optimizer_params)
-    costs = optimizer_costs(spec, named_hidden, named_others)
+    costs = optimizer_costs(spec, named_hidden, named_others, model.qkv_blocks())
     param_bytes = {name: p.numel() * p.element_size() for name, p in named}
     whole_params, whole_state = sum(param_bytes.values()), int(sum(c[0] for c in costs.values()))
     muon_state = int(sum(costs[name][0] for name, _ in named_hidden)) if spec.muon is not None else 0
@@ -107,7 +107,7 @@ def plan(cfg: Any, world_size: int) -> tuple[RankBytes, ProcessBytes]:
         shard = cfg.parallelism.dp_shard or world_size
         per_rank = per_rank[:shard]
         muon = named_hidden if spec.muon is not None else []
-        owners = assign_owners(optimizer_costs(spec, muon, []), shard, COST_WEIGHTS)
+        owners = assign_owners(optimizer_costs(spec, muon, [], model.qkv_blocks()), shard, COST_WEIGHTS)
         for name, owner in owners.items():
             per_rank[owner][2] += int(costs[name][0])
         for name, p in named:

@@ -52,6 +52,11 @@ class CausalLM(nn.Module):
         excluded = {id(p) for p in self.lookup_tables()} | {id(self.lm_head.weight)}
         return [(name, p) for name, p in self.named_parameters() if p.ndim == 2 and id(p) not in excluded]
 
+    def qkv_blocks(self) -> dict[str, int]:
+        """Hidden matrices that stack the query, key and value weights along their rows, by name:
+        3 each (none unless a family fuses them). Muon can treat each block as its own matrix."""
+        return {}
+
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once. ``exclude_embeddings`` drops the lookup tables (token
         embeddings, learned positions); an untied LM head is a matmul and stays counted."""

@@ -89,6 +89,9 @@ class GPT(CausalLM):
     def lookup_tables(self) -> list[nn.Parameter]:
         return [self.transformer.wte.weight, self.transformer.wpe.weight]
 
+    def qkv_blocks(self) -> dict[str, int]:
+        return {f"{name}.c_attn.weight": 3 for name, module in self.named_modules() if isinstance(module, GPTAttention)}
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """The shared init, then GPT-2's residual projections (attn.c_proj, mlp.c_proj) at

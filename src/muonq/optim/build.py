@@ -6,6 +6,7 @@ store (fp32, 8-bit, MuonQ, GRASP), MuonQ's normalization and MuonEq's equilibrat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,9 +53,11 @@ def build_adamw(spec: AdamWSpec, params: list[torch.nn.Parameter], device_type: 
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)
 
 
-def build_muon(spec: MuonSpec, params: list[torch.nn.Parameter], *, kernels: str = "auto") -> Muon:
+def build_muon(spec: MuonSpec, params: list[torch.nn.Parameter], *, kernels: str = "auto",
+               qkv_blocks: Mapping[torch.Tensor, int] | None = None) -> Muon:
     """The Muon engine a :class:`MuonSpec` describes; ``kernels`` picks fused Triton kernels or the
-    PyTorch reference for quantized state."""
+    PyTorch reference for quantized state; ``qkv_blocks``: the fused QKV weights among ``params``
+    (parameter -> 3), split into their matrices when ``spec.split_qkv``."""
     eq = spec.equilibrate
     pre_ns = None
     if eq is not None:
@@ -73,6 +76,7 @@ def build_muon(spec: MuonSpec, params: list[torch.nn.Parameter], *, kernels: str
         normalize=spec.normalize,
         store=store_selector(spec.store, kernels=kernels),
         pre_ns=pre_ns,
+        row_blocks=spec.row_blocks(qkv_blocks or {}),
     )
 
 
@@ -82,18 +86,19 @@ def build_optimizer(
     hidden: list[torch.nn.Parameter],
     others: list[torch.nn.Parameter],
     device_type: str = "cpu",
+    qkv_blocks: Mapping[torch.Tensor, int] | None = None,
 ) -> OptimizerSet:
     """The optimizer ``spec`` describes, over a model's parameters.
 
     ``hidden`` are the 2-D hidden matrices (attention, MLP) that the Muon family's Muon owns;
     ``others`` (embeddings, LM head, norms, biases) always go to AdamW. The adamw family puts both
-    under AdamW.
+    under AdamW. ``qkv_blocks``: the fused QKV weights among ``hidden`` (see :func:`build_muon`).
     """
     if spec.muon is None:
         return OptimizerSet({"adamw": build_adamw(spec.adamw, list(hidden) + list(others), device_type)})
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if hidden:
-        optimizers["muon"] = build_muon(spec.muon, hidden, kernels=spec.kernels)
+        optimizers["muon"] = build_muon(spec.muon, hidden, kernels=spec.kernels, qkv_blocks=qkv_blocks)
     if others:
         optimizers["adamw"] = build_adamw(spec.adamw, others, device_type)
     return OptimizerSet(optimizers)

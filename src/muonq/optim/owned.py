@@ -74,12 +74,13 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
     ``fully_shard`` left them (DTensors with ``Shard(0)`` on dim 0). ``rank`` / ``world_size`` /
     ``group``: this rank's place among the ranks the rows are sharded over (``group`` None: all of
     them). Under HSDP that is the shard group: each group holds and steps its own copy of the
-    state, on gradients that FSDP has already averaged over the replicas.
+    state, on gradients that FSDP has already averaged over the replicas. ``qkv_blocks``: the
+    model's fused QKV weights by name (name -> 3), which Muon splits when ``spec`` says so.
     """
 
     def __init__(self, spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams, *,
                  rank: int, world_size: int, group: Any = None, device_type: str = "cpu",
-                 round_bytes: int = DEFAULT_ROUND_BYTES) -> None:
+                 round_bytes: int = DEFAULT_ROUND_BYTES, qkv_blocks: Mapping[str, int] | None = None) -> None:
         from muonq.optim.build import build_adamw, build_muon
 
         self.rank, self.world_size, self._group = rank, world_size, group
@@ -93,7 +94,8 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
             named_adamw = list(named_others)
         adamw_params = [p for _, p in named_adamw]
         self._hidden = [p for _, p in named_hidden]
-        costs = optimizer_costs(spec, named_hidden, [])
+        qkv_blocks = qkv_blocks or {}
+        costs = optimizer_costs(spec, named_hidden, [], qkv_blocks)
         self.owners: dict[str, int] = assign_owners(costs, world_size, COST_WEIGHTS)
         # checkpoints: the rank whose shard holds each AdamW tensor's whole state
         self._writers = assign_owners(optimizer_costs(spec, [], named_adamw), world_size, COST_WEIGHTS)
@@ -124,7 +126,8 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         self._names: dict[torch.Tensor, str] = {
             **{proxy: name for proxy, (name, _) in zip(self._proxies, named_hidden)}, **{p: n for n, p in named_adamw}}
         if self._hidden:
-            optimizers["muon"] = build_muon(spec.muon, self._proxies, kernels=spec.kernels)
+            qkv = {proxy: qkv_blocks[name] for proxy, (name, _) in zip(self._proxies, named_hidden) if name in qkv_blocks}
+            optimizers["muon"] = build_muon(spec.muon, self._proxies, kernels=spec.kernels, qkv_blocks=qkv)
         if adamw_params:
             optimizers["adamw"] = build_adamw(spec.adamw, adamw_params, device_type)
         self.inner = OptimizerSet(optimizers)

@@ -8,8 +8,11 @@ torch), so configs can be checked before torch is imported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal, TypeVar, Union
+
+K = TypeVar("K")
 
 Family = Literal["adamw", "muon"]
 FAMILIES: tuple[str, ...] = ("adamw", "muon")
@@ -99,6 +102,13 @@ class MuonSpec:
     store: MomentumSpec
     equilibrate: EquilibrateSpec | None = None
     matmul_dtype: str = "auto"  # Newton–Schulz, power iteration and NS input: one of MATMUL_DTYPES
+    # A fused QKV weight (GPT) as its three matrices: momentum, normalisation, Newton–Schulz, rank
+    # and update scale per block, as the original MuonQ does; False: one matrix.
+    split_qkv: bool = True
+
+    def row_blocks(self, qkv_blocks: Mapping[K, int]) -> dict[K, int]:
+        """The row blocks Muon splits parameters into, given the model's fused QKV weights."""
+        return dict(qkv_blocks) if self.split_qkv else {}
 
 
 @dataclass(frozen=True)

@@ -139,12 +139,15 @@ def check_same_owners(owners: Mapping[str, int], *, rank: int, world_size: int) 
                            "different models or optimizer configs")
 
 
-def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams) -> dict[str, tuple[float, float]]:
+def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others: NamedParams,
+                    qkv_blocks: Mapping[str, int] | None = None) -> dict[str, tuple[float, float]]:
     """(state bytes, update work) of each parameter under the optimizer ``spec`` describes.
 
     Muon matrices: the exact momentum bytes of their store (built on the meta device) and elements
-    plus Newton–Schulz FLOPs. AdamW tensors: the bytes of its two moments as stored (see
-    :func:`~muonq.optim.state_bytes.adamw_state_nbytes`) and their element count.
+    plus Newton–Schulz FLOPs, per row block where Muon splits a fused QKV weight (``qkv_blocks``:
+    name -> 3, see :meth:`~muonq.optim.spec.MuonSpec.row_blocks`). AdamW tensors: the bytes of its
+    two moments as stored (see :func:`~muonq.optim.state_bytes.adamw_state_nbytes`) and their
+    element count.
     """
     from muonq.optim.selection import store_selector
     from muonq.optim.state_bytes import adamw_state_nbytes, momentum_nbytes
@@ -157,17 +160,19 @@ def optimizer_costs(spec: OptimizerSpec, named_hidden: NamedParams, named_others
     costs: dict[str, tuple[float, float]] = {}
     muon = spec.muon
     select = store_selector(muon.store, kernels="reference") if muon is not None and named_hidden else None
+    blocks = muon.row_blocks(qkv_blocks or {}) if muon is not None else {}
     nbytes_of_shape: dict[tuple[int, ...], int] = {}  # a store's init is real work (MuonQ's R0): once per shape
     for name, p in named_hidden:
         if select is None:
             costs[name] = adamw(p)
             continue
-        m, n = sorted(p.shape[-2:])
+        k = blocks.get(name, 1)
+        shape = (p.shape[0] // k, *p.shape[1:])
+        m, n = sorted(shape[-2:])
         ns_flops = muon.ns_steps * (4 * m * m * n + 2 * m**3)
-        shape = tuple(p.shape)
         if shape not in nbytes_of_shape:
             nbytes_of_shape[shape] = momentum_nbytes(select, shape)
-        costs[name] = (float(nbytes_of_shape[shape]), float(p.numel() + ns_flops))
+        costs[name] = (float(k * nbytes_of_shape[shape]), float(p.numel() + k * ns_flops))
     for name, p in named_others:
         costs[name] = adamw(p)
     return costs
@@ -443,11 +448,12 @@ def build_sharded_optimizer(
     world_size: int,
     device_type: str = "cpu",
     overlap: bool = True,
+    qkv_blocks: Mapping[str, int] | None = None,
 ) -> ShardedOptimizer:
     """The run's optimizer: ``spec`` built by :func:`~muonq.optim.build.build_optimizer`, sharded
     over ``world_size`` ranks when ``spec.zero`` is true, or None and ``world_size`` > 1.
     ``overlap``: Muon's broadcasts overlap its next round (False: after every update; for
-    comparisons)."""
+    comparisons). ``qkv_blocks``: the model's fused QKV weights by name (name -> 3)."""
     from muonq.optim.build import build_optimizer
 
     zero = spec.zero
@@ -456,10 +462,13 @@ def build_sharded_optimizer(
     if not zero:
         rank, world_size = 0, 1
 
+    qkv = {p: (qkv_blocks or {})[name] for name, p in named_hidden if name in (qkv_blocks or {})}
+
     def build(hidden: list[torch.Tensor], others: list[torch.Tensor]) -> OptimizerSet:
-        return build_optimizer(spec, hidden=hidden, others=others, device_type=device_type)
+        return build_optimizer(spec, hidden=hidden, others=others, device_type=device_type, qkv_blocks=qkv)
 
     return ShardedOptimizer(
         build, named_hidden, named_others, rank=rank, world_size=world_size,
-        costs=optimizer_costs(spec, named_hidden, named_others) if world_size > 1 else None, overlap=overlap,
+        costs=optimizer_costs(spec, named_hidden, named_others, qkv_blocks) if world_size > 1 else None,
+        overlap=overlap,
     )  # fmt: skip

@@ -153,11 +153,13 @@ class Trainer:
         if is_fsdp(self.cfg.parallelism):  # AdamW on the shards, each Muon matrix whole on its owner
             group, rank, size = shard_group(self.model)  # HSDP: each shard group steps its own copy
             self.optimizer = OwnedMuonOptimizer(self.optimizer_spec, named_hidden, named_others, rank=rank,
-                                                world_size=size, group=group, device_type=self.device.type)
+                                                world_size=size, group=group, device_type=self.device.type,
+                                                qkv_blocks=self.model.qkv_blocks())
             return
         self.optimizer: ShardedOptimizer = build_sharded_optimizer(
             self.optimizer_spec, named_hidden=named_hidden, named_others=named_others,
             rank=self.dist.rank, world_size=self.dist.world_size, device_type=self.device.type,
+            qkv_blocks=self.model.qkv_blocks(),
         )
 
     # -- checkpoints and evaluation ------------------------------------------------------------
