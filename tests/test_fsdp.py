@@ -26,6 +26,7 @@ from muonq import metric_names as M
 from muonq.config import ModelConfig, preset
 from muonq.models import build_model
 from muonq.optim.shard_format import shard_file
+from muonq.train.model_rows import model_shard_file
 
 from .conftest import TINY, losses, run_tool, run_training
 
@@ -34,14 +35,19 @@ STEPS = 10
 # accumulation 2 (so FSDP's skipped gradient sync on the first micro-step is exercised too).
 COMMON = (*TINY, f"recipe.training_params.max_steps={STEPS}", "recipe.training_params.batch_size=1",
           "recipe.training_params.tokens_processed=256", "logging_params.val_tokens_processed=512")
-OPTIMIZERS = ("adamw", "muon", "muonq")  # AdamW alone, fp32 momentum, the decomposed low-bit store
-# Measured (2026-12-01, torch 2.13 CPU, gloo): the largest relative loss difference over the 10 steps
-# was 1.1e-7 (adamw), 1.1e-7 (muon), 2.2e-7 (muonq), 1.1e-7 (muoneq); the bound leaves room for
-# other machines' reduction order (DDP vs one process differs by ~1e-5).
+# AdamW alone, fp32 momentum, blockwise 8-bit momentum, the decomposed 4-bit store, grid scales, and
+# equilibration before Newton-Schulz: every kind of Muon state and transform on its owner
+OPTIMIZERS = ("adamw", "muon", "muon8bit", "muonq", "grasp", "muoneq")
+# Measured (torch 2.13 CPU, gloo): the largest relative loss difference over the 10 steps was 1.1e-7
+# (adamw), 1.1e-7 (muon), 2.2e-7 (muonq), 1.1e-7 (muoneq) with fp32 Newton-Schulz (2026-12-01), and
+# 1.1e-7 (adamw), 1.1e-6 (muon), 1.1e-6 (muon8bit), 1.4e-6 (muonq), 4.0e-6 (grasp), 9.7e-7 (muoneq)
+# with bf16 Newton-Schulz (auto on an AMD EPYC with avx512_bf16, 2026-12-06); the bound leaves room
+# for other machines' reduction order (DDP vs one process differs by ~1e-5).
 REL_TOL = 1e-4
 
 
 SAVE_AT = 5  # the curves' runs save checkpoints at steps 5 and 10
+FILES_OF_TWO = [model_shard_file(0), model_shard_file(1), shard_file(0), shard_file(1)]  # 2 ranks' files
 
 
 def _run(tmp: Path, data: Path, name: str, nproc: int, *extra: str, tag: str = "") -> list[dict]:
@@ -100,13 +106,20 @@ def test_fsdp_halves_per_rank_bytes(curves, name):
 
 def test_four_ranks_resume_two_and_follow_one_process_with_a_quarter_of_the_bytes(curves, fsdp_tmp, shakespeare_data):
     """muonq at 4 FSDP ranks (no accumulation), resumed from the 2-rank FSDP run's step-5
-    checkpoint (its Muon state re-assigned to four owners, the AdamW state re-sharded): the
-    single-process losses to 1e-4, and the largest rank's parameters + gradients + optimizer state
-    within 10% of a quarter of one process's. (The HSDP test resumes 4 ranks' checkpoint at 2.)"""
-    rows = _resumed_rows(fsdp_tmp, shakespeare_data, "muonq", 4, "muonq_2", "parallelism=fsdp")
+    checkpoint (its Muon state re-assigned to four owners, the AdamW state and the model's rows
+    re-sharded): the single-process losses to 1e-4, and the largest rank's parameters + gradients
+    + optimizer state within 10% of a quarter of one process's. Its step-7 checkpoint (four
+    ranks' files) resumes at 2 ranks and follows one process too."""
+    rows = _resumed_rows(fsdp_tmp, shakespeare_data, "muonq", 4, "muonq_2", "parallelism=fsdp",
+                         "logging_params.save_checkpoint=true", "logging_params.save_ckpt_step=7")
     single, four = losses(curves["muonq", "single"]), losses(rows)
     assert sorted(four) == list(range(SAVE_AT + 1, STEPS + 1))
     assert all(math.isclose(four[s], single[s], rel_tol=REL_TOL) for s in four), (four, single)
+    step = fsdp_tmp / "ckpt" / "muonq_4_from_muonq_2" / "step_000007"
+    assert sorted(p.name for p in step.glob("model_rank*.pt")) == [model_shard_file(r) for r in range(4)]
+    two = _resumed(fsdp_tmp, shakespeare_data, "muonq", 2, "muonq_4_from_muonq_2", "parallelism=fsdp", at=7)
+    assert sorted(two) == list(range(8, STEPS + 1))
+    assert all(math.isclose(two[s], single[s], rel_tol=REL_TOL) for s in two), (two, single)
     keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
     ratio = sum(_first(rows, k) for k in keys) / sum(_first(curves["muonq", "single"], k) for k in keys)
     print(f"muonq at 4 ranks: largest rank's bytes {ratio:.3f} of one process's")
@@ -134,7 +147,7 @@ def test_hsdp_two_replicas_of_two_shards(curves, fsdp_tmp, shakespeare_data):
     planned, _ = plan(compose_config([*COMMON, "optimizer_params=muonq", "parallelism=fsdp", "parallelism.dp_shard=2"]), 4)
     assert [planned.params, planned.grads, planned.state] == [_first(rows, k) for k in keys]
     step = fsdp_tmp / "ckpt" / "muonq_4_hsdp" / f"step_{SAVE_AT:06d}"
-    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", shard_file(0), shard_file(1)]  # one replica writes
+    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", *FILES_OF_TWO]  # one replica writes
     resumed = _resumed(fsdp_tmp, shakespeare_data, "muonq", 2, "muonq_4_hsdp", "parallelism=fsdp")
     fsdp = losses(curves["muonq", "fsdp"])
     assert all(math.isclose(resumed[s], fsdp[s], rel_tol=REL_TOL) for s in resumed), (resumed, fsdp)
@@ -153,27 +166,34 @@ def test_planner_predicts_the_logged_bytes(curves, name):
             _first(rows, M.PARAM_BYTES_RANK_MAX), _first(rows, M.GRAD_BYTES_RANK_MAX), _first(rows, M.STATE_BYTES_RANK_MAX))
 
 
-def _resumed_rows(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> list[dict]:
-    """The metrics of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s step-5
-    checkpoint."""
+def _resumed_rows(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str, at: int = SAVE_AT) -> list[dict]:
+    """The metrics of a run of ``name`` on ``nproc`` processes resumed from run ``source``'s
+    checkpoint of step ``at``."""
     tag = f"_from_{source}"
-    step = f"step_{SAVE_AT:06d}"
+    step = f"step_{at:06d}"
     shutil.copytree(tmp / "ckpt" / source / step, tmp / "ckpt" / f"{name}_{nproc}{tag}" / step)
     return _run(tmp, data, name, nproc, "resume=true", *extra, tag=tag)
 
 
-def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str) -> dict[int, float]:
+def _resumed(tmp: Path, data: Path, name: str, nproc: int, source: str, *extra: str, at: int = SAVE_AT) -> dict[int, float]:
     """The losses of :func:`_resumed_rows`."""
-    return losses(_resumed_rows(tmp, data, name, nproc, source, *extra))
+    return losses(_resumed_rows(tmp, data, name, nproc, source, *extra, at=at))
 
 
 def test_checkpoints_move_between_fsdp_and_ddp(curves, fsdp_tmp, shakespeare_data):
-    """An FSDP checkpoint holds the whole model (main.pt) and ZeRO-1's optimizer shards: FSDP resumes
-    it bit for bit, one DDP process resumes it, FSDP resumes a DDP checkpoint, and evaluate reads it."""
+    """An FSDP checkpoint holds each rank's rows of the model (no rank gathers it) and ZeRO-1's
+    optimizer shards: FSDP resumes it bit for bit, one DDP process resumes it, FSDP resumes a DDP
+    checkpoint (the whole model of its main.pt), and evaluate reads it."""
     fsdp, single = losses(curves["muonq", "fsdp"]), losses(curves["muonq", "single"])
     later = range(SAVE_AT + 1, STEPS + 1)
     step = fsdp_tmp / "ckpt" / "muonq_2" / f"step_{SAVE_AT:06d}"
-    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", shard_file(0), shard_file(1)]
+    assert sorted(p.name for p in step.glob("*.pt")) == ["main.pt", *FILES_OF_TWO]
+    main = torch.load(step / "main.pt", weights_only=True)
+    assert "model" not in main and main["model_shards"] == 2
+    whole = torch.load(fsdp_tmp / "ckpt" / "muonq_1" / f"step_{SAVE_AT:06d}" / "main.pt", weights_only=True)["model"]
+    rows = [torch.load(step / model_shard_file(r), weights_only=True)["tensors"] for r in (0, 1)]
+    for name, tensor in whole.items():  # each rank wrote its half of every weight
+        assert [rows[r][name]["rows"].shape[0] for r in (0, 1)] == [tensor.shape[0] // 2] * 2, name
     shards = [torch.load(step / shard_file(r), weights_only=True) for r in (0, 1)]
     # the AdamW tensors' state is saved whole, by one rank each; Muon's by each matrix's owner
     assert all(not hasattr(v, "to_local") for s in shards for st in s["optimizers"]["adamw"]["state"].values() for v in st.values())
@@ -316,6 +336,26 @@ def _adamw4_resume(rank: int, world: int, tmp: str) -> dict:
     return {"kinds": kinds, "straight": straight, "resumed": {n: p.full_tensor().detach() for n, p in model.named_parameters()}}
 
 
+# 33 tokens: the embedding and head split 17 / 16 rows over 2 ranks
+MODEL_ODD = {**MODEL, "vocab_size": 33}
+
+
+def _model_rows(rank: int, world: int, tmp: str) -> dict:
+    """Each rank writes its rows of a model whose rows split unevenly; a differently initialised
+    sharded model then takes its rows back from both files."""
+    from muonq.train.model_rows import load_weights, local_rows
+
+    torch.manual_seed(0)
+    model = _sharded_model(MODEL_ODD, rank, world)
+    torch.save(local_rows(model, rank=rank, shards=world), Path(tmp) / model_shard_file(rank))
+    dist.barrier()
+    torch.manual_seed(1)
+    fresh = _sharded_model(MODEL_ODD, rank, world)
+    load_weights(fresh, [torch.load(Path(tmp) / model_shard_file(r), weights_only=True, mmap=True) for r in reversed(range(world))])
+    return {"saved": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
+            "loaded": {n: p.full_tensor().detach() for n, p in fresh.named_parameters()}}
+
+
 def _sharded_model(config: dict, rank: int, world: int) -> torch.nn.Module:
     from muonq.train.distributed import DistInfo
     from muonq.train.parallelize import shard_fsdp
@@ -331,7 +371,8 @@ def _rank(rank: int, world: int, port: int, names: list[str], tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {"owned": _owned_run(rank, world, names), "adamw4": _adamw4_resume(rank, world, tmp)}
+        results = {"owned": _owned_run(rank, world, names), "adamw4": _adamw4_resume(rank, world, tmp),
+                   "rows": _model_rows(rank, world, tmp)}
         if rank == 0:
             torch.save(results, Path(tmp) / "fsdp.pt")
     finally:
@@ -357,7 +398,7 @@ def in_process(tmp_path_factory) -> dict:
     gradient): the PARAM_TOL optimizers' runs, then the 4-bit AdamW save and resume."""
     tmp = tmp_path_factory.mktemp("fsdp_in_process")
     mp.spawn(_rank, args=(2, 29000 + os.getpid() % 1000, list(PARAM_TOL), str(tmp)), nprocs=2, join=True)
-    return torch.load(tmp / "fsdp.pt", weights_only=True)
+    return {**torch.load(tmp / "fsdp.pt", weights_only=True), "tmp": tmp}
 
 
 def test_owner_only_state_and_same_parameters(in_process):
@@ -390,3 +431,21 @@ def test_4bit_adamw_state_saves_and_resumes_under_fsdp(in_process):
     assert got["kinds"]["model.norm.weight"] == "Tensor"
     assert got["resumed"].keys() == got["straight"].keys()
     assert all(torch.equal(got["resumed"][n], got["straight"][n]) for n in got["straight"])
+
+
+def test_model_rows_written_by_their_ranks_load_anywhere(in_process, tmp_path):
+    """Rows that split unevenly (17 / 16) go back into a sharded model exactly; one process puts
+    the whole model together from the same files; a missing file or another shape is refused."""
+    from muonq.train.model_rows import load_weights
+
+    got = in_process["rows"]
+    assert all(torch.equal(got["loaded"][n], got["saved"][n]) for n in got["saved"])
+    files = [torch.load(in_process["tmp"] / model_shard_file(r), weights_only=True) for r in (0, 1)]
+    assert [f["tensors"]["lm_head.weight"]["rows"].shape[0] for f in files] == [17, 16]
+    whole = build_model(ModelConfig(**MODEL_ODD))
+    load_weights(whole, files)
+    assert all(torch.equal(p.detach(), got["saved"][n]) for n, p in whole.named_parameters())
+    with pytest.raises(ValueError, match="lacks rows of model.embed_tokens.weight"):
+        load_weights(build_model(ModelConfig(**MODEL_ODD)), files[:1])
+    with pytest.raises(ValueError, match=re.escape("model.embed_tokens.weight is (33, 64) in the checkpoint, (32, 64)")):
+        load_weights(build_model(ModelConfig(**MODEL)), files)

@@ -71,18 +71,24 @@ def load_checkpoint(path: str | pathlib.Path) -> LoadedCheckpoint:
 
     file = resolve_checkpoint(path)
     payload = read_file(file)
-    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
+    if not isinstance(payload, dict) or not {"model", "model_shards"} & set(payload) or "model_config" not in payload:
         raise UserError(f"{file} is not a MuonQ training checkpoint (no model / model_config)")
     return LoadedCheckpoint(file, payload)
 
 
 def build_from_checkpoint(ckpt: LoadedCheckpoint) -> torch.nn.Module:
-    """The framework's model with the checkpoint's weights, in eval mode on the CPU."""
+    """The framework's model with the checkpoint's weights (whole in ``main.pt``, or put together
+    from the rows that FSDP ranks wrote), in eval mode on the CPU."""
     from muonq.config import ModelConfig
     from muonq.models import build_model
+    from muonq.train.checkpoint import read_listed
+    from muonq.train.model_rows import checkpoint_shards, load_weights
 
     model = build_model(ModelConfig(**ckpt.model_config))
-    model.load_state_dict(ckpt.payload["model"])
+    try:
+        load_weights(model, checkpoint_shards(ckpt.payload, lambda name: read_listed(ckpt.path.parent, name, mmap=True)))
+    except ValueError as err:
+        raise UserError(f"{ckpt.path}: {err}") from err
     return model.eval()
 
 

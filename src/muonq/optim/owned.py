@@ -66,6 +66,13 @@ def shard_rows(rows: int, world_size: int) -> list[tuple[int, int]]:
     return [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world_size)]
 
 
+def row_range(param: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of the rows of ``param`` (a ``Shard(0)`` DTensor) that this rank holds. Rows are
+    sharded over the mesh's last dimension; under HSDP the first one replicates."""
+    mesh = param.device_mesh
+    return shard_rows(param.shape[0], mesh.size(mesh.ndim - 1))[mesh.get_local_rank(mesh.ndim - 1)]
+
+
 class OwnedMuonOptimizer(WrapsOptimizerSet):
     """The run's optimizer over FSDP2-sharded parameters; the surface the trainer uses on
     :class:`~muonq.optim.zero.ShardedOptimizer` (step, zero_grad, lr multiplier, state report).
@@ -355,7 +362,6 @@ def _rows_like(value: Any, param: torch.Tensor) -> Any:
         return value
     from torch.distributed.tensor import DTensor
 
-    mesh = param.device_mesh  # rows are sharded over its last dimension (HSDP: the first replicates)
-    start, end = shard_rows(param.shape[0], mesh.size(mesh.ndim - 1))[mesh.get_local_rank(mesh.ndim - 1)]
+    start, end = row_range(param)
     local = value[start:end].to(device=_local(param).device).contiguous()
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

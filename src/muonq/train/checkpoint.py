@@ -1,8 +1,9 @@
 """Atomic, checksummed checkpoints: one folder per step, one or more files per folder.
 
-Layout: ``<dir>/step_000100/`` holds the files that ranks wrote (``main.pt`` from rank 0, and
-``optim_rank00000.pt``, ``optim_rank00001.pt`` ...: one optimizer shard per ZeRO-1 rank, see
-:mod:`muonq.optim.zero`) and ``manifest.json`` (step, files, sha256 of each, plus what the writer
+Layout: ``<dir>/step_000100/`` holds the files that ranks wrote (``main.pt`` from rank 0,
+``optim_rank00000.pt``, ``optim_rank00001.pt`` ...: one optimizer shard per ZeRO-1 or FSDP rank, see
+:mod:`muonq.optim.shard_format`, and under FSDP ``model_rank00000.pt`` ...: each rank's rows of the
+model, see :mod:`muonq.train.model_rows`) and ``manifest.json`` (step, files, sha256 of each, plus what the writer
 adds: the optimizer's owner map). Files are written into ``step_000100.partial/`` and the folder is renamed only
 after the manifest is complete, so a kill at any moment leaves either a whole checkpoint or a
 ``.partial`` folder that loading ignores. Loading verifies the checksums and falls back to the
@@ -94,13 +95,22 @@ def verify_folder(folder: Path) -> str | None:
     return None
 
 
-def read_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load (tensors and plain containers only); a file torch cannot read is a :class:`UserError`."""
+def read_file(path: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """torch.load (tensors and plain containers only; ``mmap``: tensors stay in the file until
+    used); a file torch cannot read is a :class:`UserError`."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, UnpicklingError) as err:  # what torch raises for foreign bytes
         # not torch's own text: it suggests weights_only=False, which would run the file's code
         raise UserError(f"{path} is not a readable checkpoint file ({type(err).__name__})") from err
+
+
+def read_listed(folder: Path, name: str, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """File ``name`` of the step folder ``folder``, which its manifest must list (the manifest's
+    checksums are verified when the folder is chosen, so nothing is read unverified)."""
+    if name not in read_manifest(folder)["files"]:
+        raise UserError(f"checkpoint {folder}: {name} is not listed in its {MANIFEST}")
+    return read_file(folder / name, map_location, mmap=mmap)
 
 
 def write_file(path: Path, payload: dict[str, Any]) -> None:
@@ -185,11 +195,10 @@ class CheckpointManager:
             rejected.append(f"{self.step_dir(step).name} ({problem})")
         return None, rejected
 
-    def load(self, step: int, name: str = MAIN, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    def load(self, step: int, name: str = MAIN, map_location: str | torch.device = "cpu", *,
+             mmap: bool = False) -> dict[str, Any]:
         """A file of a verified checkpoint; one its manifest does not list is refused."""
-        if name not in self.manifest(step)["files"]:
-            raise UserError(f"checkpoint {self.step_dir(step)}: {name} is not listed in its {MANIFEST}")
-        return read_file(self.step_dir(step) / name, map_location)
+        return read_listed(self.step_dir(step), name, map_location, mmap=mmap)
 
     def manifest(self, step: int) -> dict[str, Any]:
         return read_manifest(self.step_dir(step))

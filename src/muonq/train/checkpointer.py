@@ -1,8 +1,9 @@
 """A run's checkpoints: what one holds, when one is written, and resuming from the newest.
 
 Storage (atomic folders, checksums, pruning) is :class:`~muonq.train.checkpoint.CheckpointManager`;
-this adds the run's side: the payload (the whole model, loader, RNG streams, counters, config), the
-optimizer shards written by their ranks (ZeRO-1's or FSDP's owners: one format for both), the
+this adds the run's side: the payload (loader, RNG streams, counters, config, and the whole model,
+or under FSDP2 each rank's rows of it: :mod:`muonq.train.model_rows`), the optimizer shards written
+by their ranks (ZeRO-1's or FSDP's owners: one format for both), the
 cadence (``logging_params.save_checkpoint`` every ``save_ckpt_step`` steps), which step is already
 on disk, so no state is written twice, and the lock that keeps other runs out of the folder
 (:mod:`muonq.train.folder_lock`).
@@ -30,7 +31,7 @@ from muonq.train import guard
 from muonq.train.checkpoint import CheckpointManager, every_checkpoint_rejected
 from muonq.train.distributed import DistInfo
 from muonq.train.folder_lock import FolderLock
-from muonq.train.parallelize import full_model_state, load_full_model_state
+from muonq.train.model_rows import checkpoint_shards, is_row_sharded, load_weights, local_rows, model_shard_file
 
 log = logging.getLogger("muonq")
 
@@ -93,11 +94,13 @@ class Checkpointer:
             self.ensure_saved()
 
     # -- writing ---------------------------------------------------------------------------------
-    def _payload(self, model_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _payload(self) -> dict[str, Any]:
+        weights = ({"model_shards": self.optimizer.world_size} if is_row_sharded(self.model)
+                   else {"model": self.model.state_dict()})
         return {
             "step": self.state.step,
             "skipped_steps": self.state.skipped_steps,
-            "model": model_state,
+            **weights,
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "wandb_id": self.state.wandb_id,
@@ -109,20 +112,22 @@ class Checkpointer:
 
     def save(self) -> None:
         """Rank 0 writes main.pt, each optimizer shard's rank its ``optim_rankNNNNN.pt`` (rank 0 alone
-        when unsharded), into one partial folder; rank 0 then commits it with the owner map in the
-        manifest. Weights that are not finite are never saved (:meth:`check_weights_finite`). Under
-        FSDP2 gathering the whole model and the AdamW state are collectives."""
+        when unsharded), and under FSDP2 its rows of the model, ``model_rankNNNNN.pt``, into one
+        partial folder; rank 0 then commits it with the owner map in the manifest. Under HSDP the
+        first shard group writes. Weights that are not finite are never saved
+        (:meth:`check_weights_finite`). Under FSDP2 gathering the AdamW state is a collective."""
         step = self.state.step
         self.check_weights_finite()
         if self.dist.is_main:
             self.manager.begin(step)
         dist_utils.barrier()
-        model_state = full_model_state(self.model)
         if self.dist.is_main:
-            self.manager.write_part(step, "main.pt", self._payload(model_state))
-        del model_state
+            self.manager.write_part(step, "main.pt", self._payload())
         if self.dist.rank == self.optimizer.rank:
-            self.manager.write_part(step, shard_file(self.optimizer.rank), self.optimizer.state_dict())
+            rank, shards = self.optimizer.rank, self.optimizer.world_size
+            if is_row_sharded(self.model):
+                self.manager.write_part(step, model_shard_file(rank), local_rows(self.model, rank=rank, shards=shards))
+            self.manager.write_part(step, shard_file(rank), self.optimizer.state_dict())
         dist_utils.barrier()
         if self.dist.is_main:
             self._commit(step)
@@ -151,7 +156,10 @@ class Checkpointer:
 
     def _commit(self, step: int) -> None:
         partial = self.manager.partial_dir(step)
-        missing = [shard_file(r) for r in range(self.optimizer.world_size) if not (partial / shard_file(r)).is_file()]
+        files = [shard_file(r) for r in range(self.optimizer.world_size)]
+        if is_row_sharded(self.model):
+            files += [model_shard_file(r) for r in range(self.optimizer.world_size)]
+        missing = [name for name in files if not (partial / name).is_file()]
         if missing:
             raise RuntimeError(
                 f"checkpoint {partial}: rank 0 does not see {', '.join(missing)} written by the other ranks; "
@@ -208,8 +216,8 @@ class Checkpointer:
                 f"checkpoint {self.step_dir(step)} was written by optimizer "
                 f"{payload['optimizer_name']!r}, this run uses {self.cfg.optimizer_params.name!r}"
             )
-        try:
-            load_full_model_state(self.model, payload["model"])
+        try:  # one shard file at a time, memory-mapped: a rank keeps only its rows
+            load_weights(self.model, checkpoint_shards(payload, lambda name: self.manager.load(step, name, mmap=True)))
         except (RuntimeError, KeyError, ValueError) as err:
             raise UserError(
                 f"checkpoint {self.step_dir(step)} holds a model of another shape "

@@ -141,28 +141,3 @@ def autocast_context(device: torch.device, *, autocast: bool, mixed_precision: s
         return torch.autocast("cuda", dtype=getattr(torch, mixed_precision))
     return contextlib.nullcontext()
 
-
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole (unsharded) state dict, on the CPU of rank 0; a collective under FSDP2
-    (every rank calls it; ranks other than 0 get an empty dict). The checkpoint format is the
-    same whatever the parallelism, so a checkpoint resumes, evaluates and exports anywhere."""
-    if not _has_dtensor_params(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a whole state dict (as :func:`full_model_state` writes) into ``model``; under FSDP2
-    every rank passes the whole dict and keeps its rows (no communication)."""
-    if not _has_dtensor_params(model):
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
-def _has_dtensor_params(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "to_local") for p in model.parameters())
