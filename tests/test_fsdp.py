@@ -131,6 +131,27 @@ def test_four_ranks_resume_two_and_follow_one_process_with_a_quarter_of_the_byte
     assert (planned.params, planned.grads, planned.state) == tuple(_first(rows, k) for k in keys)
 
 
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "muonq"])  # muonq: the tests above and below
+def test_four_ranks_and_hsdp_follow_one_process(curves, fsdp_tmp, shakespeare_data, name):
+    """Every other optimizer at 4 FSDP ranks and as 2 replicas x 2 shards: the single-process
+    losses to 1e-4; at 4 ranks the largest rank holds a quarter of one process's parameter +
+    gradient + state bytes (within 10%), under HSDP exactly what a 2-rank FSDP rank holds."""
+    single = curves[name, "single"]
+    keys = (M.PARAM_BYTES_RANK_MAX, M.GRAD_BYTES_RANK_MAX, M.STATE_BYTES_RANK_MAX)
+    four = _run(fsdp_tmp, shakespeare_data, name, 4, "parallelism=fsdp", tag="_fsdp4")
+    hsdp = _run(fsdp_tmp, shakespeare_data, name, 4, "parallelism=fsdp", "parallelism.dp_shard=2", tag="_hsdp")
+    for rows in (four, hsdp):
+        got, want = losses(rows), losses(single)
+        assert sorted(got) == sorted(want)
+        worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+        print(f"{name}: largest relative loss difference {worst:.2e}")
+        assert worst < REL_TOL, (name, got, want)
+    ratio = sum(_first(four, k) for k in keys) / sum(_first(single, k) for k in keys)
+    print(f"{name} at 4 ranks: largest rank's bytes {ratio:.3f} of one process's")
+    assert 0.25 * 0.9 <= ratio <= 0.25 * 1.1, ratio
+    assert [_first(hsdp, k) for k in keys] == [_first(curves[name, "fsdp"], k) for k in keys]
+
+
 def test_hsdp_two_replicas_of_two_shards(curves, fsdp_tmp, shakespeare_data):
     """parallelism.dp_shard=2 at 4 ranks: two shard groups replicating each other; the losses of
     one process to 1e-4, every rank holds what a 2-rank FSDP rank holds (as planned), and its
