@@ -31,8 +31,8 @@ the reduction order, and its update is Muon's; the only difference from a single
 the update is rounded once before it is added (``p + round(a x U)`` instead of ``p.add_(U, alpha=a)``).
 
 Checkpoints use ZeRO-1's shard format (:mod:`muonq.optim.shard_format`): each owner writes its
-matrices' Muon state, and each AdamW tensor's whole state (gathered from every rank's rows) is
-written by one rank, so FSDP and DDP runs, at any world size, resume from each other's checkpoints.
+matrices' Muon state and every rank the AdamW state of the rows it holds (nothing is gathered), so
+FSDP and DDP runs, at any world size, resume from each other's checkpoints.
 
 HSDP (``parallelism.dp_shard``): all of the above within each shard group.
 """
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
-from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, named_state, shards_holding
+from muonq.optim.shard_format import FORMAT, RowPieces, load_named_state, merge_shards, named_state, shards_holding
 from muonq.optim.spec import OptimizerSpec
 from muonq.optim.zero import COST_WEIGHTS, NamedParams, assign_owners, check_same_owners, optimizer_costs
 
@@ -104,8 +104,7 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         qkv_blocks = qkv_blocks or {}
         costs = optimizer_costs(spec, named_hidden, [], qkv_blocks)
         self.owners: dict[str, int] = assign_owners(costs, world_size, COST_WEIGHTS)
-        # checkpoints: the rank whose shard holds each AdamW tensor's whole state
-        self._writers = assign_owners(optimizer_costs(spec, [], named_adamw), world_size, COST_WEIGHTS)
+        self._adamw = {name: p for name, p in named_adamw}  # checkpoints: every shard holds rows of their state
         self._owner = [self.owners[name] for name, _ in named_hidden]
         check_same_owners(self.owners, rank=rank, world_size=world_size)
         self._rows = [shard_rows(p.shape[0], world_size) for p in self._hidden]
@@ -294,29 +293,29 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
 
     # -- checkpoints -------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
-        """As ZeRO-1's: format, world size, and the shard of every parameter (a Muon matrix's owner,
-        an AdamW tensor's writer)."""
-        return {"format": FORMAT, "world_size": self.world_size, "owners": {**self.owners, **self._writers}}
+        """As ZeRO-1's: format, world size, and the shard of every parameter: a Muon matrix's owner,
+        every rank for an AdamW tensor (each writes the rows it holds)."""
+        ranks = list(range(self.world_size))
+        return {"format": FORMAT, "world_size": self.world_size,
+                "owners": {**self.owners, **dict.fromkeys(self._adamw, ranks)}}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard in ZeRO-1's format (:mod:`muonq.optim.shard_format`): the Muon state of
-        the matrices it owns and the whole AdamW state of the tensors it writes, gathered from every
-        rank's rows. A collective: every rank calls it."""
+        """This rank's shard (:mod:`muonq.optim.shard_format`): the Muon state of the matrices it
+        owns, and the AdamW state of the rows it holds of every other tensor, as the optimizer keeps
+        it (torchao's 8- and 4-bit state included). No collective: nothing is gathered."""
         optimizers = {}
         if "muon" in self.inner.optimizers:  # state exists on the owners only
             optimizers["muon"] = named_state(self.inner.optimizers["muon"], self._names, lambda name, state: state)
         if "adamw" in self.inner.optimizers:
-            def gathered(name: str, state: dict[str, Any]) -> dict[str, Any] | None:
-                whole = {k: _whole(v) for k, v in state.items()}
-                return whole if self._writers[name] == self.rank else None
-
-            optimizers["adamw"] = named_state(self.inner.optimizers["adamw"], self._names, gathered)
-        return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
+            optimizers["adamw"] = named_state(self.inner.optimizers["adamw"], self._names,
+                                              lambda name, state: {k: _local(v) for k, v in state.items()})
+        return {**self.manifest(), "rank": self.rank, "optimizers": optimizers,
+                "row_starts": {name: _first_row(p) for name, p in self._adamw.items()}}
 
     def _needed(self) -> list[str]:
         """The parameters whose saved state this rank loads: its Muon matrices and every AdamW
         tensor (it keeps its rows of each)."""
-        return [name for name, owner in self.owners.items() if owner == self.rank] + list(self._writers)
+        return [name for name, owner in self.owners.items() if owner == self.rank] + list(self._adamw)
 
     def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
         return shards_holding(owners, self._needed())
@@ -324,44 +323,23 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
     def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Load a checkpoint's shards (ZeRO-1's or this optimizer's, any world size): each owner
         its matrices' Muon state, every rank its rows of the AdamW state."""
-        merged = merge_shards(shards, names={*self.owners, *self._writers}, needed=self._needed(),
+        merged = merge_shards(shards, names={*self.owners, *self._adamw}, needed=self._needed(),
                               optimizers=set(self.inner.optimizers))
         if "muon" in merged:
             load_named_state("muon", self.inner.optimizers["muon"], merged["muon"], self._names,
                              lambda name, state: state if self.owners[name] == self.rank else None)
         if "adamw" in merged:
-            params = {name: p for p, name in self._names.items() if name in self._writers}
+            adamw = self.inner.optimizers["adamw"]
 
-            def rows(name: str, state: dict[str, Any]) -> dict[str, Any]:
-                return {k: _rows_like(v, params[name]) for k, v in state.items()}
+            def rows(name: str, state: RowPieces | dict[str, Any]) -> dict[str, Any]:
+                pieces = state if isinstance(state, RowPieces) else RowPieces([(0, state)])  # a DDP checkpoint's
+                param = self._adamw[name]
+                start = _first_row(param)
+                return pieces.state_for(adamw, param, (start, start + _local(param).shape[0]), name)
 
-            load_named_state("adamw", self.inner.optimizers["adamw"], merged["adamw"], self._names, rows)
-
-
-def _whole(value: Any) -> Any:
-    """A state DTensor gathered whole (a collective); anything else as is."""
-    return _waited(value.full_tensor()) if hasattr(value, "full_tensor") else value
+            load_named_state("adamw", adamw, merged["adamw"], self._names, rows)
 
 
-def _waited(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with every async collective result inside it waited for: gathering a tensor subclass
-    (torchao's 8- and 4-bit AdamW state) gives one whose inner tensors are still in flight, which
-    neither arithmetic nor ``torch.save`` should see."""
-    if hasattr(t, "trigger_wait"):
-        return t.wait()
-    if not hasattr(t, "__tensor_flatten__"):
-        return t
-    names, context = t.__tensor_flatten__()
-    inner = {name: _waited(getattr(t, name)) for name in names}
-    return type(t).__tensor_unflatten__(inner, context, t.shape, t.stride())
-
-
-def _rows_like(value: Any, param: torch.Tensor) -> Any:
-    """A saved whole state tensor as ``param``'s DTensor (this rank's rows); anything else as is."""
-    if not (hasattr(param, "device_mesh") and isinstance(value, torch.Tensor) and value.shape == param.shape):
-        return value
-    from torch.distributed.tensor import DTensor
-
-    start, end = row_range(param)
-    local = value[start:end].to(device=_local(param).device).contiguous()
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+def _first_row(param: torch.Tensor) -> int:
+    """The first of the rows this rank holds of ``param`` (0 for a plain tensor)."""
+    return row_range(param)[0] if hasattr(param, "device_mesh") else 0

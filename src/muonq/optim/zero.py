@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from muonq.optim.optimizer_set import OptimizerSet, WrapsOptimizerSet
-from muonq.optim.shard_format import FORMAT, load_named_state, merge_shards, named_state, shards_holding
+from muonq.optim.shard_format import FORMAT, RowPieces, load_named_state, merge_shards, named_state, shards_holding
 from muonq.optim.spec import OptimizerSpec
 
 DEFAULT_BUCKET_CAP_BYTES = 32 * 2**20
@@ -431,8 +431,14 @@ class ShardedOptimizer(WrapsOptimizerSet):
         """Load the entries of the parameters this rank owns from one shard or several (any world
         size). The shards must include every shard that holds one of them (:meth:`shards_to_read`)."""
         merged = merge_shards(shards, names=set(self.owners), needed=self.owned_names(), optimizers=set(self.inner.optimizers))
+        params = {name: p for p, name in self._names.items()}
         for opt_name, opt in self.inner:
-            load_named_state(opt_name, opt, merged[opt_name], self._names, self._owned_state)
+            def owned(name: str, state: Any, opt: torch.optim.Optimizer = opt) -> dict[str, Any] | None:
+                if isinstance(state, RowPieces) and self.owners[name] == self.rank:  # FSDP's AdamW rows
+                    return state.state_for(opt, params[name], (0, params[name].shape[0]), name)
+                return self._owned_state(name, state)
+
+            load_named_state(opt_name, opt, merged[opt_name], self._names, owned)
 
     def _owned_state(self, name: str, state: dict[str, Any]) -> dict[str, Any] | None:
         """``state`` if this rank owns parameter ``name``, else None (what a shard keeps of it)."""

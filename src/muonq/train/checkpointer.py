@@ -115,7 +115,7 @@ class Checkpointer:
         when unsharded), and under FSDP2 its rows of the model, ``model_rankNNNNN.pt``, into one
         partial folder; rank 0 then commits it with the owner map in the manifest. Under HSDP the
         first shard group writes. Weights that are not finite are never saved
-        (:meth:`check_weights_finite`). Under FSDP2 gathering the AdamW state is a collective."""
+        (:meth:`check_weights_finite`)."""
         step = self.state.step
         self.check_weights_finite()
         if self.dist.is_main:
