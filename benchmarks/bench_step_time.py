@@ -16,7 +16,11 @@ and bf16 Newton–Schulz (torch's is always bf16, so that project row pins matmu
 Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys). AdamW rows are
 for reference (they run no Newton–Schulz).
 
-    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"]
+    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"] [--profile 5]
+
+``--profile N`` then steps each optimizer N more times under ``torch.profiler`` and prints, per
+optimizer, the operators that take the most CPU time per step (self time: an operator's own work,
+not that of the operators it calls), to see where a variant's extra time goes.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="comma-separated row labels to run with fp32 Muon (default: all)")
+    parser.add_argument("--profile", type=int, default=0, help="profiled steps of each optimizer after the timing (0: none)")
+    parser.add_argument("--top", type=int, default=12, help="operators listed per optimizer with --profile")
     args = parser.parse_args()
     only = [label.strip() for label in args.only.split(",") if label.strip()]
     unknown = sorted(set(only) - {label for label, _, _ in ROWS})
@@ -134,6 +140,25 @@ def main() -> None:
         ours_cpu, theirs_cpu = statistics.median(cpu[LIKE_TORCH]), statistics.median(cpu[TORCH])
         print(f"\nlike for like: the project's Muon / torch.optim.Muon = {ours / theirs:.3f}x wall, "
               f"{ours_cpu / theirs_cpu:.3f}x CPU")
+    if args.profile:
+        for label, opt in opts.items():
+            print_profile(label, opt, args.profile, args.top)
+
+
+def print_profile(label: str, opt, steps: int, top: int) -> None:
+    """The ``top`` operators by self CPU time per step over ``steps`` profiled steps of ``opt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            opt.step()
+    events = [e for e in prof.key_averages() if e.key != "ProfilerStep*" and not e.key.startswith("Optimizer.step")]
+    total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    print(f"\n{label}: {total:.1f} ms of operators per step (profiled; the profiler adds its own cost)")
+    print("| operator | self CPU ms per step | calls per step |")
+    print("|---|---:|---:|")
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        print(f"| {e.key} | {e.self_cpu_time_total / steps / 1e3:.2f} | {e.count / steps:.0f} |")
 
 if __name__ == "__main__":
     main()

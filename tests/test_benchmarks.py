@@ -1,6 +1,7 @@
 """The end-to-end benchmark script runs the real trainer on its synthetic shards (a pipeline check:
 the numbers are measured on a GPU, see docs/benchmarks.md); the kernel benchmark's QR candidate
-computes what the thin QR computes."""
+computes what the thin QR computes; the step-time benchmark's profile lists each optimizer's
+heaviest operators."""
 
 from __future__ import annotations
 
@@ -89,3 +90,17 @@ def test_state_memory_table_shows_the_whole_optimizer_next_to_the_muon_matrices(
     assert whole == matrices + 2 * 2 * per_moment + 2 * 4 * norms  # the 1-D gains keep fp32 moments
     assert ratio == pytest.approx(fp32 / whole, rel=1e-12)
     assert f"| {whole:,} | {ratio:.4f}x |" in table
+
+
+def test_step_time_profile_lists_each_optimizers_operators(tmp_path):
+    """``bench_step_time.py --profile`` prints, per optimizer, its heaviest operators per step."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_step_time.py"), "--rounds", "1", "--warmup", "0",
+           "--only", "muon8bit linear b256", "--profile", "1", "--top", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for label in ("muon (fp32)", "muon8bit linear b256"):
+        section = proc.stdout.split(f"\n{label}: ")[1]
+        rows = [line for line in section.splitlines() if line.startswith("| aten::")]
+        assert len(rows) >= 3 and rows[:3] == section.splitlines()[3:6]  # the first three, heaviest first
+        times = [float(row.split("|")[2]) for row in rows[:3]]
+        assert times == sorted(times, reverse=True) and times[0] > 0
