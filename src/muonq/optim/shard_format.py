@@ -155,7 +155,7 @@ def _fresh_state(opt: torch.optim.Optimizer, param: torch.Tensor, *, signed: boo
     """A zero state tensor of ``param`` as ``opt`` makes one at its first step: torchao's buffer
     (quantized or not by the size of this rank's rows; ``signed`` for the first moment), else zeros
     like the parameter (a DTensor for a DTensor)."""
-    if hasattr(opt, "_new_buffer"):
+    if type(opt).__module__.startswith("torchao"):  # its own rule for which tensors it quantizes
         return opt._new_buffer(param, signed)
     return torch.zeros_like(param, memory_format=torch.preserve_format)
 
