@@ -51,7 +51,7 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("muoneq (fp32 momentum, as muon)", "muoneq", {}),
     ("adamw (2 x fp32 states)", "adamw", {}),
     ("adamw8bit (torchao, block 256)", "adamw8bit", {}),
-    ("adamw, adamw_bits=4 (torchao AdamW4bit, block 256)", "adamw", {"adamw_bits": 4}),
+    ("adamw, adamw_bits=4 (torchao AdamW4bit, block 64)", "adamw", {"adamw_bits": 4}),
 ]
 
 

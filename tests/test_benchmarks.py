@@ -85,8 +85,9 @@ def test_state_memory_table_shows_the_whole_optimizer_next_to_the_muon_matrices(
     assert rows["muon (fp32)"] == (4 * hidden, 1.0, 4.0, fp32, 1.0)
     matrices, _, _, whole, ratio = rows["muonq + 4-bit AdamW side"]
     assert matrices == rows["muonq (default)"][0]
-    # per moment of each 8192 x 128 table: 4-bit codes two per byte, an fp32 scale per 256, a 16-entry map
-    per_moment = vocab * d // 2 + 4 * (vocab * d // 256) + 4 * 16
+    # per moment of each 8192 x 128 table: 4-bit codes two per byte, an fp32 scale per 64 (the
+    # adamw_block_size default), a 16-entry map
+    per_moment = vocab * d // 2 + 4 * (vocab * d // 64) + 4 * 16
     assert whole == matrices + 2 * 2 * per_moment + 2 * 4 * norms  # the 1-D gains keep fp32 moments
     assert ratio == pytest.approx(fp32 / whole, rel=1e-12)
     assert f"| {whole:,} | {ratio:.4f}x |" in table

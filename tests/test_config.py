@@ -139,9 +139,15 @@ def test_adamw_bits_takes_32_8_or_4(optimizer: str) -> None:
         preset(optimizer, adamw_bits=6)
     assert str(err.value) == "optimizer_params.args.adamw_bits: got 6, expected one of 32, 8, 4"
     # two 4-bit codes per byte: torchao cannot pack an odd block
-    with pytest.raises(ConfigError, match=r"^optimizer_params\.args\.block_size: adamw_bits=4 .*even block size, got 255$"):
-        preset(optimizer, adamw_bits=4, block_size=255)
-    assert preset(optimizer, adamw_bits=8, block_size=255).adamw.block_size == 255
+    with pytest.raises(ConfigError, match=r"^optimizer_params\.args\.adamw_block_size: adamw_bits=4 .*even block size, got 255$"):
+        preset(optimizer, adamw_bits=4, adamw_block_size=255)
+    assert preset(optimizer, adamw_bits=8, adamw_block_size=255).adamw.block_size == 255
+    assert preset(optimizer, adamw_bits=8).adamw.block_size == 64  # the default
+    if optimizer == "muonq":  # block_size: the blocks of Muon's momentum only
+        assert preset(optimizer, adamw_bits=8, block_size=512).adamw.block_size == 64
+    else:  # the adamw family has no Muon momentum
+        with pytest.raises(ConfigError, match=r"^optimizer_params\.args\.block_size: set to 512, .*no Muon side"):
+            preset(optimizer, block_size=512)
 
 
 def test_skip_budget_applies_to_skip_only() -> None:

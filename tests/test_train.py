@@ -135,7 +135,7 @@ def test_muonq_with_4bit_adamw_state_trains(adamw4_runs) -> None:
 
 def test_4bit_adamw_state_bytes_are_torchaos_layout_and_planned(adamw4_runs) -> None:
     """The logged AdamW-side bytes are torchao's OptimState4bit layout (per moment: two 4-bit codes
-    per uint8, one fp32 scale per 256-element block, a 16-entry fp32 code map; tensors under 4096
+    per uint8, one fp32 scale per 64-element block (the adamw_block_size default), a 16-entry fp32 code map; tensors under 4096
     elements keep two fp32 moments) and what ``muonq.plan`` predicts; the whole-optimizer ratio is
     fp32 Muon + fp32 AdamW's bytes over the logged total."""
     from muonq import metric_names as M
@@ -145,7 +145,7 @@ def test_4bit_adamw_state_bytes_are_torchaos_layout_and_planned(adamw4_runs) -> 
     row = next(r for r in adamw4_runs["full"] if M.STATE_BYTES_TOTAL in r)
     vocab, d, ffn, layers = 8192, 64, 160, 2
     table = vocab * d  # the embedding and the (untied) LM head
-    per_moment = table // 2 + 4 * (table // 256) + 4 * 16
+    per_moment = table // 2 + 4 * (table // 64) + 4 * 16
     norms = 2 * layers + 1
     assert row[M.state_bytes_of("adamw")] == 2 * 2 * per_moment + norms * 2 * 4 * d
     _, whole = plan(compose_config(list(ADAMW4)), 1)

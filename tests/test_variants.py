@@ -103,15 +103,16 @@ def test_adamw8bit_builds_and_counts_about_two_bytes_per_element():
 def test_adamw4bit_is_the_adamw_side_of_every_optimizer(monkeypatch):
     """adamw_bits=4 builds torchao's AdamW4bit for the adamw family and for every Muon-family YAML's
     AdamW side; its state is torchao's documented 4-bit layout: per moment two 4-bit codes per
-    uint8, one fp32 scale per ``block_size`` elements and a 16-entry fp32 code map, for tensors of
+    uint8, one fp32 scale per ``adamw_block_size`` elements and a 16-entry fp32 code map, for tensors of
     at least 4096 elements that fill whole blocks (the others keep two fp32 moments)."""
     pytest.importorskip("torchao")
     from torchao.optim import AdamW4bit
 
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # torchao compiles its step: ~50 s per shape on a CPU
     for name in OPTIMIZERS:
-        block = 128 if name == "adamw" else 256  # torchao's default for AdamW4bit, and this project's
-        spec = preset(name, adamw_bits=4, block_size=block)
+        # set here (torchao's AdamW4bit default), adamw8bit.yaml's 256, and the adamw_block_size default
+        block = {"adamw": 128, "adamw8bit": 256}.get(name, 64)
+        spec = preset(name, adamw_bits=4, **({"adamw_block_size": block} if name == "adamw" else {}))
         hidden, others = small_model_params()
         adamw = build_optimizer(spec, hidden=hidden, others=others).optimizers["adamw"]
         assert isinstance(adamw, AdamW4bit) and adamw.block_size == block, name

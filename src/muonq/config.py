@@ -94,11 +94,12 @@ class OptimizerArgs:
     adamw_eps: float = 1e-8
     adamw_lr: Optional[float] = None  # lr of the AdamW side of Muon optimizers (None: same as lr)
     adamw_bits: int = 32  # AdamW state: 32 = torch's fp32 moments; 8 / 4 = torchao's AdamW8bit / AdamW4bit
+    adamw_block_size: int = 64  # 8-/4-bit AdamW state: one scale per this many elements
     # quantized state
     qbit: int = 32  # 32 = full precision; 8 or 4
     quant: str = "linear"  # code map after the scale: linear | dynamic | mulaw-after-scale (mu-law of x / absmax)
     gran: str = "block"  # tensor | block (per-tensor or blockwise scales)
-    block_size: int = 256  # blockwise scales of Muon momentum (gran=block) and of 8-/4-bit AdamW state
+    block_size: int = 256  # blockwise scales of Muon momentum (gran=block)
     min_quant_numel: int = 4096  # smaller matrices keep fp32 momentum
     stochastic: bool = False  # stochastic rounding when encoding
     # MuonQ parts
@@ -344,7 +345,7 @@ _ARGS = "optimizer_params.args."
 
 
 # What the adamw family reads of optimizer_params.args; every other key is Muon's.
-_ADAMW_ARGS = {"lr", "weight_decay", "adamw_betas", "adamw_eps", "adamw_bits", "block_size"}
+_ADAMW_ARGS = {"lr", "weight_decay", "adamw_betas", "adamw_eps", "adamw_bits", "adamw_block_size"}
 
 
 def _reject_muon_args_on_adamw(opt: OptimizerParams) -> None:
@@ -397,8 +398,9 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
            f"quant={args.quant}")
     _check_choice(args.gran, _ARGS + "gran", GRANULARITIES)
     _check(args.block_size > 0, _ARGS + "block_size", f"must be > 0, got {args.block_size}")
-    _check(args.adamw_bits != 4 or args.block_size % 2 == 0, _ARGS + "block_size",
-           f"adamw_bits=4 packs two codes per byte and needs an even block size, got {args.block_size}")
+    _check(args.adamw_block_size > 0, _ARGS + "adamw_block_size", f"must be > 0, got {args.adamw_block_size}")
+    _check(args.adamw_bits != 4 or args.adamw_block_size % 2 == 0, _ARGS + "adamw_block_size",
+           f"adamw_bits=4 packs two codes per byte and needs an even block size, got {args.adamw_block_size}")
     _check(args.min_quant_numel >= 0, _ARGS + "min_quant_numel", f"must be >= 0, got {args.min_quant_numel}")
     _check(args.residual_block_size >= 0, _ARGS + "residual_block_size", f"must be >= 0, got {args.residual_block_size}")
     _check(args.rank >= 0, _ARGS + "rank", f"must be >= 0 (0 = no decomposition), got {args.rank}")
@@ -436,7 +438,7 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     a, muon_family = opt.args, opt.family == "muon"
     adamw_lr = a.adamw_lr if muon_family and a.adamw_lr is not None else a.lr
     adamw = AdamWSpec(lr=adamw_lr, weight_decay=a.weight_decay, betas=tuple(float(b) for b in a.adamw_betas),
-                      eps=a.adamw_eps, bits=a.adamw_bits, block_size=a.block_size)
+                      eps=a.adamw_eps, bits=a.adamw_bits, block_size=a.adamw_block_size)
     if not muon_family:
         return OptimizerSpec(name=opt.name, family="adamw", adamw=adamw, kernels=opt.kernels, zero=opt.zero)
 
