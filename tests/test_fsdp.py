@@ -483,7 +483,7 @@ def test_owner_only_state_and_same_parameters(in_process):
     assert all(worst[n] < PARAM_TOL[n] for n in PARAM_TOL), worst
 
 
-def test_4bit_adamw_state_saves_and_resumes_under_fsdp(in_process):
+def test_4bit_adamw_state_saves_and_resumes_under_fsdp(in_process, monkeypatch):
     """Each rank keeps torchao's state of its rows, 4-bit or fp32 by their count (the 1-D gains stay
     fp32), and writes it as it is: a new optimizer at the same world size takes its rows back and
     continues bit for bit; one process puts the rows together (dequantized: the whole tensors are
@@ -502,7 +502,7 @@ def test_4bit_adamw_state_saves_and_resumes_under_fsdp(in_process):
     assert [s["row_starts"]["lm_head.weight"] for s in shards] == [0, 129]
     assert shards[0]["owners"]["lm_head.weight"] == [0, 1]
 
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # torchao compiles its step: ~50 s per shape on a CPU
     torch.manual_seed(0)
     model = build_model(ModelConfig(**MODEL_4BIT))
     with torch.no_grad():
