@@ -317,7 +317,7 @@ class OwnedMuonOptimizer(WrapsOptimizerSet):
         tensor (it keeps its rows of each)."""
         return [name for name, owner in self.owners.items() if owner == self.rank] + list(self._adamw)
 
-    def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
+    def shards_to_read(self, owners: Mapping[str, int | list[int]]) -> list[int]:
         return shards_holding(owners, self._needed())
 
     def load_state_dict(self, shards: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:

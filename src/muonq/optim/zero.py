@@ -421,7 +421,7 @@ class ShardedOptimizer(WrapsOptimizerSet):
         optimizers = {opt_name: named_state(opt, self._names, self._owned_state) for opt_name, opt in self.inner}
         return {**self.manifest(), "rank": self.rank, "optimizers": optimizers}
 
-    def shards_to_read(self, owners: Mapping[str, int]) -> list[int]:
+    def shards_to_read(self, owners: Mapping[str, int | list[int]]) -> list[int]:
         """The ranks of a checkpoint (written with owner map ``owners``) whose shards hold the
         state of the parameters this rank owns now (shard 0 alone, for the hyper-parameters, when
         it owns none)."""
