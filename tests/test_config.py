@@ -159,8 +159,12 @@ def test_skip_budget_applies_to_skip_only() -> None:
 def test_divisibility_counts_the_world_size() -> None:
     cfg = _compose("recipe=llama-tiny")  # 2048 tokens = 16 x 128: fits 1 rank, not 3
     validate(cfg, world_size=1)
-    with pytest.raises(ConfigError, match="world_size"):
+    with pytest.raises(ConfigError, match="world_size") as err:
         validate(cfg, world_size=3)
+    assert "batch_size=" not in str(err.value)  # 2048 tokens are not whole sequences per rank at 3
+    with pytest.raises(ConfigError, match=r"= 4096; recipe\.training_params\.batch_size=8 fits \(8 sequences per rank per step\)$"):
+        validate(cfg, world_size=2)
+    validate(_compose("recipe=llama-tiny", "recipe.training_params.batch_size=8"), world_size=2)
 
 
 def test_entry_point_rejects_bad_value_with_one_line(tmp_path) -> None:

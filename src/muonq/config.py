@@ -243,6 +243,16 @@ def _reject_unknown_keys(node: Any, schema: type, prefix: str) -> None:
             _reject_unknown_keys(node[key], sub_type, path + ".")
 
 
+def _batch_hint(tp: Any, world_size: int) -> str:
+    """The largest per-rank batch_size up to the set one that divides each rank's sequences per
+    step, as a hint after the divisibility error (nothing when no batch_size can fit)."""
+    sequences, rest = divmod(tp.tokens_processed, world_size * tp.context_length)
+    if rest or not sequences:
+        return ""
+    fits = max(b for b in range(1, min(sequences, tp.batch_size) + 1) if sequences % b == 0)
+    return f"; recipe.training_params.batch_size={fits} fits ({sequences} sequences per rank per step)"
+
+
 def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
     """Reject values that cannot work, before any data or device work starts."""
     _reject_unknown_keys(cfg, RunConfig, "")
@@ -254,7 +264,7 @@ def validate(cfg: RunConfig | Any, world_size: int = 1) -> None:
         tp.tokens_processed % per_micro_step == 0,
         "recipe.training_params.tokens_processed",
         f"{tp.tokens_processed} is not divisible by world_size x batch_size x context_length = "
-        f"{world_size} x {tp.batch_size} x {tp.context_length} = {per_micro_step}",
+        f"{world_size} x {tp.batch_size} x {tp.context_length} = {per_micro_step}{_batch_hint(tp, world_size)}",
     )
     _check(tp.gradnorm >= 0, "recipe.training_params.gradnorm", f"must be >= 0 (0 = no clipping), got {tp.gradnorm}")
     _check(tp.max_steps is None or tp.max_steps > 0, "recipe.training_params.max_steps", f"must be > 0, got {tp.max_steps}")
