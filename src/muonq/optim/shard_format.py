@@ -117,9 +117,11 @@ class RowPieces:
         Each tensor comes in the layout a fresh state of ``param`` would have (a DTensor of these rows
         for an FSDP parameter; quantized where torchao quantizes this many elements): a piece that
         holds exactly these rows in that layout is copied as is (codes and scales bit for bit);
-        otherwise the pieces' rows are dequantized, put together and stored in the layout (quantized
-        again: the same codes where the saved blocks line up with the new ones, as with whole rows of
-        a matrix whose row length is a multiple of the block). Raises ValueError when rows are missing."""
+        otherwise the pieces' rows are dequantized, put together and stored in the layout. Quantizing
+        again is one more rounding where the state was quantized: torchao's unsigned second-moment
+        codes come back the same when the saved blocks line up with the new ones, its signed
+        first-moment codes move by up to one code in blocks whose largest entry is negative (the
+        signed map has no -1, so the block's scale shrinks). Raises ValueError when rows are missing."""
         first_state = self.pieces[0][1]
         state: dict[str, Any] = {}
         for key, value in first_state.items():
