@@ -259,7 +259,8 @@ def test_adamw8bit_trains_and_resumes_under_fsdp(fsdp_tmp, shakespeare_data):
         single, fsdp = (losses(rows) for rows in pool.map(
             lambda job: _run(fsdp_tmp, shakespeare_data, "adamw8bit", job[0], *job[1], env=env), jobs))
     worst = max(abs(fsdp[s] - single[s]) / single[s] for s in single)
-    print(f"adamw8bit: largest relative loss difference {worst:.2e}")  # 1.1e-7 (Zen 5, 2026-12-06)
+    # 1.55e-5 (Zen 5, 2026-12-06): a last-bit difference in a gradient can flip an 8-bit code
+    print(f"adamw8bit: largest relative loss difference {worst:.2e}")
     assert sorted(fsdp) == list(range(1, STEPS + 1)) and worst < REL_TOL and fsdp[STEPS] < fsdp[1]
     step = fsdp_tmp / "ckpt" / "adamw8bit_2" / f"step_{SAVE_AT:06d}"
     import torchao.optim  # noqa: F401  (lets torch.load(weights_only=True) read its state classes)
