@@ -13,8 +13,10 @@ picks on this machine (bf16 where the CPU multiplies bf16 natively, fp32 where i
 the header says which. ``torch.optim.Muon`` runs in the same round, like for like with the row
 above it: the same matrices and gradients, the EMA momentum, AdamW-matched scale, no Nesterov,
 and bf16 Newton–Schulz (torch's is always bf16, so that project row pins matmul_dtype=bfloat16).
-Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys). AdamW rows are
-for reference (they run no Newton–Schulz).
+Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys), and the rows
+"PyTorch codecs (kernels=reference)" run muonq, muonq-hifi and grasp without the 4-bit codecs' C
+loops (to see what those buy; the header says whether they were built). AdamW rows are for
+reference (they run no Newton–Schulz).
 
     python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"] [--profile 5]
 
@@ -26,6 +28,7 @@ not that of the operators it calls), to see where a variant's extra time goes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import random
 import statistics
@@ -35,11 +38,12 @@ import torch
 
 from muonq.config import VARIANTS, preset
 from muonq.optim.build import build_optimizer
+from muonq.optim.codecs import native
 from muonq.optim.precision import cpu_bf16, describe_matmul_dtype
 
 LIKE_TORCH = "muon, torch.optim.Muon's form (EMA, bf16 NS)"
 TORCH = "torch.optim.Muon (bf16 NS)"
-# (label, optimizer YAML, overrides)
+# (label, optimizer YAML, overrides of optimizer_params.args; "kernels": of optimizer_params.kernels)
 ROWS: list[tuple[str, str, dict]] = [
     ("muon (fp32)", "muon", {}),
     ("muon8bit linear b256", "muon8bit", {}),
@@ -47,11 +51,14 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muon8 (per-tensor 8-bit)", "muon8", {}),
     ("muon4 (per-tensor 4-bit)", "muon4", {}),
     ("muonq (default)", "muonq", {}),
+    ("muonq, PyTorch codecs (kernels=reference)", "muonq", {"kernels": "reference"}),
     ("muonq-hifi", "muonq-hifi", {}),
+    ("muonq-hifi, PyTorch codecs (kernels=reference)", "muonq-hifi", {"kernels": "reference"}),
     ("muonq + residual b128", *VARIANTS["muonq-block128"]),
     ("muonq mu 15 + residual b128", "muonq", {"mu": 15.0, "residual_block_size": 128}),
     ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
     ("grasp", "grasp", {}),
+    ("grasp, PyTorch codecs (kernels=reference)", "grasp", {"kernels": "reference"}),
     ("muoneq (row, fp32 momentum)", "muoneq", {}),
     ("muon, matmul_dtype=float32", "muon", {"matmul_dtype": "float32"}),
     ("muonq, matmul_dtype=float32", "muonq", {"matmul_dtype": "float32"}),
@@ -72,8 +79,9 @@ def make(yaml_name: str, overrides: dict, weights: list[torch.Tensor], grads: li
         spec = preset("muon").muon
         return torch.optim.Muon(params, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
                                 nesterov=False, adjust_lr_fn=spec.scale_mode)
-    opt = build_optimizer(preset(yaml_name, **overrides), hidden=params, others=[])
-    return opt
+    args = {key: value for key, value in overrides.items() if key != "kernels"}
+    spec = dataclasses.replace(preset(yaml_name, **args), kernels=overrides.get("kernels", "auto"))
+    return build_optimizer(spec, hidden=params, others=[])
 
 
 def main() -> None:
@@ -124,6 +132,8 @@ def main() -> None:
           f"{'native' if chip.native else 'emulated'} ({chip.reason}); {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}{load}")
     print(describe_matmul_dtype("auto", "cpu"))
+    print("4-bit codecs: C loops (kernels=auto)" if native.available() else
+          "4-bit codecs: PyTorch only (the C loops could not be built)")
     print(f"one llama-60m layer: {len(LAYER)} matrices, {numel / 1e6:.2f}M elements; {args.rounds} rounds after "
           f"{args.warmup} warm-up steps, shuffled order per round; {wall:.0f} s\n")
     base = statistics.median(times[ROWS[0][0]])

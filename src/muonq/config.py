@@ -127,7 +127,7 @@ class OptimizerParams:
     family: str = "muon"  # muon: Muon on hidden matrices + AdamW on the rest; adamw: AdamW everywhere
     args: OptimizerArgs = field(default_factory=OptimizerArgs)
     zero: Optional[bool] = None  # shard optimizer state across ranks (None: on when world size > 1)
-    kernels: str = "auto"  # auto (Triton on CUDA) | triton | reference
+    kernels: str = "auto"  # auto (Triton on CUDA, C codec loops on CPU) | triton | reference
 
 
 @dataclass

@@ -11,11 +11,13 @@ from muonq.optim.spec import CodecSpec, DecomposedMomentum, FullPrecisionMomentu
 from muonq.optim.stores import DecomposedStore, QuantizedStore, Scratch
 
 
-def make_spec_codec(spec: CodecSpec) -> Codec:
-    """The codec a :class:`CodecSpec` describes (8-bit codes keep fp32 scales, 4-bit fp16)."""
+def make_spec_codec(spec: CodecSpec, *, native: bool = True) -> Codec:
+    """The codec a :class:`CodecSpec` describes (8-bit codes keep fp32 scales, 4-bit fp16);
+    ``native``: its C loops on CPU tensors (see :class:`~muonq.optim.codecs.quant.QuantCodec`)."""
     return make_codec(
         spec.bits, spec.value_map, spec.granularity, block_size=spec.block_size, tile_size=spec.tile_size,
         mu=spec.mu, compand=spec.compand, stochastic=spec.stochastic, scale_search=spec.scale_search,
+        native=native,
     )
 
 
@@ -31,8 +33,9 @@ def store_selector(
       to be a multiple of the block, else fp32.
 
     ``stochastic`` rounding draws from ``generator`` (default: the global RNG, which training
-    checkpoints save). ``kernels`` (``optimizer_params.kernels``) picks fused Triton kernels or the
-    PyTorch codecs for the quantized stores (see :mod:`muonq.optim.kernels`). The stores of one
+    checkpoints save). ``kernels`` (``optimizer_params.kernels``) picks fused Triton kernels, the
+    codecs' C loops on the CPU, or the PyTorch codecs for the quantized stores (see
+    :mod:`muonq.optim.kernels`). The stores of one
     selector share one :class:`~muonq.optim.stores.Scratch` (CPU buffers of their PyTorch update).
     """
     choose_kernels(kernels, [])  # a bad mode or kernels=triton without triton fails here, not at step 1
@@ -41,9 +44,11 @@ def store_selector(
         return lambda param: full
     decomposed = spec if isinstance(spec, DecomposedMomentum) else None
     plain_spec: QuantizedMomentum = spec.narrow if decomposed else spec
-    plain = make_spec_codec(plain_spec.codec)
+    native = kernels != "reference"
+    plain = make_spec_codec(plain_spec.codec, native=native)
     if decomposed:
-        factor, residual = make_spec_codec(decomposed.factor), make_spec_codec(decomposed.residual)
+        factor = make_spec_codec(decomposed.factor, native=native)
+        residual = make_spec_codec(decomposed.residual, native=native)
 
     def select(param: torch.Tensor) -> MomentumStore:
         if param.ndim != 2 or param.numel() < plain_spec.min_numel:

@@ -129,7 +129,8 @@ class OptimizerSpec:
     """A whole optimizer. Family ``muon``: Muon on the hidden matrices, ``adamw`` on the rest;
     family ``adamw``: ``adamw`` on every parameter (``muon`` is None).
     ``zero``: shard the state over ranks (None: when there is more than one);
-    ``kernels``: fused Triton kernels or the PyTorch reference for quantized momentum."""
+    ``kernels``: fused Triton kernels, or the codecs (with their C loops on the CPU), or the PyTorch
+    reference, for quantized momentum."""
 
     name: str
     family: Family

@@ -41,11 +41,12 @@ def make_codec(
     scale_dtype: torch.dtype | None = None,
     stochastic: bool = False,
     scale_search: bool = False,
+    native: bool = True,
 ) -> Codec:
     """``bits`` 32 gives the lossless :class:`RawCodec`; 8 or 4 a :class:`QuantCodec`.
 
     ``compand``: mu-law companding (``mu``) of the raw values before the scale, MuonQ's quantizer
-    (linear codes only). ``scale_search``: see :class:`QuantCodec`.
+    (linear codes only). ``scale_search`` and ``native``: see :class:`QuantCodec`.
 
     ``scale_dtype`` defaults to fp32 for 8-bit codes (the 8-bit Muon layout: one fp32 absmax per
     block) and fp16 for 4-bit codes (MuonQ's layout).
@@ -63,4 +64,5 @@ def make_codec(
         stochastic=stochastic,
         compander=MuLawCompander(mu) if compand else None,
         scale_search=scale_search,
+        native=native,
     )

@@ -73,6 +73,7 @@ class MuLawMap(ValueMap):
     def __init__(self, bits: int, mu: float = 255.0) -> None:
         self._linear = LinearMap(bits)
         self.bits = bits
+        self.levels = self._linear.levels  # companded codes are linear codes of z: L levels each side
         self._compander = MuLawCompander(mu)
         self.mu = self._compander.mu
 

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from muonq.optim.codecs import native_codec
 from muonq.optim.codecs.base import Codec, Encoded, Shape, ValueMap, check_shape
 from muonq.optim.codecs.grid import grid_absmax, grid_apply, grid_counts, grid_row_absmax, grid_scale
 from muonq.optim.codecs.linear import LinearMap
@@ -59,7 +60,9 @@ class QuantCodec(Codec):
     ``compander``: compand the raw values before the scale (needs a linear map; see the module
     docstring). ``scale_search``: each group's scale is chosen among absmax x :data:`SEARCH_RATIOS`
     for the least squared error of the decoded group (deterministic rounding; not with grid
-    scales); the decoder and the bytes are the same."""
+    scales); the decoder and the bytes are the same. ``native``: encode and decode CPU tensors of
+    4-bit codes in the C loops of :mod:`~muonq.optim.codecs.native_codec` where they apply (the
+    same bytes, faster); False keeps every step in PyTorch."""
 
     def __init__(
         self,
@@ -72,6 +75,7 @@ class QuantCodec(Codec):
         stochastic: bool = False,
         compander: MuLawCompander | None = None,
         scale_search: bool = False,
+        native: bool = True,
     ) -> None:
         if scale_search and (granularity == "grid" or stochastic):
             raise ValueError("scale search needs deterministic rounding and tensor, block, row or column scales")
@@ -91,6 +95,7 @@ class QuantCodec(Codec):
         self.stochastic = stochastic
         self.compander = compander
         self.scale_search = scale_search
+        self.native = native
         self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}  # CPU slice buffers of encoding and expansion
 
@@ -144,6 +149,10 @@ class QuantCodec(Codec):
     def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> Encoded:
         shape = self._check(x.shape)
         x = x.float()
+        if self.native:
+            encoded = native_codec.encode(self, x, shape)
+            if encoded is not None:
+                return encoded
         if self.scale_search:
             return self._encode_searched(x, shape)
         if x.device.type == "cpu" and not self.stochastic and x.numel() > CHUNK:
@@ -379,6 +388,10 @@ class QuantCodec(Codec):
         codes = encoded["codes"]
         if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous fp32 tensor of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+        if self.native:
+            values = native_codec.decode(self, encoded, shape, out)
+            if values is not None:
+                return values.view(shape)
         if self.granularity == "tensor":  # the scale and the expansion are in the table
             return self._values(codes, numel, encoded["scale"].float(), out=out).view(shape)
         values = self._values(codes, numel, out=out)

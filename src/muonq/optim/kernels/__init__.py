@@ -1,14 +1,16 @@
 """Which implementation runs a quantized momentum store's update: fused Triton kernels or the
-PyTorch codecs (the reference).
+codecs (the reference).
 
 ``optimizer_params.kernels``:
 
 - ``auto``: Triton on CUDA tensors when ``triton`` imports and the store's codecs have kernels;
-  the reference everywhere else (the CPU default).
+  the codecs everywhere else. On the CPU the codecs encode 4-bit codes in C loops (compiled on
+  first use, see :mod:`muonq.optim.codecs.native`) where those apply, with the PyTorch codecs'
+  bytes (the scale search: up to ties in fp32 rounding), and in PyTorch otherwise.
 - ``triton``: always Triton. A store whose codecs have no kernel (e.g. stochastic rounding) is
   refused when it is built, and so is a missing ``triton``; CPU tensors are refused at the first
   step unless ``TRITON_INTERPRET=1`` (Triton's interpreter) was set before the kernels were imported.
-- ``reference``: always the PyTorch codecs.
+- ``reference``: always the PyTorch codecs, every step in PyTorch.
 
 Nothing here imports Triton; :mod:`~muonq.optim.kernels.fused` does, on first use.
 """

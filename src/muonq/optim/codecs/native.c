@@ -1,0 +1,331 @@
+/* The CPU inner loops of the 4-bit codecs (native.py compiles this file, native_codec.py calls it).
+ *
+ * Codes are level + 8, levels in [-7, 7], two per byte (element 2i in the low nibble; an odd count
+ * leaves the last high nibble zero).
+ *
+ * Mu-law levels (companded before or after the scale) come from thresholds instead of log1p: the
+ * level of |x| is the number of its group's seven thresholds it reaches, threshold k being the
+ * magnitude whose companded value lies halfway between levels k - 1 and k (fp64, from the divisor).
+ * An element within BAND (relative) of a threshold is too close to call against a rounded log1p:
+ * its 64-element chunk is listed, and the caller encodes the listed chunks again with the PyTorch
+ * arithmetic. Every other element gets the level the PyTorch encoder gives it.
+ *
+ * Linear levels on grid scales are the PyTorch arithmetic itself (divide, clamp, multiply, round
+ * half to even): IEEE operations, compiled without contraction into fused multiply-adds.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define CHUNK 64
+#define LEVELS 7
+
+/* Mu-law before the scale (MuonQ's quantizer): level = round(compand(min(|x|, 1)) / d). */
+#define COMPAND_FIRST 0
+/* Mu-law after the scale: level = round(compand(min(|x| / d, 1)) x 7). */
+#define COMPAND_AFTER 1
+
+/* The bits of max |x| over x[0..n): for non-negative floats the order of their bit patterns is
+ * their order, so this is an integer max (which vectorises), and inf or NaN gives a result of at
+ * least INF_BITS. */
+#define INF_BITS 0x7f800000u
+static uint32_t absmax_bits(const float *restrict x, int64_t n) {
+    const uint32_t *restrict u = (const uint32_t *)x;
+    uint32_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t a = u[i] & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+static float from_bits(uint32_t bits) {
+    union { uint32_t u; float f; } v = {bits};
+    return v.f;
+}
+
+/* max |x| per group of `group` consecutive elements of a rows x cols matrix (group 0: per column)
+ * into out; returns 1 if x holds NaN or inf (then out is not used). */
+int mq_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t group, float *restrict out) {
+    const int64_t n = rows * cols;
+    uint32_t worst = 0;
+    if (group > 0) {
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const uint32_t m = absmax_bits(x + g0, n - g0 < group ? n - g0 : group);
+            worst = m > worst ? m : worst;
+            out[g0 / group] = from_bits(m);
+        }
+        return worst >= INF_BITS;
+    }
+    uint32_t *m = calloc((size_t)cols, sizeof(uint32_t));
+    if (!m) return 1;
+    const uint32_t *restrict u = (const uint32_t *)x;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) {
+            const uint32_t a = u[i * cols + j] & 0x7fffffffu;
+            m[j] = a > m[j] ? a : m[j];
+        }
+    for (int64_t j = 0; j < cols; j++) {
+        worst = m[j] > worst ? m[j] : worst;
+        out[j] = from_bits(m[j]);
+    }
+    free(m);
+    return worst >= INF_BITS;
+}
+
+/* The grid's absmaxes of a rows x cols matrix: row_absmax[i, t] of row i in tile column t,
+ * col_absmax[s, j] of column j in tile row s; returns 1 if x holds NaN or inf. */
+int mq_grid_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t tile, float *restrict row_absmax,
+                   float *restrict col_absmax) {
+    const int64_t tile_cols = (cols + tile - 1) / tile, tile_rows = (rows + tile - 1) / tile;
+    uint32_t *col = calloc((size_t)(tile_rows * cols), sizeof(uint32_t));
+    if (!col) return 1;
+    const uint32_t *restrict u = (const uint32_t *)x;
+    uint32_t worst = 0;
+    for (int64_t i = 0; i < rows; i++) {
+        uint32_t *cm = col + (i / tile) * cols;
+        for (int64_t t = 0; t < tile_cols; t++) {
+            const int64_t start = t * tile, end = (t + 1) * tile < cols ? (t + 1) * tile : cols;
+            const uint32_t m = absmax_bits(x + i * cols + start, end - start);
+            worst = m > worst ? m : worst;
+            row_absmax[i * tile_cols + t] = from_bits(m);
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            const uint32_t a = u[i * cols + j] & 0x7fffffffu;
+            cm[j] = a > cm[j] ? a : cm[j];
+        }
+    }
+    for (int64_t j = 0; j < tile_rows * cols; j++) col_absmax[j] = from_bits(col[j]);
+    free(col);
+    return worst >= INF_BITS;
+}
+
+/* mid[k]: threshold k + 1 of divisor d (in fp32; mid may be NULL); hi[k], lo[k]: times (1 + band)
+ * and (1 - band). */
+static void thresholds(double d, int mode, double mu, double band, float *mid, float *hi, float *lo) {
+    const double ln = log1p(mu);
+    for (int k = 0; k < LEVELS; k++) {
+        const double half = k + 0.5;
+        const double t = mode == COMPAND_FIRST ? expm1(half * d * ln) / mu : d * (expm1(half / LEVELS * ln) / mu);
+        if (mid) mid[k] = (float)t;
+        hi[k] = (float)(t * (1.0 + band));
+        lo[k] = (float)(t * (1.0 - band));
+    }
+}
+
+static inline int level_of(float a, const float *hi, const float *lo, int *near) {
+    int q = 0, p = 0;
+    for (int k = 0; k < LEVELS; k++) {
+        q += a >= hi[k];
+        p += a >= lo[k];
+    }
+    *near |= p ^ q;
+    return q;
+}
+
+static inline uint8_t code_of(float x, int q) { return (uint8_t)(8 + (x < 0.0f ? -q : q)); }
+
+/* Packs m codes (m <= CHUNK) into bytes from element `first` (even). */
+static inline void pack_chunk(const uint8_t *q8, int64_t m, uint8_t *codes, int64_t first) {
+    uint8_t *out = codes + first / 2;
+    const int64_t pairs = m / 2;
+    for (int64_t i = 0; i < pairs; i++) out[i] = (uint8_t)(q8[2 * i] | (q8[2 * i + 1] << 4));
+    if (m % 2) out[pairs] = q8[m - 1];
+}
+
+/* Encodes the m <= CHUNK elements of x from `first` with one set of thresholds; returns whether
+ * one of them is near a threshold. */
+static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m, const float *hi, const float *lo,
+                               int clamp_one, uint8_t *restrict codes) {
+    uint8_t q8[CHUNK];
+    int near = 0;
+    for (int64_t i = 0; i < m; i++) {
+        const float v = x[first + i];
+        float a = fabsf(v);
+        if (clamp_one) a = a > 1.0f ? 1.0f : a;
+        q8[i] = code_of(v, level_of(a, hi, lo, &near));
+    }
+    pack_chunk(q8, m, codes, first);
+    return near;
+}
+
+/* Mu-law 4-bit codes of a rows x cols matrix with one divisor per group of `group` consecutive
+ * elements (a multiple of CHUNK, or rows x cols for one per tensor), or per column when group is 0.
+ * Writes the indices of the chunks that need the PyTorch arithmetic to `listed` (room for one per
+ * chunk) and returns their count (-1: out of memory, nothing written). */
+int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, int64_t group,
+                         const float *restrict divisor, int mode, double mu, double band,
+                         uint8_t *restrict codes, int64_t *restrict listed) {
+    const int64_t n = rows * cols, chunks = (n + CHUNK - 1) / CHUNK;
+    const int clamp_one = mode == COMPAND_FIRST;
+    int64_t count = 0;
+    if (group > 0) {
+        float hi[LEVELS], lo[LEVELS];
+        int64_t current = -1;
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t first = c * CHUNK, g = first / group;
+            if (g != current) {
+                thresholds(divisor[g], mode, mu, band, NULL, hi, lo);
+                current = g;
+            }
+            if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes))
+                listed[count++] = c;
+        }
+        return count;
+    }
+    /* Per column: thresholds laid out [level][column], so a row's levels vectorise over columns. */
+    float *hi = malloc(sizeof(float) * LEVELS * cols), *lo = malloc(sizeof(float) * LEVELS * cols);
+    uint8_t *q = malloc((size_t)n), *near = calloc((size_t)chunks, 1);
+    if (!hi || !lo || !q || !near) {
+        free(hi);
+        free(lo);
+        free(q);
+        free(near);
+        return -1;
+    }
+    float h[LEVELS], l[LEVELS];
+    for (int64_t j = 0; j < cols; j++) {
+        thresholds(divisor[j], mode, mu, band, NULL, h, l);
+        for (int k = 0; k < LEVELS; k++) {
+            hi[k * cols + j] = h[k];
+            lo[k * cols + j] = l[k];
+        }
+    }
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * cols;
+        uint8_t *qr = q + i * cols;
+        int row_near = 0;
+        for (int64_t j = 0; j < cols; j++) {
+            float a = fabsf(xr[j]);
+            if (clamp_one) a = a > 1.0f ? 1.0f : a;
+            int up = 0, down = 0;
+            for (int k = 0; k < LEVELS; k++) {
+                up += a >= hi[k * cols + j];
+                down += a >= lo[k * cols + j];
+            }
+            row_near |= up ^ down;
+            qr[j] = code_of(xr[j], up);
+        }
+        if (row_near) /* list every chunk of the row: a few extra elements go the PyTorch way */
+            for (int64_t c = i * cols / CHUNK; c <= ((i + 1) * cols - 1) / CHUNK; c++) near[c] = 1;
+    }
+    for (int64_t c = 0; c < chunks; c++) {
+        pack_chunk(q + c * CHUNK, n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK, codes, c * CHUNK);
+        if (near[c]) listed[count++] = c;
+    }
+    free(hi);
+    free(lo);
+    free(q);
+    free(near);
+    return count;
+}
+
+/* The squared error sum((dec[level] - |x|)^2) of m (a multiple of 16) elements at thresholds h:
+ * sixteen running sums, one per vector lane, added at the end. */
+static float block_error(const float *restrict x, int64_t m, const float *restrict h, const float *restrict d) {
+    const float h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6];
+    const float d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], d4 = d[4], d5 = d[5], d6 = d[6], d7 = d[7];
+    float acc[16] = {0};
+    for (int64_t i = 0; i < m; i += 16) {
+        for (int l = 0; l < 16; l++) {
+            const float a = fabsf(x[i + l]);
+            float v = a >= h0 ? d1 : d0;
+            v = a >= h1 ? d2 : v;
+            v = a >= h2 ? d3 : v;
+            v = a >= h3 ? d4 : v;
+            v = a >= h4 ? d5 : v;
+            v = a >= h5 ? d6 : v;
+            v = a >= h6 ? d7 : v;
+            const float e = v - a;
+            acc[l] += e * e;
+        }
+    }
+    float err = 0.0f;
+    for (int l = 0; l < 16; l++) err += acc[l];
+    return err;
+}
+
+/* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
+ * shorter last block is zero-padded, and zeros add no error). Per block, of `ratios` candidates
+ * (divisor[b, r] and the stored scale[b, r] as fp32), the first with the least squared error
+ * between |x| and its decoded magnitude magnitude[level] x scale is written to choice[b], and the
+ * block is encoded with it. The errors take levels from the thresholds themselves, so only an
+ * element within fp32 rounding of one can count at another level than PyTorch's. Chunks to redo:
+ * as mq_encode4_mulaw. */
+int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int64_t ratios,
+                          const float *restrict divisor, const float *restrict scale,
+                          const float *restrict magnitude, double mu, double band, uint8_t *restrict choice,
+                          uint8_t *restrict codes, int64_t *restrict listed) {
+    float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1];
+    int64_t count = 0;
+    for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
+        const int64_t len = n - b0 < block ? n - b0 : block;
+        const float *xb = x + b0;
+        const int64_t whole = len / CHUNK * CHUNK;
+        for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
+        int best = 0;
+        float best_err = 0.0f;
+        for (int r = 0; r < ratios; r++) {
+            thresholds(divisor[b * ratios + r], COMPAND_AFTER, mu, band, mid, hi, lo);
+            for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * scale[b * ratios + r];
+            float err = block_error(xb, whole, mid, dec);
+            if (whole < len) err += block_error(tail, CHUNK, mid, dec);
+            if (r == 0 || err < best_err) {
+                best = r;
+                best_err = err;
+            }
+        }
+        choice[b] = (uint8_t)best;
+        thresholds(divisor[b * ratios + best], COMPAND_AFTER, mu, band, NULL, hi, lo);
+        for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
+            if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2))
+                listed[count++] = (b0 + c0) / CHUNK;
+    }
+    return count;
+}
+
+/* Linear 4-bit codes of a rows x cols matrix (cols even) on grid scales: element (i, j) divided by
+ * min(row_div[i, j / tile], col_div[i / tile, j]), clamped to [-1, 1] when `clamp`, times 7, rounded
+ * half to even. `row`: scratch for one row's codes (cols bytes). */
+void mq_encode4_grid(const float *restrict x, int64_t rows, int64_t cols, int64_t tile,
+                     const float *restrict row_div, const float *restrict col_div, int clamp,
+                     uint8_t *restrict row, uint8_t *restrict codes) {
+    const int64_t tile_cols = (cols + tile - 1) / tile;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *xr = x + i * cols, *cd = col_div + (i / tile) * cols;
+        for (int64_t t = 0; t < tile_cols; t++) {
+            const float r = row_div[i * tile_cols + t];
+            const int64_t end = (t + 1) * tile < cols ? (t + 1) * tile : cols;
+            for (int64_t j = t * tile; j < end; j++) {
+                float y = xr[j] / (r < cd[j] ? r : cd[j]);
+                if (clamp) y = y < -1.0f ? -1.0f : (y > 1.0f ? 1.0f : y);
+                row[j] = (uint8_t)(8 + (int)rintf(y * 7.0f));
+            }
+        }
+        uint8_t *out = codes + i * cols / 2;
+        for (int64_t j = 0; j < cols / 2; j++) out[j] = (uint8_t)(row[2 * j] | (row[2 * j + 1] << 4));
+    }
+}
+
+/* Linear 4-bit codes of a rows x cols matrix (cols and tile even) on grid scales: out =
+ * (code - 8) / 7 x min(row_scale[i, j / tile], col_scale[i / tile, j]), the PyTorch decoder's
+ * arithmetic. */
+void mq_decode4_grid(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t tile,
+                     const float *restrict row_scale, const float *restrict col_scale, float *restrict out) {
+    const int64_t tile_cols = (cols + tile - 1) / tile;
+    for (int64_t i = 0; i < rows; i++) {
+        const uint8_t *cr = codes + i * cols / 2;
+        const float *cs = col_scale + (i / tile) * cols;
+        float *o = out + i * cols;
+        for (int64_t t = 0; t < tile_cols; t++) {
+            const float r = row_scale[i * tile_cols + t];
+            const int64_t end = (t + 1) * tile < cols ? (t + 1) * tile : cols;
+            for (int64_t p = t * tile / 2; p < end / 2; p++) {
+                const int c = cr[p];
+                const float s0 = r < cs[2 * p] ? r : cs[2 * p], s1 = r < cs[2 * p + 1] ? r : cs[2 * p + 1];
+                o[2 * p] = ((float)((c & 15) - 8) / 7.0f) * s0;
+                o[2 * p + 1] = ((float)((c >> 4) - 8) / 7.0f) * s1;
+            }
+        }
+    }
+}

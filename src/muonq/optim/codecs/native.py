@@ -1,0 +1,121 @@
+"""The 4-bit codecs' CPU inner loops in C (``native.c``), compiled on first use.
+
+PyTorch runs a codec's encode as a dozen elementwise passes over the matrix (abs, compand, max,
+sign, divide, round, convert, shift, pack), each through memory; the C loops make one pass that
+keeps every element in registers. They serve :class:`~muonq.optim.codecs.quant.QuantCodec` on CPU
+tensors and give the PyTorch encoder's bytes (mu-law codes: see ``native.c`` for how; the scale
+search: see :meth:`QuantCodec._encode_native_search`).
+
+The library is built once per machine with the system C compiler (``$CC``, else ``cc``; the same
+one ``torch.compile`` uses on the CPU) for the machine's own instruction set, into
+``$XDG_CACHE_HOME/muonq`` (default ``~/.cache/muonq``), keyed by the source, the compiler and the
+CPU's flags; concurrent processes (the ranks of one node) each build and atomically rename the
+same file. Without a working compiler the codecs stay in PyTorch (a warning says so, once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+CHUNK = 64  # elements per flag of the mu-law encoders (native.c's CHUNK)
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+
+_I64, _PTR, _INT, _DBL = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {  # name: (argument types, result type)
+    "mq_encode4_mulaw": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _DBL, _DBL, _PTR, _PTR), _I64),
+    "mq_search4_blocks": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _PTR, _PTR), _I64),
+    "mq_encode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR), None),
+    "mq_absmax": ((_PTR, _I64, _I64, _I64, _PTR), _INT),
+    "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),
+    "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
+}
+COMPAND_FIRST, COMPAND_AFTER = 0, 1  # native.c's modes of mq_encode4_mulaw
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "muonq" / "native"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path (built now unless the cache has it)."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                                     _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"codecs-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
+                       check=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded C library, or None where it cannot be built (warned once)."""
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise FileNotFoundError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        warnings.warn(f"the 4-bit codecs' C loops could not be built ({detail.strip()[:300]}); they run in "
+                      "PyTorch, which gives the same codes more slowly", RuntimeWarning, stacklevel=2)
+        return None
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = restype
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(tensor: torch.Tensor) -> int:
+    assert tensor.device.type == "cpu" and tensor.is_contiguous(), (tensor.device, tensor.stride())
+    return tensor.data_ptr()
+
+
+def call(name: str, *args: object) -> int | None:
+    """Calls ``name`` of the library with tensors passed as their data pointers (contiguous CPU
+    tensors of the dtypes ``native.c`` reads) and numbers as they are; returns its result."""
+    lib = library()
+    assert lib is not None, "callers check available() first"
+    return getattr(lib, name)(*(_ptr(a) if isinstance(a, torch.Tensor) else a for a in args))

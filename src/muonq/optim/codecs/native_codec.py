@@ -1,0 +1,192 @@
+""":class:`~muonq.optim.codecs.quant.QuantCodec`'s 4-bit encoding of CPU tensors through the C loops
+of :mod:`~muonq.optim.codecs.native`: the scales are the PyTorch encoder's (the same functions),
+the per-element passes run in C.
+
+What runs there: mu-law codes (companded before the scale, MuonQ's quantizer, or after it) with
+tensor, column or block scales (blocks a multiple of 64 elements), the scale search on mu-law-after-
+the-scale blocks, and linear codes on grid scales (GRASP). Everything else (other value maps and
+granularities, stochastic rounding, 8-bit codes, inputs with NaN or inf) stays in PyTorch:
+:func:`encode` returns None for it.
+
+The bytes are the PyTorch encoder's. Linear codes are its arithmetic. Mu-law levels come from
+thresholds (see ``native.c``); the 64-element chunks with an element within :data:`BAND`
+(relative) of one are encoded again here by the PyTorch arithmetic, since a rounded log1p can move
+an element across a threshold only that close to it. The scale search measures each candidate's
+error with levels from the exact thresholds and sums it in another order than PyTorch does: where
+an element within fp32 rounding of a threshold meets candidates whose errors are that close, the
+two encoders may keep different candidates (none of 6,592 blocks of the tests' data); the codes
+of a chosen scale are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from muonq.optim.codecs import native
+from muonq.optim.codecs.base import Encoded
+from muonq.optim.codecs.linear import LinearMap
+from muonq.optim.codecs.mulaw import MuLawMap
+from muonq.optim.codecs.packing import pack_pairs, packed_numel
+
+if TYPE_CHECKING:
+    from muonq.optim.codecs.quant import QuantCodec
+
+# Relative half-width of the band around each threshold whose elements the PyTorch arithmetic
+# decides. The PyTorch encoder's level of an element carries a few fp32 roundings (log1p to 1 ulp,
+# a product, a quotient), which move its effective threshold by < 1e-6 relative even where mu-law
+# is steepest (there ln(1 + mu) ~ 5.5 ulps of |x| per ulp of the level).
+BAND = 1e-5
+
+
+def encode(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
+    """``codec.encode(x)`` (x: fp32) through C, or None where this module does not apply."""
+    if not (codec.bits == 4 and not codec.stochastic and x.device.type == "cpu" and native.available()):
+        return None
+    x = x.contiguous()
+    if codec.granularity == "grid":
+        return _encode_grid(codec, x, shape)
+    mulaw_first, mulaw_after = codec.compander is not None, isinstance(codec.value_map, MuLawMap)
+    if not (mulaw_first or mulaw_after) or codec.granularity == "row":
+        return None
+    if codec.granularity == "block" and codec.block_size % native.CHUNK:
+        return None
+    if codec.granularity == "column" and len(shape) != 2:
+        return None
+    if codec.scale_search:
+        return _encode_searched(codec, x, shape) if codec.granularity == "block" and mulaw_after else None
+    return _encode_mulaw(codec, x, shape)
+
+
+def _group_absmax(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """|x|'s max per scale group (flat, one per group), None if x holds NaN or inf."""
+    numel = math.prod(shape)
+    if codec.granularity == "column":
+        rows, cols, group, groups = shape[0], shape[1], 0, shape[1]
+    else:
+        group = numel if codec.granularity == "tensor" else codec.block_size
+        rows, cols, groups = 1, numel, -(-numel // group)
+    absmax = torch.empty(groups, dtype=torch.float32)
+    return None if native.call("mq_absmax", x, rows, cols, group, absmax) else absmax
+
+
+def _compand_as_encoder(codec: QuantCodec, values: torch.Tensor) -> torch.Tensor:
+    """``codec.compander.compand`` of a few values as the encoder computes it over a matrix: padded to
+    whole vectors, so that none takes torch's scalar tail loop (whose log1p may differ from the
+    vectorised one in the last bit)."""
+    pad = -values.numel() % native.CHUNK
+    padded = torch.cat([values, values.new_zeros(pad)]) if pad else values
+    return codec.compander.compand(padded)[: values.numel()]
+
+
+def _exact_codes(codec: QuantCodec, values: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """The PyTorch encoder's codes (uint8, unpacked) of ``values`` divided by ``divisor``."""
+    if codec.compander is not None:
+        a = codec.compander.compand_magnitude_(values.abs(), clamp=True)
+        return a.div_(divisor).round_().mul_(values.sign()).add_(codec.value_map.zero_code).to(torch.uint8)
+    return codec.value_map.encode((values / divisor).clamp_(-1.0, 1.0))
+
+
+def _redo_listed(codec: QuantCodec, x: torch.Tensor, codes: torch.Tensor, listed: torch.Tensor,
+                 divisor_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Encode the listed 64-element chunks of ``x`` (flat) again with the PyTorch arithmetic, into
+    ``codes``; ``divisor_of``: the fp32 divisors of (chunks x 64) flat element indices."""
+    numel = x.numel()
+    index = listed.view(-1, 1) * native.CHUNK + torch.arange(native.CHUNK)
+    inside = index < numel  # only the last chunk may run past the end
+    index = index.clamp_max(numel - 1)
+    exact = _exact_codes(codec, x[index], divisor_of(index)).masked_fill_(~inside, 0)  # a zero high nibble
+    pairs = index[:, 0::2] // 2
+    codes[pairs[inside[:, 0::2]]] = pack_pairs(exact.view(-1)).view(pairs.shape)[inside[:, 0::2]]
+
+
+def _listed(count: int, listed: torch.Tensor) -> torch.Tensor | None:
+    assert count >= 0, "the C encoder ran out of memory"
+    return listed[:count] if count else None
+
+
+def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
+    absmax = _group_absmax(codec, x, shape)
+    if absmax is None:
+        return None
+    if codec.compander is not None:  # the companded values' max (companding is monotone; PyTorch's
+        absmax = _compand_as_encoder(codec, absmax.clamp_max(1.0))  # one-pass encoder checks that)
+    scale, divisor = codec._scale(absmax)
+    numel = math.prod(shape)
+    cols = shape[1] if codec.granularity == "column" else numel
+    group = {"column": 0, "tensor": numel}.get(codec.granularity, codec.block_size)
+    mode = native.COMPAND_FIRST if codec.compander is not None else native.COMPAND_AFTER
+    mu = codec.compander.mu if codec.compander is not None else codec.value_map.mu
+    codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
+    listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
+    count = native.call("mq_encode4_mulaw", x, numel // cols, cols, group, divisor.contiguous(), mode, mu, BAND,
+                        codes, listed)
+    chunks = _listed(count, listed)
+    if chunks is not None:
+        divisor = divisor.view(-1)
+        if codec.granularity == "column":
+            _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index % cols])
+        else:
+            _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index // group])
+    return {"codes": codes, "scale": scale.reshape(-1)}
+
+
+def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
+    """The scale search (see ``QuantCodec``) of mu-law-after-the-scale blocks."""
+    from muonq.optim.codecs.quant import SEARCH_RATIOS
+
+    absmax = _group_absmax(codec, x, shape)
+    if absmax is None:
+        return None
+    # one column per ratio: the same fp32 products absmax x ratio the PyTorch search makes
+    scales, divisors = codec._scale(absmax.view(-1, 1) * torch.tensor(SEARCH_RATIOS, dtype=torch.float32))
+    magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
+    numel = math.prod(shape)
+    choice = torch.empty(absmax.numel(), dtype=torch.uint8)
+    codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
+    listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
+    count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), divisors.contiguous(),
+                        scales.float().contiguous(), magnitudes, codec.value_map.mu, BAND, choice, codes, listed)
+    chosen = choice.long().view(-1, 1)
+    chunks = _listed(count, listed)
+    if chunks is not None:
+        divisor = divisors.gather(1, chosen).view(-1)
+        _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index // codec.block_size])
+    return {"codes": codes, "scale": scales.gather(1, chosen).view(-1)}
+
+
+def _encode_grid(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
+    """Linear codes on grid scales: the PyTorch encoder's arithmetic."""
+    from muonq.optim.codecs.grid import grid_counts
+
+    if codec.compander is not None or not isinstance(codec.value_map, LinearMap) or shape[1] % 2:
+        return None
+    tile_rows, tile_cols = grid_counts(shape[0], shape[1], codec.tile_size)
+    row_absmax, col_absmax = torch.empty(shape[0], tile_cols), torch.empty(tile_rows, shape[1])
+    if native.call("mq_grid_absmax", x, shape[0], shape[1], codec.tile_size, row_absmax, col_absmax):
+        return None
+    (row_scale, row_div), (col_scale, col_div) = codec._scale(row_absmax), codec._scale(col_absmax)
+    clamp = not (bool((row_div >= row_absmax).all()) and bool((col_div >= col_absmax).all()))
+    codes = torch.empty(packed_numel(math.prod(shape), 4), dtype=torch.uint8)
+    native.call("mq_encode4_grid", x, shape[0], shape[1], codec.tile_size, row_div.contiguous(),
+                col_div.contiguous(), int(clamp), torch.empty(shape[1], dtype=torch.uint8), codes)
+    return {"codes": codes, "row_scale": row_scale, "col_scale": col_scale}
+
+
+def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: torch.Tensor | None
+           ) -> torch.Tensor | None:
+    """``codec.decode(encoded, shape, out=out)`` (flat) of linear 4-bit codes on grid scales, by the
+    PyTorch decoder's arithmetic in one pass; None for every other codec (their PyTorch decoder is
+    one table lookup per byte, as fast as C's)."""
+    codes = encoded["codes"]
+    if not (codec.bits == 4 and codec.granularity == "grid" and codec.compander is None
+            and isinstance(codec.value_map, LinearMap) and len(shape) == 2 and shape[1] % 2 == 0
+            and codec.tile_size % 2 == 0 and codes.device.type == "cpu" and codes.is_contiguous()
+            and native.available()):
+        return None
+    out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
+    native.call("mq_decode4_grid", codes, shape[0], shape[1], codec.tile_size,
+                encoded["row_scale"].float().contiguous(), encoded["col_scale"].float().contiguous(), out)
+    return out

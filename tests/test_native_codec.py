@@ -1,0 +1,167 @@
+"""The 4-bit codecs' C loops (muonq.optim.codecs.native*) against the PyTorch codecs they replace."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from muonq.config import preset
+from muonq.optim.build import build_optimizer
+from muonq.optim.codecs import make_codec, native, native_codec
+from muonq.optim.codecs.quant import SEARCH_RATIOS
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler to build the codecs' C loops")
+
+CAPTURED = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+
+CODECS = {  # the codecs of the shipped presets, and the variants the C loops also take
+    "muonq residual": dict(granularity="tensor", compand=True),
+    "muonq factor": dict(granularity="column", compand=True),
+    "muonq residual, blocks of 128": dict(granularity="block", block_size=128, compand=True),
+    "muonq-hifi factor": dict(value_map="mulaw-after-scale", granularity="column", mu=3.0),
+    "mu-law after the scale, blocks": dict(value_map="mulaw-after-scale", granularity="block", mu=3.0),
+    "grasp residual": dict(granularity="grid", tile_size=128),
+}
+
+
+def _pair(**settings):
+    return make_codec(4, **settings), make_codec(4, native=False, **settings)
+
+
+def _matrices() -> list[torch.Tensor]:
+    """Captured momentum of two models at unit Frobenius norm (as MuonQ stores it), and heavy-tailed
+    synthetic matrices with ragged shapes."""
+    captured = [m / m.norm() for name in ("momentum_llama-tiny-256.pt", "momentum_llama-2x512.pt")
+                for m in list(torch.load(CAPTURED / name, weights_only=True).values())[:3]]
+    g = torch.Generator().manual_seed(0)
+    synthetic = []
+    for shape in [(1376, 512), (300, 40), (130, 25)]:
+        x = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * torch.rand(shape, generator=g) ** 3
+        synthetic.append(x * 10.0 ** float(torch.empty(()).uniform_(-4, 0, generator=g)))
+    return captured + synthetic
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_c_loops_give_the_pytorch_codecs_bytes(name, monkeypatch):
+    fast, reference = _pair(**CODECS[name])
+    redone = []
+    redo = native_codec._redo_listed
+    monkeypatch.setattr(native_codec, "_redo_listed", lambda *a, **k: redone.append(1) or redo(*a, **k))
+    ran = 0
+    for x in _matrices():
+        if name.startswith("grasp") and x.shape[1] % 2:
+            continue
+        shape = tuple(x.shape)
+        ran += native_codec.encode(fast, x.float(), shape) is not None
+        got, want = fast.encode(x), reference.encode(x)
+        assert got.keys() == want.keys()
+        for field in want:
+            assert torch.equal(got[field], want[field]), (name, shape, field)
+        assert torch.equal(fast.decode(want, shape), reference.decode(want, shape))
+    assert ran >= 6, "the C loops did not run"
+    if not name.startswith("grasp"):  # mu-law: some chunks had an element too close to a threshold
+        assert redone
+
+
+def _errors(codec, encoded, x) -> torch.Tensor:
+    """Squared error of each 256-element block of the decoded x (fp64)."""
+    decoded = codec.decode(encoded, tuple(x.shape)).double()
+    return (decoded - x.double()).square().view(-1, codec.block_size).sum(dim=1)
+
+
+def test_scale_search_agrees_with_pytorch_up_to_ties():
+    fast, reference = _pair(value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True)
+    assert fast.block_size == 256
+    blocks = differ = 0
+    for x in _matrices():
+        if x.numel() % 256:
+            continue
+        assert native_codec.encode(fast, x.float(), tuple(x.shape)) is not None
+        got, want = fast.encode(x), reference.encode(x)
+        same = got["scale"] == want["scale"]
+        blocks += same.numel()
+        differ += int((~same).sum())
+        codes = lambda e: torch.stack([e["codes"] & 15, e["codes"] >> 4], -1).view(-1, 256)
+        assert torch.equal(codes(got)[same], codes(want)[same])
+        if not same.all():  # only where an element within rounding of a level boundary tips a near-tie
+            error_got, error_want = _errors(fast, got, x)[~same], _errors(reference, want, x)[~same]
+            assert torch.allclose(error_got, error_want, rtol=1e-3, atol=0.0), (error_got, error_want)
+    assert blocks == 6592
+    assert differ <= blocks // 2000, f"{differ} of {blocks} blocks chose another scale"
+
+
+def test_search_ratios_are_the_ones_the_c_loop_gets():
+    # the C search takes the candidates in this order and keeps the first on ties, like PyTorch's
+    assert SEARCH_RATIOS[0] == 1.0 and list(SEARCH_RATIOS) == sorted(SEARCH_RATIOS, reverse=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_takes_the_pytorch_path(bad):
+    x = torch.randn(256, 64) * 1e-3
+    x[3, 5] = bad
+    for settings in (CODECS["muonq residual"], CODECS["grasp residual"]):
+        fast, reference = _pair(**settings)
+        assert native_codec.encode(fast, x, tuple(x.shape)) is None
+        got, want = fast.encode(x), reference.encode(x)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.fixture
+def fresh_library():
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch, fresh_library):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.library() is not None
+    built = list((tmp_path / "muonq" / "native").glob("codecs-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "muonq" / "native").glob("*")] == [stamp]
+
+
+def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fresh_library):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert native.library() is None
+    fast, reference = _pair(**CODECS["muonq residual"])
+    x = torch.randn(512, 512)
+    assert native_codec.encode(fast, x, (512, 512)) is None
+    assert torch.equal(fast.encode(x)["codes"], reference.encode(x)["codes"])
+
+
+def _run(name: str, kernels: str, steps: int = 4):
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02) for shape in [(192, 128), (128, 320)]]
+    spec = dataclasses.replace(preset(name), kernels=kernels)
+    muon = build_optimizer(spec, hidden=params, others=[]).optimizers["muon"]
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        muon.step()
+    codecs = {muon.store_for(p).residual_codec.native for p in params}
+    return [p.detach().clone() for p in params], codecs
+
+
+@pytest.mark.parametrize("name", ["muonq", "grasp"])
+def test_training_steps_are_bit_identical_with_and_without_the_c_loops(name):
+    fast, fast_native = _run(name, "auto")
+    reference, reference_native = _run(name, "reference")
+    assert fast_native == {True} and reference_native == {False}
+    for a, b in zip(fast, reference):
+        assert torch.equal(a, b)
+
+
+def test_muonq_hifi_steps_match_the_pytorch_codecs_up_to_search_ties():
+    fast, _ = _run("muonq-hifi", "auto")
+    reference, _ = _run("muonq-hifi", "reference")
+    for a, b in zip(fast, reference):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
