@@ -46,6 +46,7 @@ TORCH = "torch.optim.Muon (bf16 NS)"
 # (label, optimizer YAML, overrides of optimizer_params.args; "kernels": of optimizer_params.kernels)
 ROWS: list[tuple[str, str, dict]] = [
     ("muon (fp32)", "muon", {}),
+    ("muon + MuonQ's normalisation (fp32)", "muon", {"norm": True}),
     ("muon8bit linear b256", "muon8bit", {}),
     ("muon8bit dynamic b256", "muon8bit", {"quant": "dynamic"}),
     ("muon8 (per-tensor 8-bit)", "muon8", {}),

@@ -100,13 +100,20 @@ int mq_grid_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t 
     return worst >= INF_BITS;
 }
 
-/* mid[k]: threshold k + 1 of divisor d (in fp32; mid may be NULL); hi[k], lo[k]: times (1 + band)
- * and (1 - band). */
-static void thresholds(double d, int mode, double mu, double band, float *mid, float *hi, float *lo) {
+/* The thresholds of divisor d as fractions: after the scale, threshold k + 1 is d x frac[k] (the
+ * same for every divisor, so computed once per call); before it, expm1((k + 1/2) d ln(1 + mu)) / mu. */
+static void after_scale_fractions(double mu, double *frac) {
+    const double ln = log1p(mu);
+    for (int k = 0; k < LEVELS; k++) frac[k] = expm1((k + 0.5) / LEVELS * ln) / mu;
+}
+
+/* mid[k]: threshold k + 1 of divisor d in fp32 (mid may be NULL); hi[k], lo[k]: it times (1 + band)
+ * and (1 - band). frac: after_scale_fractions for mode COMPAND_AFTER (unused otherwise). */
+static void thresholds(double d, int mode, double mu, double band, const double *frac, float *mid, float *hi,
+                       float *lo) {
     const double ln = log1p(mu);
     for (int k = 0; k < LEVELS; k++) {
-        const double half = k + 0.5;
-        const double t = mode == COMPAND_FIRST ? expm1(half * d * ln) / mu : d * (expm1(half / LEVELS * ln) / mu);
+        const double t = mode == COMPAND_FIRST ? expm1((k + 0.5) * d * ln) / mu : d * frac[k];
         if (mid) mid[k] = (float)t;
         hi[k] = (float)(t * (1.0 + band));
         lo[k] = (float)(t * (1.0 - band));
@@ -158,6 +165,8 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
                          uint8_t *restrict codes, int64_t *restrict listed) {
     const int64_t n = rows * cols, chunks = (n + CHUNK - 1) / CHUNK;
     const int clamp_one = mode == COMPAND_FIRST;
+    double frac[LEVELS];
+    after_scale_fractions(mu, frac);
     int64_t count = 0;
     if (group > 0) {
         float hi[LEVELS], lo[LEVELS];
@@ -165,7 +174,7 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t first = c * CHUNK, g = first / group;
             if (g != current) {
-                thresholds(divisor[g], mode, mu, band, NULL, hi, lo);
+                thresholds(divisor[g], mode, mu, band, frac, NULL, hi, lo);
                 current = g;
             }
             if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes))
@@ -185,7 +194,7 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     }
     float h[LEVELS], l[LEVELS];
     for (int64_t j = 0; j < cols; j++) {
-        thresholds(divisor[j], mode, mu, band, NULL, h, l);
+        thresholds(divisor[j], mode, mu, band, frac, NULL, h, l);
         for (int k = 0; k < LEVELS; k++) {
             hi[k * cols + j] = h[k];
             lo[k * cols + j] = l[k];
@@ -257,6 +266,8 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
                           const float *restrict magnitude, double mu, double band, uint8_t *restrict choice,
                           uint8_t *restrict codes, int64_t *restrict listed) {
     float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1];
+    double frac[LEVELS];
+    after_scale_fractions(mu, frac);
     int64_t count = 0;
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
         const int64_t len = n - b0 < block ? n - b0 : block;
@@ -266,7 +277,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         int best = 0;
         float best_err = 0.0f;
         for (int r = 0; r < ratios; r++) {
-            thresholds(divisor[b * ratios + r], COMPAND_AFTER, mu, band, mid, hi, lo);
+            thresholds(divisor[b * ratios + r], COMPAND_AFTER, mu, band, frac, mid, hi, lo);
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * scale[b * ratios + r];
             float err = block_error(xb, whole, mid, dec);
             if (whole < len) err += block_error(tail, CHUNK, mid, dec);
@@ -276,7 +287,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
             }
         }
         choice[b] = (uint8_t)best;
-        thresholds(divisor[b * ratios + best], COMPAND_AFTER, mu, band, NULL, hi, lo);
+        thresholds(divisor[b * ratios + best], COMPAND_AFTER, mu, band, frac, NULL, hi, lo);
         for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
             if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2))
                 listed[count++] = (b0 + c0) / CHUNK;
