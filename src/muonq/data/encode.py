@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import pathlib
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -95,6 +96,10 @@ class Encoder:
 
     ``Pool.imap`` reads its input ahead without bound (all of a 100B-token stream would end up
     in memory), so at most ``2 * num_proc`` batches are in flight here.
+
+    While the pool runs, Ctrl-C (SIGINT) is deferred to the next batch boundary of :meth:`map`,
+    where it raises KeyboardInterrupt: raised anywhere else it can land inside the pool's own
+    bookkeeping with a queue lock held, and the pool's shutdown then waits on that lock forever.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, spec: str, folder: pathlib.Path, num_proc: int) -> None:
@@ -103,9 +108,13 @@ class Encoder:
             raise ValueError(f"num_proc must be >= 1, got {num_proc}")
         self.tokenizer, self.spec, self.folder, self.num_proc = tokenizer, spec, folder, num_proc
         self._pool = None
+        self._interrupted = False
+        self._previous_handler = None
 
     def __enter__(self) -> Encoder:
         if self.num_proc > 1:
+            if threading.current_thread() is threading.main_thread():
+                self._previous_handler = signal.signal(signal.SIGINT, self._defer_interrupt)
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
             self._pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.spec, self.folder))
@@ -116,6 +125,18 @@ class Encoder:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+        if self._interrupted and exc[0] is None:  # Ctrl-C after the last batch boundary
+            raise KeyboardInterrupt
+
+    def _defer_interrupt(self, signum: int, frame: object) -> None:
+        self._interrupted = True
+
+    def _raise_if_interrupted(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def map(self, batches: Iterable[DocumentBatch]) -> Iterator[TokenizedBatch]:
         if self._pool is None:
@@ -124,8 +145,11 @@ class Encoder:
             return
         pending: collections.deque = collections.deque()
         for batch in batches:
+            self._raise_if_interrupted()
             pending.append(self._pool.apply_async(_encode_in_worker, (batch,)))
             if len(pending) >= 2 * self.num_proc:
                 yield pending.popleft().get()
+                self._raise_if_interrupted()
         while pending:
             yield pending.popleft().get()
+            self._raise_if_interrupted()
