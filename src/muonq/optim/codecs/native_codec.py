@@ -4,9 +4,9 @@ the per-element passes run in C.
 
 What runs there: mu-law codes (companded before the scale, MuonQ's quantizer, or after it) with
 tensor, column or block scales (blocks a multiple of 64 elements), the scale search on mu-law-after-
-the-scale blocks, and linear codes on grid scales (GRASP). Everything else (other value maps and
-granularities, stochastic rounding, 8-bit codes, inputs with NaN or inf) stays in PyTorch:
-:func:`encode` returns None for it.
+the-scale blocks, and linear codes on grid scales (GRASP), encoded and decoded. Everything else
+(other value maps and granularities, stochastic rounding, 8-bit codes, inputs with NaN or inf,
+other decoders) stays in PyTorch: :func:`encode` and :func:`decode` return None for it.
 
 The bytes are the PyTorch encoder's. Linear codes are its arithmetic. Mu-law levels come from
 thresholds (see ``native.c``); the 64-element chunks with an element within :data:`BAND`
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 # Relative half-width of the band around each threshold whose elements the PyTorch arithmetic
 # decides. The PyTorch encoder's level of an element carries a few fp32 roundings (log1p to 1 ulp,
-# a product, a quotient), which move its effective threshold by < 1e-6 relative even where mu-law
-# is steepest (there ln(1 + mu) ~ 5.5 ulps of |x| per ulp of the level).
+# a product, a quotient): over 21M values per map (mu-law 255 before the scale, 3 after it), the
+# dozen it levels otherwise than the exact thresholds lay within 1.6e-7 (relative) of one.
 BAND = 1e-5
 
 

@@ -23,6 +23,9 @@ beforehand (see :meth:`QuantCodec._encode_companded_sliced`). Decoding gathers f
 of decoded values, one row per byte or pair of code bytes, with a per-tensor scale (and the
 expansion) folded into the table, unless the value map's own decode is cheaper
 (``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result.
+
+With ``native`` (the default), the 4-bit encoders that have C loops
+(:mod:`~muonq.optim.codecs.native_codec`) run those first; what they do not take comes here.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ class QuantCodec(Codec):
     ``compander``: compand the raw values before the scale (needs a linear map; see the module
     docstring). ``scale_search``: each group's scale is chosen among absmax x :data:`SEARCH_RATIOS`
     for the least squared error of the decoded group (deterministic rounding; not with grid
-    scales); the decoder and the bytes are the same. ``native``: encode and decode CPU tensors of
-    4-bit codes in the C loops of :mod:`~muonq.optim.codecs.native_codec` where they apply (the
-    same bytes, faster); False keeps every step in PyTorch."""
+    scales); the decoder and the bytes are the same. ``native``: encode (and decode grid scales of)
+    CPU tensors of 4-bit codes in the C loops of :mod:`~muonq.optim.codecs.native_codec` where they
+    apply: the PyTorch path's bytes (the scale search: see there), faster; False keeps every step in
+    PyTorch."""
 
     def __init__(
         self,
