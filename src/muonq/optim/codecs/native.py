@@ -4,13 +4,14 @@ PyTorch runs a codec's encode as a dozen elementwise passes over the matrix (abs
 sign, divide, round, convert, shift, pack), each through memory; the C loops make one pass that
 keeps every element in registers. They serve :class:`~muonq.optim.codecs.quant.QuantCodec` on CPU
 tensors and give the PyTorch encoder's bytes (mu-law codes: see ``native.c`` for how; the scale
-search: see :meth:`QuantCodec._encode_native_search`).
+search: see :mod:`~muonq.optim.codecs.native_codec`).
 
-The library is built once per machine with the system C compiler (``$CC``, else ``cc``; the same
-one ``torch.compile`` uses on the CPU) for the machine's own instruction set, into
-``$XDG_CACHE_HOME/muonq`` (default ``~/.cache/muonq``), keyed by the source, the compiler and the
-CPU's flags; concurrent processes (the ranks of one node) each build and atomically rename the
-same file. Without a working compiler the codecs stay in PyTorch (a warning says so, once).
+The library is built once per machine with the system C compiler (``$CC``, else ``cc``) for the
+machine's own instruction set (``-march=native``, dropped where the compiler refuses it), into
+``$XDG_CACHE_HOME/muonq/native`` (default ``~/.cache/muonq/native``), keyed by the source, the
+compiler and the CPU's flags; concurrent processes (the ranks of one node) each build and
+atomically rename the same file. Without a working compiler, or where the cache cannot be
+written, the codecs stay in PyTorch (a warning says so, once).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native.c")
 CHUNK = 64  # elements per flag of the mu-law encoders (native.c's CHUNK)
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+_NATIVE_ISA = "-march=native"  # dropped where the compiler does not know it
 
 _I64, _PTR, _INT, _DBL = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {  # name: (argument types, result type)
@@ -76,8 +78,9 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True, text=True,
-                       check=True)
+        command = [compiler, _NATIVE_ISA, *_FLAGS, str(SOURCE), "-o", partial, "-lm"]
+        if subprocess.run(command, capture_output=True, text=True).returncode:
+            subprocess.run([c for c in command if c != _NATIVE_ISA], capture_output=True, text=True, check=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
