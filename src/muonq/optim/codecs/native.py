@@ -66,10 +66,14 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    """The compiled library's path (built now unless the cache has it)."""
+    """The compiled library's path (built now unless the cache has it). The key names the compiler
+    by its resolved file, size and time, so that no process but a building one runs a subprocess
+    (the ranks of a job find the library without forking next to their communication threads)."""
     source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    binary = os.path.realpath(compiler)
+    info = os.stat(binary)
+    identity = f"{binary} {info.st_size} {info.st_mtime_ns}"
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), identity.encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"codecs-{key}.so"
     if target.exists():
