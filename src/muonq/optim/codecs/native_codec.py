@@ -43,7 +43,8 @@ BAND = 1e-5
 
 def encode(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
     """``codec.encode(x)`` (x: fp32) through C, or None where this module does not apply."""
-    if not (codec.bits == 4 and not codec.stochastic and x.device.type == "cpu" and native.available()):
+    if not (codec.bits == 4 and not codec.stochastic and type(x) is torch.Tensor and x.device.type == "cpu"
+            and native.available()):  # plain tensors only: C reads their memory (a DTensor's is a shard)
         return None
     x = x.contiguous()
     if codec.granularity == "grid":
@@ -183,8 +184,8 @@ def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: tor
     codes = encoded["codes"]
     if not (codec.bits == 4 and codec.granularity == "grid" and codec.compander is None
             and isinstance(codec.value_map, LinearMap) and len(shape) == 2 and shape[1] % 2 == 0
-            and codec.tile_size % 2 == 0 and codes.device.type == "cpu" and codes.is_contiguous()
-            and native.available()):
+            and codec.tile_size % 2 == 0 and type(codes) is torch.Tensor and codes.device.type == "cpu"
+            and codes.is_contiguous() and native.available()):
         return None
     out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
     native.call("mq_decode4_grid", codes, shape[0], shape[1], codec.tile_size,
