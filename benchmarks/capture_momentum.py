@@ -16,11 +16,13 @@ Needs the prepared corpus (``python process_data.py`` writes ./data/tiny_shakesp
 
     python benchmarks/capture_momentum.py [--steps 300] [--n-embd 256] [--stream 50]
 
-The two committed captures (one torch thread). A rerun gives the same tensors on a CPU of the same
-kind; another CPU's fp32 kernels round differently and 300 steps take the run elsewhere: the
-256-wide file came back bit-identical on an AVX512 Zen 5 (2026-12-01), but an AVX2 Zen 3 gives
-other matrices of the same kind (2026-12-03: muonq's NS err on them 0.632 against the committed
-file's 0.630). The stream cache is written by the rerun, so keep the committed file with --out:
+The two committed captures (one torch thread). Newton–Schulz runs in fp32 on every CPU. A rerun
+gives other matrices of the same kind wherever the fp32 kernels or the training code differ from
+the committed file's run: the 256-wide file came back bit-identical on an AVX512 Zen 5
+(2026-12-01), an AVX2 Zen 3 gave other matrices (2026-12-03: muonq's NS err on them 0.632 against
+the committed file's 0.630), and so did the Zen 5 with the code of 2026-12-06 (largest entry
+difference 0.11; the fidelity tables say which stream they used). The stream cache is written by
+the rerun, so keep the committed file with --out:
 
     python benchmarks/capture_momentum.py --out /tmp/m256.pt   # d 256, 4 layers; stream to the cache
     python benchmarks/capture_momentum.py --n-embd 512 --ffn 1376 --n-layer 2 --n-head 8 \
@@ -87,7 +89,9 @@ def capture(args: argparse.Namespace) -> None:
     hidden = list(named.values())
     hidden_ids = {id(p) for p in hidden}
     others = [p for p in model.parameters() if id(p) not in hidden_ids]
-    opt_cfg = preset("muon", lr=args.lr)
+    # fp32 Newton-Schulz on every CPU: auto would pick bf16 where the CPU has it natively, and the
+    # capture would then depend on the machine's bf16 support, not only on its fp32 kernels
+    opt_cfg = preset("muon", lr=args.lr, matmul_dtype="float32")
     optimizer = build_optimizer(opt_cfg, hidden=hidden, others=others)
     muon = optimizer.optimizers["muon"]
     loader = TokenLoader(path, "train", batch_size=args.batch_size, seq_len=args.context, seed=args.seed)
