@@ -109,12 +109,14 @@ class Encoder:
         self.tokenizer, self.spec, self.folder, self.num_proc = tokenizer, spec, folder, num_proc
         self._pool = None
         self._interrupted = False
-        self._previous_handler = None
+        self._deferring = False
+        self._previous_handler: object = None
 
     def __enter__(self) -> Encoder:
         if self.num_proc > 1:
             if threading.current_thread() is threading.main_thread():
                 self._previous_handler = signal.signal(signal.SIGINT, self._defer_interrupt)
+                self._deferring = True
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
             self._pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self.spec, self.folder))
@@ -125,9 +127,10 @@ class Encoder:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        if self._deferring:  # None: a handler not set from Python; the default is the nearest
+            previous = self._previous_handler
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+            self._deferring = False
         if self._interrupted and exc[0] is None:  # Ctrl-C after the last batch boundary
             raise KeyboardInterrupt
 
