@@ -20,6 +20,9 @@
 #define CHUNK 64
 #define LEVELS 7
 
+/* native.py checks its copy of CHUNK against this when it loads the library. */
+int64_t mq_chunk(void) { return CHUNK; }
+
 /* Mu-law before the scale (MuonQ's quantizer): level = round(compand(min(|x|, 1)) / d). */
 #define COMPAND_FIRST 0
 /* Mu-law after the scale: level = round(compand(min(|x| / d, 1)) x 7). */
@@ -100,23 +103,27 @@ int mq_grid_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t 
     return worst >= INF_BITS;
 }
 
-/* The thresholds of divisor d as fractions: after the scale, threshold k + 1 is d x frac[k] (the
- * same for every divisor, so computed once per call); before it, expm1((k + 1/2) d ln(1 + mu)) / mu. */
-static void after_scale_fractions(double mu, double *frac) {
-    const double ln = log1p(mu);
-    for (int k = 0; k < LEVELS; k++) frac[k] = expm1((k + 0.5) / LEVELS * ln) / mu;
+/* A call's mu-law: mode, mu, ln(1 + mu), the band, and, after the scale, threshold k + 1 of
+ * divisor d as d x frac[k] (the same fractions for every divisor, so computed once per call). */
+typedef struct {
+    int mode;
+    double mu, ln, band, frac[LEVELS];
+} Mulaw;
+
+static Mulaw mulaw(int mode, double mu, double band) {
+    Mulaw m = {mode, mu, log1p(mu), band, {0}};
+    for (int k = 0; k < LEVELS; k++) m.frac[k] = expm1((k + 0.5) / LEVELS * m.ln) / mu;
+    return m;
 }
 
 /* mid[k]: threshold k + 1 of divisor d in fp32 (mid may be NULL); hi[k], lo[k]: it times (1 + band)
- * and (1 - band). frac: after_scale_fractions for mode COMPAND_AFTER (unused otherwise). */
-static void thresholds(double d, int mode, double mu, double band, const double *frac, float *mid, float *hi,
-                       float *lo) {
-    const double ln = log1p(mu);
+ * and (1 - band). Before the scale, threshold k + 1 is expm1((k + 1/2) d ln(1 + mu)) / mu. */
+static void thresholds(const Mulaw *m, double d, float *mid, float *hi, float *lo) {
     for (int k = 0; k < LEVELS; k++) {
-        const double t = mode == COMPAND_FIRST ? expm1((k + 0.5) * d * ln) / mu : d * frac[k];
+        const double t = m->mode == COMPAND_FIRST ? expm1((k + 0.5) * d * m->ln) / m->mu : d * m->frac[k];
         if (mid) mid[k] = (float)t;
-        hi[k] = (float)(t * (1.0 + band));
-        lo[k] = (float)(t * (1.0 - band));
+        hi[k] = (float)(t * (1.0 + m->band));
+        lo[k] = (float)(t * (1.0 - m->band));
     }
 }
 
@@ -165,16 +172,15 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
                          uint8_t *restrict codes, int64_t *restrict listed) {
     const int64_t n = rows * cols, chunks = (n + CHUNK - 1) / CHUNK;
     const int clamp_one = mode == COMPAND_FIRST;
-    double frac[LEVELS];
-    after_scale_fractions(mu, frac);
+    const Mulaw m = mulaw(mode, mu, band);
     int64_t count = 0;
     if (group > 0) {
-        float hi[LEVELS], lo[LEVELS];
+        float hi[LEVELS] = {0}, lo[LEVELS] = {0}; /* set at the first chunk */
         int64_t current = -1;
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t first = c * CHUNK, g = first / group;
             if (g != current) {
-                thresholds(divisor[g], mode, mu, band, frac, NULL, hi, lo);
+                thresholds(&m, divisor[g], NULL, hi, lo);
                 current = g;
             }
             if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes))
@@ -194,7 +200,7 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     }
     float h[LEVELS], l[LEVELS];
     for (int64_t j = 0; j < cols; j++) {
-        thresholds(divisor[j], mode, mu, band, frac, NULL, h, l);
+        thresholds(&m, divisor[j], NULL, h, l);
         for (int k = 0; k < LEVELS; k++) {
             hi[k * cols + j] = h[k];
             lo[k * cols + j] = l[k];
@@ -266,8 +272,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
                           const float *restrict magnitude, double mu, double band, uint8_t *restrict choice,
                           uint8_t *restrict codes, int64_t *restrict listed) {
     float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1];
-    double frac[LEVELS];
-    after_scale_fractions(mu, frac);
+    const Mulaw m = mulaw(COMPAND_AFTER, mu, band);
     int64_t count = 0;
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
         const int64_t len = n - b0 < block ? n - b0 : block;
@@ -277,7 +282,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         int best = 0;
         float best_err = 0.0f;
         for (int r = 0; r < ratios; r++) {
-            thresholds(divisor[b * ratios + r], COMPAND_AFTER, mu, band, frac, mid, hi, lo);
+            thresholds(&m, divisor[b * ratios + r], mid, hi, lo);
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * scale[b * ratios + r];
             float err = block_error(xb, whole, mid, dec);
             if (whole < len) err += block_error(tail, CHUNK, mid, dec);
@@ -287,7 +292,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
             }
         }
         choice[b] = (uint8_t)best;
-        thresholds(divisor[b * ratios + best], COMPAND_AFTER, mu, band, frac, NULL, hi, lo);
+        thresholds(&m, divisor[b * ratios + best], NULL, hi, lo);
         for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
             if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2))
                 listed[count++] = (b0 + c0) / CHUNK;

@@ -41,6 +41,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mq_encode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR), None),
     "mq_absmax": ((_PTR, _I64, _I64, _I64, _PTR), _INT),
     "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),
+    "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
 }
 COMPAND_FIRST, COMPAND_AFTER = 0, 1  # native.c's modes of mq_encode4_mulaw
@@ -108,6 +109,7 @@ def library() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = restype
+    assert lib.mq_chunk() == CHUNK, (lib.mq_chunk(), CHUNK)
     return lib
 
 
