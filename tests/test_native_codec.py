@@ -44,8 +44,10 @@ def _matrices() -> list[torch.Tensor]:
     return captured + synthetic
 
 
-@pytest.mark.parametrize("name", list(CODECS))
-def test_c_loops_give_the_pytorch_codecs_bytes(name, monkeypatch):
+@pytest.mark.parametrize(("name", "band"), [(name, native_codec.BAND) for name in CODECS] + [
+    pytest.param(name, 0.5, id=f"{name}-most chunks redone") for name in CODECS if not name.startswith("grasp")])
+def test_c_loops_give_the_pytorch_codecs_bytes(name, band, monkeypatch):
+    monkeypatch.setattr(native_codec, "BAND", band)  # 0.5: the redo's arithmetic on most elements
     fast, reference = _pair(**CODECS[name])
     redone = []
     redo = native_codec._redo_listed
@@ -72,7 +74,9 @@ def _errors(codec, encoded, x) -> torch.Tensor:
     return (decoded - x.double()).square().view(-1, codec.block_size).sum(dim=1)
 
 
-def test_scale_search_agrees_with_pytorch_up_to_ties():
+@pytest.mark.parametrize("band", [native_codec.BAND, 0.5], ids=["band", "most chunks redone"])
+def test_scale_search_agrees_with_pytorch_up_to_ties(band, monkeypatch):
+    monkeypatch.setattr(native_codec, "BAND", band)
     fast, reference = _pair(value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True)
     assert fast.block_size == 256
     blocks = differ = 0

@@ -74,8 +74,8 @@ class MuLawMap(ValueMap):
         self._linear = LinearMap(bits)
         self.bits = bits
         self.levels = self._linear.levels  # companded codes are linear codes of z: L levels each side
-        self._compander = MuLawCompander(mu)
-        self.mu = self._compander.mu
+        self.compander = MuLawCompander(mu)
+        self.mu = self.compander.mu
 
     def __repr__(self) -> str:
         return f"MuLawMap(bits={self.bits}, mu={self.mu})"
@@ -85,8 +85,8 @@ class MuLawMap(ValueMap):
         return self._linear.zero_code
 
     def encode(self, y, *, stochastic=False, generator=None):
-        z = self._compander.compand(y.float())
+        z = self.compander.compand(y.float())
         return self._linear.encode(z, stochastic=stochastic, generator=generator)
 
     def decode(self, codes):
-        return self._compander.expand(self._linear.decode(codes))
+        return self.compander.expand(self._linear.decode(codes))

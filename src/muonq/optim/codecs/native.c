@@ -8,7 +8,8 @@
  * magnitude whose companded value lies halfway between levels k - 1 and k (fp64, from the divisor).
  * An element within BAND (relative) of a threshold is too close to call against a rounded log1p:
  * its 64-element chunk is listed, and the caller encodes the listed chunks again with the PyTorch
- * arithmetic. Every other element gets the level the PyTorch encoder gives it.
+ * arithmetic (mq_redo_args, torch's log1p, mq_redo_codes). Every other element gets the level the
+ * PyTorch encoder gives it.
  *
  * Linear levels on grid scales are the PyTorch arithmetic itself (divide, clamp, multiply, round
  * half to even): IEEE operations, compiled without contraction into fused multiply-adds.
@@ -235,6 +236,53 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     return count;
 }
 
+/* The listed chunks again, element by element, in the PyTorch encoder's arithmetic, around
+ * torch's own log1p: mq_redo_args writes the argument it gives log1p (zero past the end), the
+ * caller applies torch.log1p to those (whole chunks: its vector loop), and mq_redo_codes finishes
+ * the codes from the results. Element i's divisor is divisor[i / group], or divisor[i % cols]
+ * when group is 0. */
+static inline float divisor_at(const float *divisor, int64_t i, int64_t cols, int64_t group) {
+    return group > 0 ? divisor[i / group] : divisor[i % cols];
+}
+
+void mq_redo_args(const float *restrict x, int64_t n, int64_t cols, int64_t group, const float *restrict divisor,
+                  int mode, float mu, const int64_t *restrict listed, int64_t count, float *restrict args) {
+    for (int64_t c = 0; c < count; c++)
+        for (int64_t e = 0; e < CHUNK; e++) {
+            const int64_t i = listed[c] * CHUNK + e;
+            float a = 0.0f;
+            if (i < n && mode == COMPAND_FIRST) { /* |x| mu clamped to mu: compand of x clamped to [-1, 1] */
+                a = fabsf(x[i]) * mu;
+                a = a > mu ? mu : a;
+            } else if (i < n) { /* |x / d| clamped to 1, times mu */
+                float y = fabsf(x[i] / divisor_at(divisor, i, cols, group));
+                a = (y > 1.0f ? 1.0f : y) * mu;
+            }
+            args[c * CHUNK + e] = a;
+        }
+}
+
+void mq_redo_codes(const float *restrict x, int64_t n, int64_t cols, int64_t group, const float *restrict divisor,
+                   int mode, float inv_ln, const int64_t *restrict listed, int64_t count, const float *restrict logs,
+                   uint8_t *restrict codes) {
+    for (int64_t c = 0; c < count; c++)
+        for (int64_t e = 0; e < CHUNK; e++) {
+            const int64_t i = listed[c] * CHUNK + e;
+            if (i >= n) break;
+            const float z = logs[c * CHUNK + e] * inv_ln;
+            float q;
+            if (mode == COMPAND_FIRST) { /* round(companded / step): at most the levels, no clamp */
+                q = rintf(z / divisor_at(divisor, i, cols, group));
+            } else { /* linear codes of the companded value: round(z x 7), clamped to the levels */
+                q = rintf(z * (float)LEVELS);
+                q = q > (float)LEVELS ? (float)LEVELS : q;
+            }
+            const uint8_t code = code_of(x[i], (int)q);
+            uint8_t *byte = codes + i / 2;
+            *byte = i % 2 ? (uint8_t)((*byte & 0x0f) | (code << 4)) : (uint8_t)((*byte & 0xf0) | code);
+        }
+}
+
 /* The squared error sum((dec[level] - |x|)^2) of m (a multiple of 16) elements at thresholds h:
  * sixteen running sums, one per vector lane, added at the end. */
 static float block_error(const float *restrict x, int64_t m, const float *restrict h, const float *restrict d) {
@@ -342,6 +390,21 @@ void mq_decode4_grid(const uint8_t *restrict codes, int64_t rows, int64_t cols, 
                 o[2 * p] = ((float)((c & 15) - 8) / 7.0f) * s0;
                 o[2 * p + 1] = ((float)((c >> 4) - 8) / 7.0f) * s1;
             }
+        }
+    }
+}
+
+/* 4-bit codes of a rows x cols matrix decoded by lookup in per-group tables of 16 values (one per
+ * code): element i reads table[(i / group) x 16 + code], or table[(i % cols) x 16 + code] when group
+ * is 0 (per column). */
+void mq_decode4_tables(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t group,
+                       const float *restrict table, float *restrict out) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t base = i * cols;
+        for (int64_t j = 0; j < cols; j++) {
+            const int64_t e = base + j;
+            const int code = e % 2 ? codes[e / 2] >> 4 : codes[e / 2] & 15;
+            out[e] = table[(group > 0 ? e / group : j) * 16 + code];
         }
     }
 }

@@ -34,13 +34,16 @@ CHUNK = 64  # elements per flag of the mu-law encoders (native.c's CHUNK)
 _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
 _NATIVE_ISA = "-march=native"  # dropped where the compiler does not know it
 
-_I64, _PTR, _INT, _DBL = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+_I64, _PTR, _INT, _DBL, _FLT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_float
 _SIGNATURES = {  # name: (argument types, result type)
     "mq_encode4_mulaw": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _DBL, _DBL, _PTR, _PTR), _I64),
+    "mq_redo_args": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR), None),
+    "mq_redo_codes": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR, _PTR), None),
     "mq_search4_blocks": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _PTR, _PTR), _I64),
     "mq_encode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR), None),
     "mq_absmax": ((_PTR, _I64, _I64, _I64, _PTR), _INT),
     "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),
+    "mq_decode4_tables": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), None),
     "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
 }

@@ -4,7 +4,8 @@ the per-element passes run in C.
 
 What runs there: mu-law codes (companded before the scale, MuonQ's quantizer, or after it) with
 tensor, column or block scales (blocks a multiple of 64 elements), the scale search on mu-law-after-
-the-scale blocks, and linear codes on grid scales (GRASP), encoded and decoded. Everything else
+the-scale blocks, linear codes on grid scales (GRASP), encoded and decoded, and the per-group table
+lookup that decodes codes companded before a column, row or block scale. Everything else
 (other value maps and granularities, stochastic rounding, 8-bit codes, inputs with NaN or inf,
 other decoders) stays in PyTorch: :func:`encode` and :func:`decode` return None for it.
 
@@ -21,7 +22,7 @@ of a chosen scale are the same.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,7 +30,7 @@ from muonq.optim.codecs import native
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.codecs.linear import LinearMap
 from muonq.optim.codecs.mulaw import MuLawMap
-from muonq.optim.codecs.packing import pack_pairs, packed_numel
+from muonq.optim.codecs.packing import packed_numel
 
 if TYPE_CHECKING:
     from muonq.optim.codecs.quant import QuantCodec
@@ -82,25 +83,19 @@ def _compand_as_encoder(codec: QuantCodec, values: torch.Tensor) -> torch.Tensor
     return codec.compander.compand(padded)[: values.numel()]
 
 
-def _exact_codes(codec: QuantCodec, values: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
-    """The PyTorch encoder's codes (uint8, unpacked) of ``values`` divided by ``divisor``."""
-    if codec.compander is not None:
-        a = codec.compander.compand_magnitude_(values.abs(), clamp=True)
-        return a.div_(divisor).round_().mul_(values.sign()).add_(codec.value_map.zero_code).to(torch.uint8)
-    return codec.value_map.encode((values / divisor).clamp_(-1.0, 1.0))
-
-
 def _redo_listed(codec: QuantCodec, x: torch.Tensor, codes: torch.Tensor, listed: torch.Tensor,
-                 divisor_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Encode the listed 64-element chunks of ``x`` (flat) again with the PyTorch arithmetic, into
-    ``codes``; ``divisor_of``: the fp32 divisors of (chunks x 64) flat element indices."""
-    numel = x.numel()
-    index = listed.view(-1, 1) * native.CHUNK + torch.arange(native.CHUNK)
-    inside = index < numel  # only the last chunk may run past the end
-    index = index.clamp_max(numel - 1)
-    exact = _exact_codes(codec, x[index], divisor_of(index)).masked_fill_(~inside, 0)  # a zero high nibble
-    pairs = index[:, 0::2] // 2
-    codes[pairs[inside[:, 0::2]]] = pack_pairs(exact.view(-1)).view(pairs.shape)[inside[:, 0::2]]
+                 divisor: torch.Tensor, cols: int, group: int) -> None:
+    """Encode the listed 64-element chunks of ``x`` again, into ``codes``, by the PyTorch encoder's
+    arithmetic: C computes what it gives log1p and finishes the codes, torch's log1p (on whole
+    chunks, so its vector loop) runs between. ``divisor``: the fp32 divisors, one per ``group``
+    elements, or per column of ``cols`` when ``group`` is 0."""
+    compander = codec.compander if codec.compander is not None else codec.value_map.compander
+    mode = native.COMPAND_FIRST if codec.compander is not None else native.COMPAND_AFTER
+    head = (x, x.numel(), cols, group, divisor.contiguous(), mode)
+    logs = torch.empty(listed.numel() * native.CHUNK, dtype=torch.float32)
+    native.call("mq_redo_args", *head, compander.mu, listed, listed.numel(), logs)
+    torch.log1p(logs, out=logs)
+    native.call("mq_redo_codes", *head, compander.inv_log1p_mu, listed, listed.numel(), logs, codes)
 
 
 def _listed(count: int, listed: torch.Tensor) -> torch.Tensor | None:
@@ -126,11 +121,7 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
                         codes, listed)
     chunks = _listed(count, listed)
     if chunks is not None:
-        divisor = divisor.view(-1)
-        if codec.granularity == "column":
-            _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index % cols])
-        else:
-            _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index // group])
+        _redo_listed(codec, x, codes, chunks, divisor, cols, group)
     return {"codes": codes, "scale": scale.reshape(-1)}
 
 
@@ -153,8 +144,7 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...])
     chosen = choice.long().view(-1, 1)
     chunks = _listed(count, listed)
     if chunks is not None:
-        divisor = divisors.gather(1, chosen).view(-1)
-        _redo_listed(codec, x.view(-1), codes, chunks, lambda index: divisor[index // codec.block_size])
+        _redo_listed(codec, x, codes, chunks, divisors.gather(1, chosen), numel, codec.block_size)
     return {"codes": codes, "scale": scales.gather(1, chosen).view(-1)}
 
 
@@ -190,4 +180,19 @@ def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: tor
     out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
     native.call("mq_decode4_grid", codes, shape[0], shape[1], codec.tile_size,
                 encoded["row_scale"].float().contiguous(), encoded["col_scale"].float().contiguous(), out)
+    return out
+
+
+def decode_tables(codec: QuantCodec, codes: torch.Tensor, shape: tuple[int, ...], tables: torch.Tensor,
+                  out: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-group table lookup of ``QuantCodec._decode_group_tables`` (``tables``: groups x 16
+    fp32) in one C pass, flat; None where the codes are not a plain contiguous CPU tensor."""
+    if not (type(codes) is torch.Tensor and codes.device.type == "cpu" and codes.is_contiguous()
+            and native.available()):
+        return None
+    numel = math.prod(shape)
+    rows, cols = (shape[0], shape[1]) if codec.granularity in ("row", "column") else (1, numel)
+    group = {"column": 0, "row": cols}.get(codec.granularity, codec.block_size)
+    out = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
+    native.call("mq_decode4_tables", codes, rows, cols, group, tables.contiguous(), out)
     return out

@@ -22,7 +22,8 @@ saturated (then |y| <= 1 already); companded slices are companded once, with the
 beforehand (see :meth:`QuantCodec._encode_companded_sliced`). Decoding gathers from a table
 of decoded values, one row per byte or pair of code bytes, with a per-tensor scale (and the
 expansion) folded into the table, unless the value map's own decode is cheaper
-(``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result.
+(``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result. 4-bit codes
+companded before a column, row or block scale read one table of 16 expanded values per group.
 
 With ``native`` (the default), the 4-bit encoders that have C loops
 (:mod:`~muonq.optim.codecs.native_codec`) run those first; what they do not take comes here.
@@ -398,6 +399,8 @@ class QuantCodec(Codec):
                 return values.view(shape)
         if self.granularity == "tensor":  # the scale and the expansion are in the table
             return self._values(codes, numel, encoded["scale"].float(), out=out).view(shape)
+        if self.compander is not None and self.bits == 4 and self.granularity != "grid":
+            return self._decode_group_tables(codes, shape, encoded["scale"].float(), out).view(shape)
         values = self._values(codes, numel, out=out)
         if self.granularity == "grid":
             matrix = values.view(shape)
@@ -417,6 +420,31 @@ class QuantCodec(Codec):
             scale = encoded["scale"].float()
             values.view(shape).mul_(scale.view(-1, 1) if self.granularity == "row" else scale.view(1, -1))
         return self._expand_(values).view(shape)
+
+    def _decode_group_tables(self, codes: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor,
+                             out: torch.Tensor | None) -> torch.Tensor:
+        """4-bit codes companded before a per-row, -column or -block scale: each group's 16 decoded
+        values (the expansion of level x scale) are computed once, a table that every code of the
+        group reads, instead of expanding every element. (A per-tensor scale is the one-group case of
+        :meth:`_values`.)"""
+        numel = math.prod(shape)
+        steps = self._table(codes.device, False)[:16, 0]  # the levels of codes 0..15 (bytes 0..15's low nibble)
+        products = (scale.view(-1, 1) * steps).view(-1)
+        pad = -products.numel() % 64  # whole vectors for torch's expm1 (its scalar tail may round otherwise)
+        tables = self.compander.expand(F.pad(products, (0, pad)))[: products.numel()].view(-1, 16)
+        values = native_codec.decode_tables(self, codes, shape, tables, out) if self.native else None
+        if values is not None:
+            return values
+        levels = unpack(codes, 4, numel).long()
+        if self.granularity == "column":
+            values = tables.mT.gather(0, levels.view(shape))
+        elif self.granularity == "row":
+            values = tables.gather(1, levels.view(shape))
+        else:
+            pad = -numel % self.block_size
+            values = tables.gather(1, F.pad(levels, (0, pad)).view(-1, self.block_size))
+        values = values.reshape(-1)[:numel]
+        return values if out is None else out.view(-1).copy_(values)
 
     def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The value map's values of uint8 codes (in steps when companding)."""
