@@ -239,9 +239,10 @@ class DecomposedStore(_ShapeBound):
         momentum = momentum.float()
         basis = loaded if loaded is not None else self._factor(state, "R")
         p, r = power_iteration_step(momentum, basis, matmul_dtype=matmul_dtype, cast=cast)
-        product = self.scratch.get("product", momentum)
-        residual = torch.mm(p, r.mT, out=product) if product is not None else p @ r.mT
-        residual = torch.sub(momentum, residual, out=residual)  # B - P R^T, in the product's buffer
+        # B - P R^T as one BLAS call with the subtraction in its epilogue (no product matrix written
+        # and read back), into a scratch buffer
+        buffer = self.scratch.get("residual", momentum)
+        residual = torch.addmm(momentum, p, r.mT, alpha=-1.0, **({} if buffer is None else {"out": buffer}))
         _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
         _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))
