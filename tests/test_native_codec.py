@@ -97,6 +97,33 @@ def test_scale_search_agrees_with_pytorch_up_to_ties(band, monkeypatch):
     assert differ <= blocks // 2000, f"{differ} of {blocks} blocks chose another scale"
 
 
+@pytest.mark.parametrize("settings", [dict(granularity="column"), dict(granularity="row"),
+                                      dict(granularity="block", block_size=128)], ids=["column", "row", "block"])
+def test_group_table_decode_is_the_expansion_of_level_times_scale(settings):
+    """Codes companded before a per-group scale decode to sign(q) ((1 + mu)^(|q| s) - 1) / mu, q the
+    level and s its group's stored step (written here from that definition, in fp64), in C and in
+    PyTorch alike."""
+    fast, reference = _pair(compand=True, **settings)
+    mu = reference.compander.mu
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 42, generator=g) * torch.rand(300, 1, generator=g) * 1e-2  # 12,600: a ragged last block
+    encoded = reference.encode(x)
+    low, high = encoded["codes"] & 15, encoded["codes"] >> 4
+    q = torch.stack([low, high], -1).view(-1)[: x.numel()].double() - 8
+    scale = encoded["scale"].double()
+    if settings["granularity"] == "column":
+        s = scale.repeat(300)
+    elif settings["granularity"] == "row":
+        s = scale.repeat_interleave(42)
+    else:
+        s = scale.repeat_interleave(128)[: x.numel()]
+    y = q * s
+    want = torch.sign(y) * torch.expm1(y.abs() * torch.log1p(torch.tensor(mu, dtype=torch.float64))) / mu
+    got = fast.decode(encoded, tuple(x.shape))
+    assert torch.equal(got, reference.decode(encoded, tuple(x.shape)))
+    torch.testing.assert_close(got.double().view(-1), want, rtol=1e-6, atol=0.0)
+
+
 def test_search_ratios_are_the_ones_the_c_loop_gets():
     # the C search takes the candidates in this order and keeps the first on ties, like PyTorch's
     assert SEARCH_RATIOS[0] == 1.0 and list(SEARCH_RATIOS) == sorted(SEARCH_RATIOS, reverse=True)
