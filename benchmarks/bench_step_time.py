@@ -18,16 +18,22 @@ Two rows pin ``matmul_dtype=float32`` (the other choice, to see what auto buys),
 loops (to see what those buy; the header says whether they were built). AdamW rows are for
 reference (they run no Newton–Schulz).
 
-    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"] [--profile 5]
+    python benchmarks/bench_step_time.py [--rounds 15] [--threads 1] [--only "muonq-hifi,grasp"] [--profile 5] [--phases 20]
 
 ``--profile N`` then steps each optimizer N more times under ``torch.profiler`` and prints, per
 optimizer, the operators that take the most CPU time per step (self time: an operator's own work,
-not that of the operators it calls), to see where a variant's extra time goes.
+not that of the operators it calls), to see where a variant's extra time goes. ``--phases N``
+steps each of the project's Muon optimizers N more times with a timer around each phase of the
+step (the momentum's update through its store, Newton–Schulz, applying the update) and, inside the
+store, around the codecs' encodes and decodes and the power iteration: median milliseconds per
+step, in place, without the profiler's per-operator cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import platform
 import random
@@ -37,8 +43,11 @@ import time
 import torch
 
 from muonq.config import VARIANTS, preset
+from muonq.optim import stores
 from muonq.optim.build import build_optimizer
 from muonq.optim.codecs import native
+from muonq.optim.codecs.quant import QuantCodec
+from muonq.optim.muon import Muon
 from muonq.optim.precision import cpu_bf16, describe_matmul_dtype
 
 LIKE_TORCH = "muon, torch.optim.Muon's form (EMA, bf16 NS)"
@@ -94,6 +103,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated row labels to run with fp32 Muon (default: all)")
     parser.add_argument("--profile", type=int, default=0, help="profiled steps of each optimizer after the timing (0: none)")
     parser.add_argument("--top", type=int, default=12, help="operators listed per optimizer with --profile")
+    parser.add_argument("--phases", type=int, default=0,
+                        help="steps of each Muon optimizer timed phase by phase after the timing (0: none)")
     args = parser.parse_args()
     only = [label.strip() for label in args.only.split(",") if label.strip()]
     unknown = sorted(set(only) - {label for label, _, _ in ROWS})
@@ -151,9 +162,66 @@ def main() -> None:
         ours_cpu, theirs_cpu = statistics.median(cpu[LIKE_TORCH]), statistics.median(cpu[TORCH])
         print(f"\nlike for like: the project's Muon / torch.optim.Muon = {ours / theirs:.3f}x wall, "
               f"{ours_cpu / theirs_cpu:.3f}x CPU")
+    if args.phases:
+        print_phases(opts, args.phases)
     if args.profile:
         for label, opt in opts.items():
             print_profile(label, opt, args.profile, args.top)
+
+
+# Timed phases of a step (label: the function timed); the last three run inside the first.
+PHASES = {
+    "momentum in (store)": (Muon, "_ns_input"),
+    "Newton–Schulz": (Muon, "_orthogonalize"),
+    "apply": (Muon, "_apply"),
+    "codec decodes": (QuantCodec, "decode"),
+    "codec encodes": (QuantCodec, "encode"),
+    "power iteration": (stores, "power_iteration_step"),
+}
+
+
+@contextlib.contextmanager
+def phase_timers(totals: dict[str, float]):
+    """Every function of :data:`PHASES` wrapped, while inside, to add its wall time to ``totals``."""
+    originals = {label: getattr(owner, name) for label, (owner, name) in PHASES.items()}
+
+    def timed(label: str, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+        return wrapper
+
+    for label, (owner, name) in PHASES.items():
+        setattr(owner, name, timed(label, originals[label]))
+    try:
+        yield
+    finally:
+        for label, (owner, name) in PHASES.items():
+            setattr(owner, name, originals[label])
+
+
+def print_phases(opts: dict, steps: int) -> None:
+    """Median ms per step of each phase, over ``steps`` steps of each project Muon optimizer."""
+    print(f"\nphases of the step (median ms over {steps} steps; the last three are inside \"momentum in\")")
+    print("| optimizer | step | " + " | ".join(PHASES) + " |")
+    print("|---|" + "---:|" * (len(PHASES) + 1))
+    for label, opt in opts.items():
+        if not isinstance(getattr(opt, "optimizers", {}).get("muon"), Muon):
+            continue  # torch.optim.Muon and the AdamW rows
+        per_step: dict[str, list[float]] = collections.defaultdict(list)
+        for _ in range(steps):
+            totals: dict[str, float] = collections.defaultdict(float)
+            with phase_timers(totals):
+                start = time.perf_counter()
+                opt.step()
+                totals["step"] = time.perf_counter() - start
+            for phase in ("step", *PHASES):
+                per_step[phase].append(totals[phase])
+        cells = " | ".join(f"{1e3 * statistics.median(per_step[phase]):.1f}" for phase in ("step", *PHASES))
+        print(f"| {label} | {cells} |")
 
 
 def print_profile(label: str, opt, steps: int, top: int) -> None:

@@ -94,11 +94,19 @@ def test_state_memory_table_shows_the_whole_optimizer_next_to_the_muon_matrices(
 
 
 def test_step_time_profile_lists_each_optimizers_operators(tmp_path):
-    """``bench_step_time.py --profile`` prints, per optimizer, its heaviest operators per step."""
+    """``bench_step_time.py --profile`` prints, per optimizer, its heaviest operators per step;
+    ``--phases`` the time of each phase of its step."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_step_time.py"), "--rounds", "1", "--warmup", "0",
-           "--only", "muon8bit linear b256", "--profile", "1", "--top", "3"]
+           "--only", "muon8bit linear b256", "--profile", "1", "--top", "3", "--phases", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
+              for line in proc.stdout.split("phases of the step")[1].split("\n\n")[0].splitlines()
+              if line.startswith("| muon")}
+    assert set(phases) == {"muon (fp32)", "muon8bit linear b256"}
+    for label, (step, store, ns, apply, decodes, encodes, power) in phases.items():
+        assert 0 < store + ns + apply <= step and decodes + encodes <= store
+        assert (decodes > 0 and encodes > 0) == (label != "muon (fp32)") and power == 0  # no decomposition here
     for label in ("muon (fp32)", "muon8bit linear b256"):
         section = proc.stdout.split(f"\n{label}: ")[1]
         rows = [line for line in section.splitlines() if line.startswith("| aten::")]

@@ -399,12 +399,30 @@ void mq_decode4_grid(const uint8_t *restrict codes, int64_t rows, int64_t cols, 
  * is 0 (per column). */
 void mq_decode4_tables(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t group,
                        const float *restrict table, float *restrict out) {
+    const int64_t n = rows * cols;
+    if (group > 0) {
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const float *t = table + g0 / group * 16;
+            const int64_t end = g0 + group < n ? g0 + group : n;
+            int64_t e = g0;
+            if (e % 2) { /* a group that starts in a byte's high nibble */
+                out[e] = t[codes[e / 2] >> 4];
+                e++;
+            }
+            for (; e + 1 < end; e += 2) {
+                const uint8_t b = codes[e / 2];
+                out[e] = t[b & 15];
+                out[e + 1] = t[b >> 4];
+            }
+            if (e < end) out[e] = t[codes[e / 2] & 15];
+        }
+        return;
+    }
     for (int64_t i = 0; i < rows; i++) {
         const int64_t base = i * cols;
         for (int64_t j = 0; j < cols; j++) {
             const int64_t e = base + j;
-            const int code = e % 2 ? codes[e / 2] >> 4 : codes[e / 2] & 15;
-            out[e] = table[(group > 0 ? e / group : j) * 16 + code];
+            out[e] = table[j * 16 + (e % 2 ? codes[e / 2] >> 4 : codes[e / 2] & 15)];
         }
     }
 }

@@ -435,16 +435,19 @@ class QuantCodec(Codec):
         values = native_codec.decode_tables(self, codes, shape, tables, out) if self.native else None
         if values is not None:
             return values
-        levels = unpack(codes, 4, numel).long()
+        # flat table index of each element: its group's first row (16 x group) + its code
+        index = unpack(codes, 4, numel).int()
+        first = torch.arange(0, tables.numel(), 16, dtype=torch.int32, device=codes.device)
         if self.granularity == "column":
-            values = tables.mT.gather(0, levels.view(shape))
+            index = index.view(shape).add_(first)
         elif self.granularity == "row":
-            values = tables.gather(1, levels.view(shape))
+            index = index.view(shape).add_(first.view(-1, 1))
         else:
-            pad = -numel % self.block_size
-            values = tables.gather(1, F.pad(levels, (0, pad)).view(-1, self.block_size))
-        values = values.reshape(-1)[:numel]
-        return values if out is None else out.view(-1).copy_(values)
+            full = numel // self.block_size * self.block_size
+            index[:full].view(-1, self.block_size).add_(first[: full // self.block_size].view(-1, 1))
+            index[full:].add_(first[-1])  # a ragged last block
+        out = torch.empty(numel, dtype=torch.float32, device=codes.device) if out is None else out.view(-1)
+        return torch.index_select(tables.view(-1), 0, index.view(-1), out=out)
 
     def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The value map's values of uint8 codes (in steps when companding)."""
