@@ -50,9 +50,10 @@ from muonq.optim.codecs.quant import QuantCodec
 from muonq.optim.muon import Muon
 from muonq.optim.precision import cpu_bf16, describe_matmul_dtype
 
-LIKE_TORCH = "muon, torch.optim.Muon's form (EMA, bf16 NS)"
+LIKE_TORCH = "muon in torch.optim.Muon's form (EMA; bf16 NS)"
 TORCH = "torch.optim.Muon (bf16 NS)"
-# (label, optimizer YAML, overrides of optimizer_params.args; "kernels": of optimizer_params.kernels)
+# (label, optimizer YAML, overrides of optimizer_params.args; "kernels": of optimizer_params.kernels);
+# labels without commas, so that --only can name them
 ROWS: list[tuple[str, str, dict]] = [
     ("muon (fp32)", "muon", {}),
     ("muon + MuonQ's normalisation (fp32)", "muon", {"norm": True}),
@@ -69,14 +70,15 @@ ROWS: list[tuple[str, str, dict]] = [
     ("muonq mu 15 rank/32 + residual b256", "muonq", {"mu": 15.0, "rank": 32, "residual_block_size": 256}),
     ("grasp", "grasp", {}),
     ("grasp with PyTorch codecs (kernels=reference)", "grasp", {"kernels": "reference"}),
-    ("muoneq (row, fp32 momentum)", "muoneq", {}),
-    ("muon, matmul_dtype=float32", "muon", {"matmul_dtype": "float32"}),
-    ("muonq, matmul_dtype=float32", "muonq", {"matmul_dtype": "float32"}),
+    ("muoneq (row; fp32 momentum)", "muoneq", {}),
+    ("muon with matmul_dtype=float32", "muon", {"matmul_dtype": "float32"}),
+    ("muonq with matmul_dtype=float32", "muonq", {"matmul_dtype": "float32"}),
     (LIKE_TORCH, "muon", {"momentum_form": "ema", "matmul_dtype": "bfloat16"}),
     (TORCH, "torch", {}),
     ("adamw (reference)", "adamw", {}),
-    ("adamw8bit, torchao (reference)", "adamw8bit", {}),
+    ("adamw8bit from torchao (reference)", "adamw8bit", {}),
 ]
+assert not any("," in label for label, _, _ in ROWS), "--only splits its argument at commas"
 
 LAYER = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
 
