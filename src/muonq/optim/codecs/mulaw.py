@@ -11,11 +11,21 @@ entries are dense.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from muonq.optim.codecs.base import ValueMap
 from muonq.optim.codecs.linear import LinearMap
+
+
+def on_whole_vectors(function: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """``function`` (elementwise) of a few flat ``values`` as it computes them inside a matrix: on the
+    values padded with zeros to a multiple of 64 elements, so that none takes torch's scalar tail
+    loop, whose log1p and expm1 may differ from the vectorised ones in the last bit."""
+    pad = -values.numel() % 64
+    return function(F.pad(values, (0, pad)) if pad else values)[: values.numel()]
 
 
 def check_mu(mu: float) -> float:

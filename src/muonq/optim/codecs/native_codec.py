@@ -29,7 +29,7 @@ import torch
 from muonq.optim.codecs import native
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import MuLawMap
+from muonq.optim.codecs.mulaw import MuLawCompander, MuLawMap, on_whole_vectors
 from muonq.optim.codecs.packing import packed_numel
 
 if TYPE_CHECKING:
@@ -62,35 +62,38 @@ def encode(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encode
     return _encode_mulaw(codec, x, shape)
 
 
+def _layout(codec: QuantCodec, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(rows, cols, group) of ``native.c``'s loops for the codec's scale groups: the flat tensor as a
+    rows x cols matrix, with one scale per ``group`` consecutive elements, or per column when
+    ``group`` is 0."""
+    if codec.granularity in ("row", "column"):
+        return shape[0], shape[1], 0 if codec.granularity == "column" else shape[1]
+    numel = math.prod(shape)
+    return 1, numel, numel if codec.granularity == "tensor" else codec.block_size
+
+
+def _mulaw(codec: QuantCodec) -> tuple[int, MuLawCompander]:
+    """``native.c``'s mode of a mu-law codec and the compander of its values (before the scale, or
+    the value map's after it)."""
+    if codec.compander is not None:
+        return native.COMPAND_FIRST, codec.compander
+    return native.COMPAND_AFTER, codec.value_map.compander
+
+
 def _group_absmax(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
     """|x|'s max per scale group (flat, one per group), None if x holds NaN or inf."""
-    numel = math.prod(shape)
-    if codec.granularity == "column":
-        rows, cols, group, groups = shape[0], shape[1], 0, shape[1]
-    else:
-        group = numel if codec.granularity == "tensor" else codec.block_size
-        rows, cols, groups = 1, numel, -(-numel // group)
-    absmax = torch.empty(groups, dtype=torch.float32)
+    rows, cols, group = _layout(codec, shape)
+    absmax = torch.empty(cols if group == 0 else -(-rows * cols // group), dtype=torch.float32)
     return None if native.call("mq_absmax", x, rows, cols, group, absmax) else absmax
 
 
-def _compand_as_encoder(codec: QuantCodec, values: torch.Tensor) -> torch.Tensor:
-    """``codec.compander.compand`` of a few values as the encoder computes it over a matrix: padded to
-    whole vectors, so that none takes torch's scalar tail loop (whose log1p may differ from the
-    vectorised one in the last bit)."""
-    pad = -values.numel() % native.CHUNK
-    padded = torch.cat([values, values.new_zeros(pad)]) if pad else values
-    return codec.compander.compand(padded)[: values.numel()]
-
-
-def _redo_listed(codec: QuantCodec, x: torch.Tensor, codes: torch.Tensor, listed: torch.Tensor,
-                 divisor: torch.Tensor, cols: int, group: int) -> None:
+def _redo_listed(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...], codes: torch.Tensor,
+                 listed: torch.Tensor, divisor: torch.Tensor) -> None:
     """Encode the listed 64-element chunks of ``x`` again, into ``codes``, by the PyTorch encoder's
     arithmetic: C computes what it gives log1p and finishes the codes, torch's log1p (on whole
-    chunks, so its vector loop) runs between. ``divisor``: the fp32 divisors, one per ``group``
-    elements, or per column of ``cols`` when ``group`` is 0."""
-    compander = codec.compander if codec.compander is not None else codec.value_map.compander
-    mode = native.COMPAND_FIRST if codec.compander is not None else native.COMPAND_AFTER
+    chunks, so its vector loop) runs between. ``divisor``: the fp32 divisor of each scale group."""
+    _, cols, group = _layout(codec, shape)
+    mode, compander = _mulaw(codec)
     head = (x, x.numel(), cols, group, divisor.contiguous(), mode)
     logs = torch.empty(listed.numel() * native.CHUNK, dtype=torch.float32)
     native.call("mq_redo_args", *head, compander.mu, listed, listed.numel(), logs)
@@ -107,21 +110,19 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
     absmax = _group_absmax(codec, x, shape)
     if absmax is None:
         return None
-    if codec.compander is not None:  # the companded values' max (companding is monotone; PyTorch's
-        absmax = _compand_as_encoder(codec, absmax.clamp_max(1.0))  # one-pass encoder checks that)
+    if codec.compander is not None:  # the companded values' max: companding is monotone (PyTorch's
+        # one-pass encoder checks that)
+        absmax = on_whole_vectors(codec.compander.compand, absmax.clamp_max(1.0))
     scale, divisor = codec._scale(absmax)
     numel = math.prod(shape)
-    cols = shape[1] if codec.granularity == "column" else numel
-    group = {"column": 0, "tensor": numel}.get(codec.granularity, codec.block_size)
-    mode = native.COMPAND_FIRST if codec.compander is not None else native.COMPAND_AFTER
-    mu = codec.compander.mu if codec.compander is not None else codec.value_map.mu
+    mode, compander = _mulaw(codec)
     codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
     listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
-    count = native.call("mq_encode4_mulaw", x, numel // cols, cols, group, divisor.contiguous(), mode, mu, BAND,
-                        codes, listed)
+    count = native.call("mq_encode4_mulaw", x, *_layout(codec, shape), divisor.contiguous(), mode, compander.mu,
+                        BAND, codes, listed)
     chunks = _listed(count, listed)
     if chunks is not None:
-        _redo_listed(codec, x, codes, chunks, divisor, cols, group)
+        _redo_listed(codec, x, shape, codes, chunks, divisor)
     return {"codes": codes, "scale": scale.reshape(-1)}
 
 
@@ -144,7 +145,7 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...])
     chosen = choice.long().view(-1, 1)
     chunks = _listed(count, listed)
     if chunks is not None:
-        _redo_listed(codec, x, codes, chunks, divisors.gather(1, chosen), numel, codec.block_size)
+        _redo_listed(codec, x, shape, codes, chunks, divisors.gather(1, chosen))
     return {"codes": codes, "scale": scales.gather(1, chosen).view(-1)}
 
 
@@ -190,9 +191,6 @@ def decode_tables(codec: QuantCodec, codes: torch.Tensor, shape: tuple[int, ...]
     if not (type(codes) is torch.Tensor and codes.device.type == "cpu" and codes.is_contiguous()
             and native.available()):
         return None
-    numel = math.prod(shape)
-    rows, cols = (shape[0], shape[1]) if codec.granularity in ("row", "column") else (1, numel)
-    group = {"column": 0, "row": cols}.get(codec.granularity, codec.block_size)
-    out = torch.empty(numel, dtype=torch.float32) if out is None else out.view(-1)
-    native.call("mq_decode4_tables", codes, rows, cols, group, tables.contiguous(), out)
+    out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
+    native.call("mq_decode4_tables", codes, *_layout(codec, shape), tables.contiguous(), out)
     return out

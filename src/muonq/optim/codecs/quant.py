@@ -43,7 +43,7 @@ from muonq.optim.codecs import native_codec
 from muonq.optim.codecs.base import Codec, Encoded, Shape, ValueMap, check_shape
 from muonq.optim.codecs.grid import grid_absmax, grid_apply, grid_counts, grid_row_absmax, grid_scale
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import MuLawCompander
+from muonq.optim.codecs.mulaw import MuLawCompander, on_whole_vectors
 from muonq.optim.codecs.packing import pack, pack_pairs, packed_numel, unpack
 from muonq.optim.codecs.scales import check_scale_dtype, safe_divisor, step_scale, store_scale
 
@@ -429,9 +429,7 @@ class QuantCodec(Codec):
         :meth:`_values`.)"""
         numel = math.prod(shape)
         steps = self._table(codes.device, False)[:16, 0]  # the levels of codes 0..15 (bytes 0..15's low nibble)
-        products = (scale.view(-1, 1) * steps).view(-1)
-        pad = -products.numel() % 64  # whole vectors for torch's expm1 (its scalar tail may round otherwise)
-        tables = self.compander.expand(F.pad(products, (0, pad)))[: products.numel()].view(-1, 16)
+        tables = on_whole_vectors(self.compander.expand, (scale.view(-1, 1) * steps).view(-1)).view(-1, 16)
         values = native_codec.decode_tables(self, codes, shape, tables, out) if self.native else None
         if values is not None:
             return values
