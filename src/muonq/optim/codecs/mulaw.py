@@ -20,11 +20,14 @@ from muonq.optim.codecs.base import ValueMap
 from muonq.optim.codecs.linear import LinearMap
 
 
+VECTOR = 64  # elements: a multiple of every CPU's vector width of torch's elementwise loops
+
+
 def on_whole_vectors(function: Callable[[torch.Tensor], torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     """``function`` (elementwise) of a few flat ``values`` as it computes them inside a matrix: on the
-    values padded with zeros to a multiple of 64 elements, so that none takes torch's scalar tail
-    loop, whose log1p and expm1 may differ from the vectorised ones in the last bit."""
-    pad = -values.numel() % 64
+    values padded with zeros to a multiple of :data:`VECTOR` elements, so that none takes torch's
+    scalar tail loop, whose log1p and expm1 may differ from the vectorised ones in the last bit."""
+    pad = -values.numel() % VECTOR
     return function(F.pad(values, (0, pad)) if pad else values)[: values.numel()]
 
 

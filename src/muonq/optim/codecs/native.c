@@ -17,6 +17,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define CHUNK 64
 #define LEVELS 7
@@ -48,16 +51,24 @@ static float from_bits(uint32_t bits) {
     return v.f;
 }
 
+/* The group's absmax a as written by mq_absmax: a itself, or with mu_first > 0 what the companding
+ * of MuonQ's quantizer gives log1p, min(a, 1) x mu_first. */
+static inline float absmax_out(uint32_t bits, float mu_first) {
+    const float a = from_bits(bits);
+    return mu_first > 0.0f ? (a < 1.0f ? a : 1.0f) * mu_first : a;
+}
+
 /* max |x| per group of `group` consecutive elements of a rows x cols matrix (group 0: per column)
- * into out; returns 1 if x holds NaN or inf (then out is not used). */
-int mq_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t group, float *restrict out) {
+ * into out (through absmax_out); returns 1 if x holds NaN or inf (then out is not used). */
+int mq_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t group, float mu_first,
+              float *restrict out) {
     const int64_t n = rows * cols;
     uint32_t worst = 0;
     if (group > 0) {
         for (int64_t g0 = 0; g0 < n; g0 += group) {
             const uint32_t m = absmax_bits(x + g0, n - g0 < group ? n - g0 : group);
             worst = m > worst ? m : worst;
-            out[g0 / group] = from_bits(m);
+            out[g0 / group] = absmax_out(m, mu_first);
         }
         return worst >= INF_BITS;
     }
@@ -71,10 +82,89 @@ int mq_absmax(const float *restrict x, int64_t rows, int64_t cols, int64_t group
         }
     for (int64_t j = 0; j < cols; j++) {
         worst = m[j] > worst ? m[j] : worst;
-        out[j] = from_bits(m[j]);
+        out[j] = absmax_out(m[j], mu_first);
     }
     free(m);
     return worst >= INF_BITS;
+}
+
+/* Stored scale formats (QuantCodec's scale dtype). */
+#define SCALE_F32 0
+#define SCALE_F16 1
+#define SCALE_BF16 2
+
+static uint32_t to_bits(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return v.u;
+}
+
+/* fp32 -> fp16 bits, rounded to nearest even as IEEE (and torch's .to(float16)) round. */
+static uint16_t half_bits(float f) {
+    const uint32_t x = to_bits(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* 65520 and up round to inf */
+    if (a < 0x38800000u) /* below 2^-14: a subnormal half, in units of 2^-24 (exact scaling, rint to even) */
+        return (uint16_t)(sign | (uint32_t)rintf(from_bits(a) * 16777216.0f));
+    /* rebias the exponent (127 - 15 = 112) and round the 13 dropped mantissa bits to even; a carry
+     * moves into the exponent as it should */
+    return (uint16_t)(sign | ((a - (112u << 23) + 0x0fffu + ((a >> 13) & 1u)) >> 13));
+}
+
+static float half_value(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u;
+    if (e == 0) {
+        const float v = (float)m * 5.9604644775390625e-8f; /* m x 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return from_bits(sign | (e == 31 ? 0x7f800000u : (e + 112u) << 23) | (m << 13));
+}
+
+/* fp32 -> bf16 bits, rounded to nearest even (finite inputs below bf16's max, as callers give). */
+static uint16_t bf16_bits(float f) {
+    const uint32_t x = to_bits(f);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+static float bf16_value(uint16_t b) { return from_bits((uint32_t)b << 16); }
+
+static float scale_value(const void *scale, int kind, int64_t g) {
+    if (kind == SCALE_F32) return ((const float *)scale)[g];
+    const uint16_t b = ((const uint16_t *)scale)[g];
+    return kind == SCALE_F16 ? half_value(b) : bf16_value(b);
+}
+
+/* v rounded to nearest into the scale format at scale[g]; returns the stored value. */
+static float store_nearest(void *scale, int kind, int64_t g, float v) {
+    if (kind == SCALE_F32) return ((float *)scale)[g] = v;
+    const uint16_t b = kind == SCALE_F16 ? half_bits(v) : bf16_bits(v);
+    ((uint16_t *)scale)[g] = b;
+    return scale_value(scale, kind, g);
+}
+
+/* The stored scale and the fp32 divisor of each of `groups` scale groups, as QuantCodec._scale
+ * makes them (muonq.optim.codecs.scales), from v as mq_absmax wrote it:
+ * - mu-law before the scale (step_scale): v = torch.log1p(min(absmax, 1) mu); the step
+ *   v x inv_ln / 7 is stored rounded to nearest; the divisor is the fp32 step, floored at `floor`;
+ * - otherwise (store_scale, safe_divisor): v = absmax, clamped to the format's max and stored
+ *   rounded up; the divisor is the stored value, or 1 where it is 0. */
+static void group_scales(const float *restrict v, int64_t groups, int mode, float inv_ln, int kind, float floor,
+                         void *restrict scale, float *restrict divisor) {
+    const float max = kind == SCALE_F16 ? 65504.0f : kind == SCALE_BF16 ? from_bits(0x7f7f0000u) : from_bits(0x7f7fffffu);
+    for (int64_t g = 0; g < groups; g++) {
+        if (mode == COMPAND_FIRST) {
+            const float step = v[g] * inv_ln / (float)LEVELS;
+            store_nearest(scale, kind, g, step);
+            divisor[g] = step < floor ? floor : step;
+            continue;
+        }
+        const float a = v[g] < max ? v[g] : max;
+        float stored = store_nearest(scale, kind, g, a);
+        if (kind != SCALE_F32 && stored < a) { /* one step up (a > 0, below the format's max) */
+            ((uint16_t *)scale)[g]++;
+            stored = scale_value(scale, kind, g);
+        }
+        divisor[g] = stored > 0.0f ? stored : 1.0f;
+    }
 }
 
 /* The grid's absmaxes of a rows x cols matrix: row_absmax[i, t] of row i in tile column t,
@@ -164,15 +254,18 @@ static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m
     return near;
 }
 
-/* Mu-law 4-bit codes of a rows x cols matrix with one divisor per group of `group` consecutive
- * elements (a multiple of CHUNK, or rows x cols for one per tensor), or per column when group is 0.
- * Writes the indices of the chunks that need the PyTorch arithmetic to `listed` (room for one per
- * chunk) and returns their count (-1: out of memory, nothing written). */
+/* Mu-law 4-bit codes of a rows x cols matrix with one scale per group of `group` consecutive
+ * elements (a multiple of CHUNK, or rows x cols for one per tensor), or per column when group is 0:
+ * the scales and divisors from v (group_scales), then the codes. Writes the indices of the chunks
+ * that need the PyTorch arithmetic to `listed` (room for one per chunk) and returns their count
+ * (-1: out of memory, nothing written). */
 int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, int64_t group,
-                         const float *restrict divisor, int mode, double mu, double band,
+                         const float *restrict v, float inv_ln, int kind, float floor, void *restrict scale,
+                         float *restrict divisor, int mode, double mu, double band,
                          uint8_t *restrict codes, int64_t *restrict listed) {
     const int64_t n = rows * cols, chunks = (n + CHUNK - 1) / CHUNK;
     const int clamp_one = mode == COMPAND_FIRST;
+    group_scales(v, group > 0 ? (n + group - 1) / group : cols, mode, inv_ln, kind, floor, scale, divisor);
     const Mulaw m = mulaw(mode, mu, band);
     int64_t count = 0;
     if (group > 0) {
@@ -394,35 +487,98 @@ void mq_decode4_grid(const uint8_t *restrict codes, int64_t rows, int64_t cols, 
     }
 }
 
-/* 4-bit codes of a rows x cols matrix decoded by lookup in per-group tables of 16 values (one per
- * code): element i reads table[(i / group) x 16 + code], or table[(i % cols) x 16 + code] when group
- * is 0 (per column). */
-void mq_decode4_tables(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t group,
-                       const float *restrict table, float *restrict out) {
+/* Where mq_decode4_groups finds group g's 16 decoded values (one per code 0..15). */
+#define TABLE_GIVEN 0    /* table + 16 g: computed by the caller */
+#define TABLE_EXPANDED 1 /* table + 16 x (the bits of scale[g], a 16-bit format): one row per pattern */
+#define TABLE_SCALED 2   /* table[c] x scale[g]: the value map's level of code c times the group's scale */
+
+static inline const float *group_table(int source, const float *table, const void *scale, int kind, int64_t g,
+                                       float *own) {
+    if (source == TABLE_GIVEN) return table + 16 * g;
+    if (source == TABLE_EXPANDED) return table + 16 * (int64_t)((const uint16_t *)scale)[g];
+    const float s = scale_value(scale, kind, g);
+    for (int c = 0; c < 16; c++) own[c] = table[c] * s;
+    return own;
+}
+
+/* Elements [e, end) of a run that reads one table t. */
+static void decode_run(const uint8_t *restrict codes, int64_t e, int64_t end, const float *restrict t,
+                       float *restrict out) {
+    if (e % 2 && e < end) { /* a run that starts in a byte's high nibble */
+        out[e] = t[codes[e / 2] >> 4];
+        e++;
+    }
+#ifdef __AVX512F__
+    /* 16 elements from 8 bytes: each byte to two lanes, the odd lane's shifted right by 4;
+     * vpermps reads the low 4 bits of each lane as the table index */
+    const __m512 tab = _mm512_loadu_ps(t);
+    const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    for (; e + 16 <= end; e += 16) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + e / 2)));
+        b = _mm512_srlv_epi32(_mm512_permutexvar_epi32(dup, b), shift);
+        _mm512_storeu_ps(out + e, _mm512_permutexvar_ps(b, tab));
+    }
+#endif
+    for (; e + 1 < end; e += 2) {
+        const uint8_t b = codes[e / 2];
+        out[e] = t[b & 15];
+        out[e + 1] = t[b >> 4];
+    }
+    if (e < end) out[e] = t[codes[e / 2] & 15];
+}
+
+/* A rows x cols matrix with one table per column (tabs: cols x 16). */
+static void decode_columns(const uint8_t *restrict codes, int64_t n, int64_t cols, const float *restrict tabs,
+                           float *restrict out) {
+    int64_t e = 0, j = 0;
+#ifdef __AVX512F__
+    if (cols >= 16) { /* gathers; lane i's column is (e + i) mod cols, advanced by 16 with one wrap */
+        const __m512i dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i width = _mm512_set1_epi32((int)cols), sixteen = _mm512_set1_epi32(16);
+        const __m512i low4 = _mm512_set1_epi32(15);
+        __m512i col = lane; /* columns of elements 0..15 (cols >= 16) */
+        for (; e + 16 <= n; e += 16) {
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + e / 2)));
+            b = _mm512_and_epi32(_mm512_srlv_epi32(_mm512_permutexvar_epi32(dup, b), shift), low4);
+            const __m512i index = _mm512_add_epi32(_mm512_slli_epi32(col, 4), b);
+            _mm512_storeu_ps(out + e, _mm512_i32gather_ps(index, tabs, 4));
+            col = _mm512_add_epi32(col, sixteen);
+            col = _mm512_mask_sub_epi32(col, _mm512_cmpge_epi32_mask(col, width), col, width);
+        }
+        j = e % cols;
+    }
+#endif
+    for (; e < n; e++) {
+        out[e] = tabs[16 * j + (e % 2 ? codes[e / 2] >> 4 : codes[e / 2] & 15)];
+        if (++j == cols) j = 0;
+    }
+}
+
+/* 4-bit codes of a rows x cols matrix with one scale per group of `group` consecutive elements
+ * (group 0: per column) decoded by lookup in each group's 16 decoded values (group_table; `scale`
+ * in format `kind` is read by TABLE_EXPANDED and TABLE_SCALED). Returns -1 if out of memory
+ * (nothing written), else 0. */
+int mq_decode4_groups(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t group,
+                      const void *restrict scale, int kind, int source, const float *restrict table,
+                      float *restrict out) {
     const int64_t n = rows * cols;
+    float own[16];
     if (group > 0) {
-        for (int64_t g0 = 0; g0 < n; g0 += group) {
-            const float *t = table + g0 / group * 16;
-            const int64_t end = g0 + group < n ? g0 + group : n;
-            int64_t e = g0;
-            if (e % 2) { /* a group that starts in a byte's high nibble */
-                out[e] = t[codes[e / 2] >> 4];
-                e++;
-            }
-            for (; e + 1 < end; e += 2) {
-                const uint8_t b = codes[e / 2];
-                out[e] = t[b & 15];
-                out[e + 1] = t[b >> 4];
-            }
-            if (e < end) out[e] = t[codes[e / 2] & 15];
-        }
-        return;
+        for (int64_t g0 = 0; g0 < n; g0 += group)
+            decode_run(codes, g0, g0 + group < n ? g0 + group : n,
+                       group_table(source, table, scale, kind, g0 / group, own), out);
+        return 0;
     }
-    for (int64_t i = 0; i < rows; i++) {
-        const int64_t base = i * cols;
-        for (int64_t j = 0; j < cols; j++) {
-            const int64_t e = base + j;
-            out[e] = table[j * 16 + (e % 2 ? codes[e / 2] >> 4 : codes[e / 2] & 15)];
-        }
+    float *tabs = malloc(sizeof(float) * 16 * (size_t)cols);
+    if (!tabs) return -1;
+    for (int64_t j = 0; j < cols; j++) {
+        const float *t = group_table(source, table, scale, kind, j, own);
+        for (int c = 0; c < 16; c++) tabs[16 * j + c] = t[c];
     }
+    decode_columns(codes, n, cols, tabs, out);
+    free(tabs);
+    return 0;
 }

@@ -36,18 +36,21 @@ _NATIVE_ISA = "-march=native"  # dropped where the compiler does not know it
 
 _I64, _PTR, _INT, _DBL, _FLT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double, ctypes.c_float
 _SIGNATURES = {  # name: (argument types, result type)
-    "mq_encode4_mulaw": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _DBL, _DBL, _PTR, _PTR), _I64),
+    "mq_encode4_mulaw": ((_PTR, _I64, _I64, _I64, _PTR, _FLT, _INT, _FLT, _PTR, _PTR, _INT, _DBL, _DBL, _PTR, _PTR),
+                         _I64),
     "mq_redo_args": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR), None),
     "mq_redo_codes": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR, _PTR), None),
     "mq_search4_blocks": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _PTR, _PTR), _I64),
     "mq_encode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR), None),
-    "mq_absmax": ((_PTR, _I64, _I64, _I64, _PTR), _INT),
+    "mq_absmax": ((_PTR, _I64, _I64, _I64, _FLT, _PTR), _INT),
     "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),
-    "mq_decode4_tables": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), None),
+    "mq_decode4_groups": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _INT, _PTR, _PTR), _INT),
     "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
 }
 COMPAND_FIRST, COMPAND_AFTER = 0, 1  # native.c's modes of mq_encode4_mulaw
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # native.c's stored scale formats
+TABLE_GIVEN, TABLE_EXPANDED, TABLE_SCALED = 0, 1, 2  # native.c's sources of mq_decode4_groups' tables
 
 
 def _compiler() -> str | None:

@@ -15,7 +15,7 @@ thresholds (see ``native.c``); the 64-element chunks with an element within :dat
 an element across a threshold only that close to it. The scale search measures each candidate's
 error with levels from the exact thresholds and sums it in another order than PyTorch does: where
 an element within fp32 rounding of a threshold meets candidates whose errors are that close, the
-two encoders may keep different candidates (none of 6,592 blocks of the tests' data); the codes
+two encoders may keep different candidates (none of 6,656 blocks of the tests' data); the codes
 of a chosen scale are the same.
 """
 
@@ -29,8 +29,9 @@ import torch
 from muonq.optim.codecs import native
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import MuLawCompander, MuLawMap, on_whole_vectors
+from muonq.optim.codecs.mulaw import VECTOR, MuLawCompander, MuLawMap, on_whole_vectors
 from muonq.optim.codecs.packing import packed_numel
+from muonq.optim.codecs.scales import STEP_FLOOR
 
 if TYPE_CHECKING:
     from muonq.optim.codecs.quant import QuantCodec
@@ -80,11 +81,15 @@ def _mulaw(codec: QuantCodec) -> tuple[int, MuLawCompander]:
     return native.COMPAND_AFTER, codec.value_map.compander
 
 
+def _group_count(codec: QuantCodec, shape: tuple[int, ...]) -> int:
+    rows, cols, group = _layout(codec, shape)
+    return cols if group == 0 else -(-rows * cols // group)
+
+
 def _group_absmax(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
     """|x|'s max per scale group (flat, one per group), None if x holds NaN or inf."""
-    rows, cols, group = _layout(codec, shape)
-    absmax = torch.empty(cols if group == 0 else -(-rows * cols // group), dtype=torch.float32)
-    return None if native.call("mq_absmax", x, rows, cols, group, absmax) else absmax
+    absmax = torch.empty(_group_count(codec, shape), dtype=torch.float32)
+    return None if native.call("mq_absmax", x, *_layout(codec, shape), 0.0, absmax) else absmax
 
 
 def _redo_listed(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...], codes: torch.Tensor,
@@ -107,23 +112,29 @@ def _listed(count: int, listed: torch.Tensor) -> torch.Tensor | None:
 
 
 def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
-    absmax = _group_absmax(codec, x, shape)
-    if absmax is None:
-        return None
-    if codec.compander is not None:  # the companded values' max: companding is monotone (PyTorch's
-        # one-pass encoder checks that)
-        absmax = on_whole_vectors(codec.compander.compand, absmax.clamp_max(1.0))
-    scale, divisor = codec._scale(absmax)
-    numel = math.prod(shape)
+    """Mu-law codes and their scales: C takes each group's absmax, then (given torch's log1p of the
+    companding before the scale) makes the scales as ``QuantCodec._scale`` does and the codes."""
     mode, compander = _mulaw(codec)
+    first = mode == native.COMPAND_FIRST
+    groups = _group_count(codec, shape)
+    # before the scale, what the companding of the absmax gives log1p: min(absmax, 1) x mu, padded
+    # with zeros to whole vectors (see on_whole_vectors)
+    v = torch.zeros(groups + (-groups % VECTOR)) if first else torch.empty(groups)
+    if native.call("mq_absmax", x, *_layout(codec, shape), compander.mu if first else 0.0, v):
+        return None
+    if first:
+        torch.log1p(v, out=v)
+    numel = math.prod(shape)
+    scale, divisor = torch.empty(groups, dtype=codec.scale_dtype), torch.empty(groups)
     codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
     listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
-    count = native.call("mq_encode4_mulaw", x, *_layout(codec, shape), divisor.contiguous(), mode, compander.mu,
+    count = native.call("mq_encode4_mulaw", x, *_layout(codec, shape), v, compander.inv_log1p_mu,
+                        native.SCALE_KINDS[codec.scale_dtype], STEP_FLOOR, scale, divisor, mode, compander.mu,
                         BAND, codes, listed)
     chunks = _listed(count, listed)
     if chunks is not None:
         _redo_listed(codec, x, shape, codes, chunks, divisor)
-    return {"codes": codes, "scale": scale.reshape(-1)}
+    return {"codes": codes, "scale": scale}
 
 
 def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
@@ -169,17 +180,36 @@ def _encode_grid(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> 
 
 def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: torch.Tensor | None
            ) -> torch.Tensor | None:
-    """``codec.decode(encoded, shape, out=out)`` (flat) of linear 4-bit codes on grid scales, by the
-    PyTorch decoder's arithmetic in one pass; None for every other codec (their PyTorch decoder is
-    one table lookup per byte, as fast as C's)."""
+    """``codec.decode(encoded, shape, out=out)`` (flat) by the PyTorch decoder's arithmetic in one C
+    pass, for 4-bit codes on grid scales (linear), and on tensor, block, row or column scales (codes
+    companded before the scale with a 16-bit scale dtype, or no companding); None for every other
+    codec."""
     codes = encoded["codes"]
-    if not (codec.bits == 4 and codec.granularity == "grid" and codec.compander is None
-            and isinstance(codec.value_map, LinearMap) and len(shape) == 2 and shape[1] % 2 == 0
-            and codec.tile_size % 2 == 0 and type(codes) is torch.Tensor and codes.device.type == "cpu"
-            and codes.is_contiguous() and native.available()):
+    if not (codec.bits == 4 and type(codes) is torch.Tensor and codes.device.type == "cpu"
+            and codes.is_contiguous() and codes.numel() == packed_numel(math.prod(shape), 4) and native.available()):
+        return None
+    if codec.granularity == "grid":
+        return _decode_grid(codec, encoded, shape, out)
+    scale = encoded["scale"]
+    if not (type(scale) is torch.Tensor and scale.dtype == codec.scale_dtype and scale.is_contiguous()
+            and scale.numel() == _group_count(codec, shape)):
+        return None
+    if codec.compander is None:  # the value map's level of each code times the scale
+        source, table = native.TABLE_SCALED, codec._table(codes.device, False)[:16, 0].contiguous()
+    elif codec.scale_dtype in (torch.float16, torch.bfloat16):
+        source, table = native.TABLE_EXPANDED, _expanded_table(codec)
+    else:
+        return None
+    return _decode_groups(codec, codes, shape, scale, source, table, out)
+
+
+def _decode_grid(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: torch.Tensor | None
+                 ) -> torch.Tensor | None:
+    if codec.compander is not None or not isinstance(codec.value_map, LinearMap) or len(shape) != 2 \
+            or shape[1] % 2 or codec.tile_size % 2:
         return None
     out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
-    native.call("mq_decode4_grid", codes, shape[0], shape[1], codec.tile_size,
+    native.call("mq_decode4_grid", encoded["codes"], shape[0], shape[1], codec.tile_size,
                 encoded["row_scale"].float().contiguous(), encoded["col_scale"].float().contiguous(), out)
     return out
 
@@ -191,6 +221,31 @@ def decode_tables(codec: QuantCodec, codes: torch.Tensor, shape: tuple[int, ...]
     if not (type(codes) is torch.Tensor and codes.device.type == "cpu" and codes.is_contiguous()
             and native.available()):
         return None
+    return _decode_groups(codec, codes, shape, tables, native.TABLE_GIVEN, tables.contiguous(), out)
+
+
+def _decode_groups(codec: QuantCodec, codes: torch.Tensor, shape: tuple[int, ...], scale: torch.Tensor,
+                   source: int, table: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
-    native.call("mq_decode4_tables", codes, *_layout(codec, shape), tables.contiguous(), out)
+    kind = native.SCALE_KINDS.get(scale.dtype, 0)
+    assert native.call("mq_decode4_groups", codes, *_layout(codec, shape), scale, kind, source, table, out) == 0, \
+        "the C decoder ran out of memory"
     return out
+
+
+_EXPANDED: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+
+def _expanded_table(codec: QuantCodec) -> torch.Tensor:
+    """The decoded values of the 16 codes (rows of 16) under every 16-bit scale pattern (65536 rows,
+    4 MiB) of a codec companded before the scale: expand(level x scale), each computed as
+    ``QuantCodec._decode_group_tables`` computes it (the products are exact in fp32), once per mu
+    and scale dtype."""
+    key = (codec.compander.mu, codec.scale_dtype)
+    table = _EXPANDED.get(key)
+    if table is None:
+        patterns = torch.arange(65536, dtype=torch.int32)
+        scales = torch.where(patterns >= 32768, patterns - 65536, patterns).to(torch.int16).view(codec.scale_dtype)
+        levels = codec._table(torch.device("cpu"), False)[:16, 0]
+        table = _EXPANDED[key] = on_whole_vectors(codec.compander.expand, (scales.float().view(-1, 1) * levels).view(-1))
+    return table
