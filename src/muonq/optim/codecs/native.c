@@ -582,3 +582,63 @@ int mq_decode4_groups(const uint8_t *restrict codes, int64_t rows, int64_t cols,
     free(tabs);
     return 0;
 }
+
+/* Linear codes (no companding) of a rows x cols matrix with one scale per group of `group`
+ * consecutive elements (group 0: per column), as QuantCodec's PyTorch encoder makes them: the
+ * scales from each group's absmax (group_scales: rounded up into the format, divisor the stored
+ * value or 1), then per element code = rint(clamp(x / d, -1, 1) x levels) + levels + 1, one byte
+ * each (bits 8) or two per byte (bits 4). Returns -1 if out of memory, else 0. */
+int mq_encode_linear(const float *restrict x, int64_t rows, int64_t cols, int64_t group,
+                      const float *restrict absmax, int kind, void *restrict scale, float *restrict divisor,
+                      int bits, uint8_t *restrict codes) {
+    const int64_t n = rows * cols;
+    const float levels = bits == 8 ? 127.0f : (float)LEVELS, offset = levels + 1.0f;
+    group_scales(absmax, group > 0 ? (n + group - 1) / group : cols, COMPAND_AFTER, 0.0f, kind, 0.0f, scale, divisor);
+    uint8_t *q = bits == 8 ? codes : malloc((size_t)n);
+    if (!q) return -1;
+    if (group > 0) {
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const float d = divisor[g0 / group];
+            const int64_t end = g0 + group < n ? g0 + group : n;
+            for (int64_t e = g0; e < end; e++) {
+                float y = x[e] / d;
+                y = y < -1.0f ? -1.0f : y > 1.0f ? 1.0f : y;
+                q[e] = (uint8_t)(rintf(y * levels) + offset);
+            }
+        }
+    } else {
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t j = 0; j < cols; j++) {
+                float y = x[i * cols + j] / divisor[j];
+                y = y < -1.0f ? -1.0f : y > 1.0f ? 1.0f : y;
+                q[i * cols + j] = (uint8_t)(rintf(y * levels) + offset);
+            }
+    }
+    if (bits == 4) {
+        for (int64_t c = 0; c < n; c += CHUNK) pack_chunk(q + c, n - c < CHUNK ? n - c : CHUNK, codes, c);
+        free(q);
+    }
+    return 0;
+}
+
+/* 8-bit linear codes decoded as QuantCodec's PyTorch decoder does it: (code - 128) / 127 x the
+ * group's scale (group as in mq_encode_linear). Returns -1 if out of memory, else 0. */
+int mq_decode8_linear(const uint8_t *restrict codes, int64_t rows, int64_t cols, int64_t group,
+                       const void *restrict scale, int kind, float *restrict out) {
+    const int64_t n = rows * cols;
+    if (group > 0) {
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const float s = scale_value(scale, kind, g0 / group);
+            const int64_t end = g0 + group < n ? g0 + group : n;
+            for (int64_t e = g0; e < end; e++) out[e] = ((float)codes[e] - 128.0f) / 127.0f * s;
+        }
+        return 0;
+    }
+    float *s = malloc(sizeof(float) * (size_t)cols);
+    if (!s) return -1;
+    for (int64_t j = 0; j < cols; j++) s[j] = scale_value(scale, kind, j);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++) out[i * cols + j] = ((float)codes[i * cols + j] - 128.0f) / 127.0f * s[j];
+    free(s);
+    return 0;
+}

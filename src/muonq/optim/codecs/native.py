@@ -45,6 +45,8 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mq_absmax": ((_PTR, _I64, _I64, _I64, _FLT, _PTR), _INT),
     "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),
     "mq_decode4_groups": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _INT, _PTR, _PTR), _INT),
+    "mq_encode_linear": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _PTR, _PTR, _INT, _PTR), _INT),
+    "mq_decode8_linear": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _PTR), _INT),
     "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
 }

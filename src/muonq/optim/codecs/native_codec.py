@@ -1,13 +1,14 @@
-""":class:`~muonq.optim.codecs.quant.QuantCodec`'s 4-bit encoding of CPU tensors through the C loops
-of :mod:`~muonq.optim.codecs.native`: the scales are the PyTorch encoder's (the same functions),
-the per-element passes run in C.
+""":class:`~muonq.optim.codecs.quant.QuantCodec`'s encoding and decoding of CPU tensors through the C
+loops of :mod:`~muonq.optim.codecs.native`: the PyTorch encoder's scales (rounded into their
+format in C by the same rules) and codes, each in one or two passes.
 
-What runs there: mu-law codes (companded before the scale, MuonQ's quantizer, or after it) with
-tensor, column or block scales (blocks a multiple of 64 elements), the scale search on mu-law-after-
-the-scale blocks, linear codes on grid scales (GRASP), encoded and decoded, and the per-group table
-lookup that decodes codes companded before a column, row or block scale. Everything else
-(other value maps and granularities, stochastic rounding, 8-bit codes, inputs with NaN or inf,
-other decoders) stays in PyTorch: :func:`encode` and :func:`decode` return None for it.
+What runs there, deterministic rounding only: 4-bit mu-law codes (companded before the scale,
+MuonQ's quantizer, or after it) on tensor, column or block scales (blocks a multiple of 64
+elements), the scale search on mu-law-after-the-scale blocks, linear codes (4 or 8 bits) on
+tensor, block, row or column scales and (4 bits) GRASP's grid scales; decoding of 4-bit codes on
+any of those scales (companded before the scale: with a 16-bit scale dtype) and of linear 8-bit
+codes. Everything else (other value maps, stochastic rounding, inputs with NaN or inf) stays in
+PyTorch: :func:`encode` and :func:`decode` return None for it.
 
 The bytes are the PyTorch encoder's. Linear codes are its arithmetic. Mu-law levels come from
 thresholds (see ``native.c``); the 64-element chunks with an element within :data:`BAND`
@@ -45,18 +46,18 @@ BAND = 1e-5
 
 def encode(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
     """``codec.encode(x)`` (x: fp32) through C, or None where this module does not apply."""
-    if not (codec.bits == 4 and not codec.stochastic and type(x) is torch.Tensor and x.device.type == "cpu"
+    if not (codec.bits in (4, 8) and not codec.stochastic and type(x) is torch.Tensor and x.device.type == "cpu"
             and native.available()):  # plain tensors only: C reads their memory (a DTensor's is a shard)
         return None
     x = x.contiguous()
-    if codec.granularity == "grid":
-        return _encode_grid(codec, x, shape)
+    if codec.compander is None and isinstance(codec.value_map, LinearMap):
+        if codec.granularity == "grid":
+            return _encode_grid(codec, x, shape) if codec.bits == 4 else None
+        return None if codec.scale_search else _encode_linear(codec, x, shape)
     mulaw_first, mulaw_after = codec.compander is not None, isinstance(codec.value_map, MuLawMap)
-    if not (mulaw_first or mulaw_after) or codec.granularity == "row":
+    if codec.bits != 4 or not (mulaw_first or mulaw_after) or codec.granularity in ("row", "grid"):
         return None
     if codec.granularity == "block" and codec.block_size % native.CHUNK:
-        return None
-    if codec.granularity == "column" and len(shape) != 2:
         return None
     if codec.scale_search:
         return _encode_searched(codec, x, shape) if codec.granularity == "block" and mulaw_after else None
@@ -160,11 +161,23 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...])
     return {"codes": codes, "scale": scales.gather(1, chosen).view(-1)}
 
 
+def _encode_linear(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
+    """Linear codes on tensor, block, row or column scales: the PyTorch encoder's arithmetic."""
+    absmax = _group_absmax(codec, x, shape)
+    if absmax is None:
+        return None
+    scale, divisor = torch.empty(absmax.numel(), dtype=codec.scale_dtype), torch.empty(absmax.numel())
+    codes = torch.empty(packed_numel(math.prod(shape), codec.bits), dtype=torch.uint8)
+    assert native.call("mq_encode_linear", x, *_layout(codec, shape), absmax, native.SCALE_KINDS[codec.scale_dtype],
+                       scale, divisor, codec.bits, codes) == 0, "the C encoder ran out of memory"
+    return {"codes": codes, "scale": scale}
+
+
 def _encode_grid(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
     """Linear codes on grid scales: the PyTorch encoder's arithmetic."""
     from muonq.optim.codecs.grid import grid_counts
 
-    if codec.compander is not None or not isinstance(codec.value_map, LinearMap) or shape[1] % 2:
+    if shape[1] % 2:
         return None
     tile_rows, tile_cols = grid_counts(shape[0], shape[1], codec.tile_size)
     row_absmax, col_absmax = torch.empty(shape[0], tile_cols), torch.empty(tile_rows, shape[1])
@@ -181,19 +194,27 @@ def _encode_grid(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> 
 def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: torch.Tensor | None
            ) -> torch.Tensor | None:
     """``codec.decode(encoded, shape, out=out)`` (flat) by the PyTorch decoder's arithmetic in one C
-    pass, for 4-bit codes on grid scales (linear), and on tensor, block, row or column scales (codes
-    companded before the scale with a 16-bit scale dtype, or no companding); None for every other
-    codec."""
+    pass, for 4-bit codes on grid scales (linear), 4-bit codes on tensor, block, row or column scales
+    (companded before the scale with a 16-bit scale dtype, or not companded), and linear 8-bit codes
+    on those scales; None for every other codec."""
     codes = encoded["codes"]
-    if not (codec.bits == 4 and type(codes) is torch.Tensor and codes.device.type == "cpu"
-            and codes.is_contiguous() and codes.numel() == packed_numel(math.prod(shape), 4) and native.available()):
+    if not (codec.bits in (4, 8) and type(codes) is torch.Tensor and codes.device.type == "cpu"
+            and codes.is_contiguous() and codes.numel() == packed_numel(math.prod(shape), codec.bits)
+            and native.available()):
         return None
     if codec.granularity == "grid":
-        return _decode_grid(codec, encoded, shape, out)
+        return _decode_grid(codec, encoded, shape, out) if codec.bits == 4 else None
     scale = encoded["scale"]
     if not (type(scale) is torch.Tensor and scale.dtype == codec.scale_dtype and scale.is_contiguous()
             and scale.numel() == _group_count(codec, shape)):
         return None
+    if codec.bits == 8:
+        if codec.compander is not None or not isinstance(codec.value_map, LinearMap):
+            return None
+        out = torch.empty(math.prod(shape), dtype=torch.float32) if out is None else out.view(-1)
+        assert native.call("mq_decode8_linear", codes, *_layout(codec, shape), scale,
+                           native.SCALE_KINDS[scale.dtype], out) == 0, "the C decoder ran out of memory"
+        return out
     if codec.compander is None:  # the value map's level of each code times the scale
         source, table = native.TABLE_SCALED, codec._table(codes.device, False)[:16, 0].contiguous()
     elif codec.scale_dtype in (torch.float16, torch.bfloat16):
