@@ -95,10 +95,13 @@ def _errors(codec, encoded, x) -> torch.Tensor:
     return (decoded - x.double()).square().view(-1, codec.block_size).sum(dim=1)
 
 
-@pytest.mark.parametrize("band", [native_codec.BAND, 0.5], ids=["band", "most chunks redone"])
-def test_scale_search_agrees_with_pytorch_up_to_ties(band, monkeypatch):
+@pytest.mark.parametrize(("band", "scale_dtype"), [(native_codec.BAND, torch.float16), (0.5, torch.float16),
+                                                   (native_codec.BAND, torch.bfloat16)],
+                         ids=["band", "most chunks redone", "bf16 scales"])
+def test_scale_search_agrees_with_pytorch_up_to_ties(band, scale_dtype, monkeypatch):
     monkeypatch.setattr(native_codec, "BAND", band)
-    fast, reference = _pair(value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True)
+    fast, reference = _pair(value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True,
+                            scale_dtype=scale_dtype)
     assert fast.block_size == 256
     blocks = differ = 0
     for x in _matrices():

@@ -141,29 +141,35 @@ static float store_nearest(void *scale, int kind, int64_t g, float v) {
     return scale_value(scale, kind, g);
 }
 
+/* muonq.optim.codecs.scales.store_scale of a >= 0 into scale[g]: clamped to the format's max and
+ * rounded up; returns the stored value (its divisor: it, or 1 where it is 0, as safe_divisor). */
+static float store_up(void *scale, int kind, int64_t g, float a) {
+    const float max = kind == SCALE_F16 ? 65504.0f : kind == SCALE_BF16 ? from_bits(0x7f7f0000u) : from_bits(0x7f7fffffu);
+    a = a < max ? a : max;
+    float stored = store_nearest(scale, kind, g, a);
+    if (kind != SCALE_F32 && stored < a) { /* one step up (a > 0, below the format's max) */
+        ((uint16_t *)scale)[g]++;
+        stored = scale_value(scale, kind, g);
+    }
+    return stored;
+}
+
 /* The stored scale and the fp32 divisor of each of `groups` scale groups, as QuantCodec._scale
  * makes them (muonq.optim.codecs.scales), from v as mq_absmax wrote it:
  * - mu-law before the scale (step_scale): v = torch.log1p(min(absmax, 1) mu); the step
  *   v x inv_ln / 7 is stored rounded to nearest; the divisor is the fp32 step, floored at `floor`;
- * - otherwise (store_scale, safe_divisor): v = absmax, clamped to the format's max and stored
- *   rounded up; the divisor is the stored value, or 1 where it is 0. */
+ * - otherwise (store_scale, safe_divisor): v = absmax, stored by store_up. */
 static void group_scales(const float *restrict v, int64_t groups, int mode, float inv_ln, int kind, float floor,
                          void *restrict scale, float *restrict divisor) {
-    const float max = kind == SCALE_F16 ? 65504.0f : kind == SCALE_BF16 ? from_bits(0x7f7f0000u) : from_bits(0x7f7fffffu);
     for (int64_t g = 0; g < groups; g++) {
         if (mode == COMPAND_FIRST) {
             const float step = v[g] * inv_ln / (float)LEVELS;
             store_nearest(scale, kind, g, step);
             divisor[g] = step < floor ? floor : step;
-            continue;
+        } else {
+            const float stored = store_up(scale, kind, g, v[g]);
+            divisor[g] = stored > 0.0f ? stored : 1.0f;
         }
-        const float a = v[g] < max ? v[g] : max;
-        float stored = store_nearest(scale, kind, g, a);
-        if (kind != SCALE_F32 && stored < a) { /* one step up (a > 0, below the format's max) */
-            ((uint16_t *)scale)[g]++;
-            stored = scale_value(scale, kind, g);
-        }
-        divisor[g] = stored > 0.0f ? stored : 1.0f;
     }
 }
 
@@ -304,7 +310,30 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
         const float *xr = x + i * cols;
         uint8_t *qr = q + i * cols;
         int row_near = 0;
-        for (int64_t j = 0; j < cols; j++) {
+        int64_t j = 0;
+#ifdef __AVX512F__
+        /* 16 columns at a time, the last ones masked (the compiler's own vectors take 64 bytes of
+         * codes per step, which leaves rows of fewer than 32 columns scalar) */
+        const __m512i one = _mm512_set1_epi32(1), eight = _mm512_set1_epi32(8);
+        for (; j < cols; j += 16) {
+            const __mmask16 in = cols - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (cols - j)) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(in, xr + j);
+            __m512 a = _mm512_abs_ps(v);
+            if (clamp_one) a = _mm512_min_ps(a, _mm512_set1_ps(1.0f));
+            __m512i up = _mm512_setzero_si512(), down = _mm512_setzero_si512();
+            for (int k = 0; k < LEVELS; k++) {
+                const __m512 h = _mm512_maskz_loadu_ps(in, hi + k * cols + j);
+                const __m512 l = _mm512_maskz_loadu_ps(in, lo + k * cols + j);
+                up = _mm512_mask_add_epi32(up, _mm512_cmp_ps_mask(a, h, _CMP_GE_OQ), up, one);
+                down = _mm512_mask_add_epi32(down, _mm512_cmp_ps_mask(a, l, _CMP_GE_OQ), down, one);
+            }
+            row_near |= _mm512_mask_cmpneq_epi32_mask(in, up, down) != 0;
+            const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+            const __m512i code = _mm512_mask_sub_epi32(_mm512_add_epi32(eight, up), negative, eight, up);
+            _mm512_mask_cvtepi32_storeu_epi8(qr + j, in, code);
+        }
+#endif
+        for (; j < cols; j++) {
             float a = fabsf(xr[j]);
             if (clamp_one) a = a > 1.0f ? 1.0f : a;
             int up = 0, down = 0;
@@ -402,17 +431,19 @@ static float block_error(const float *restrict x, int64_t m, const float *restri
 }
 
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
- * shorter last block is zero-padded, and zeros add no error). Per block, of `ratios` candidates
- * (divisor[b, r] and the stored scale[b, r] as fp32), the first with the least squared error
- * between |x| and its decoded magnitude magnitude[level] x scale is written to choice[b], and the
- * block is encoded with it. The errors take levels from the thresholds themselves, so only an
- * element within fp32 rounding of one can count at another level than PyTorch's. Chunks to redo:
- * as mq_encode4_mulaw. */
+ * shorter last block is zero-padded, and zeros add no error). Per block, candidate r's scale is
+ * store_up(absmax[b] x ratio[r]) (fp32 product); the first candidate with the least squared error
+ * between |x| and its decoded magnitude magnitude[level] x scale is kept: its scale (format `kind`)
+ * goes to scale[b] and its divisor to divisor[b], and the block is encoded with it (at most 16
+ * candidates). The errors take levels from the thresholds themselves, so only an element within
+ * fp32 rounding of one can count at another level than PyTorch's. Chunks to redo: as
+ * mq_encode4_mulaw. */
 int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int64_t ratios,
-                          const float *restrict divisor, const float *restrict scale,
-                          const float *restrict magnitude, double mu, double band, uint8_t *restrict choice,
-                          uint8_t *restrict codes, int64_t *restrict listed) {
-    float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1];
+                          const float *restrict ratio, const float *restrict absmax, int kind,
+                          void *restrict scale, float *restrict divisor, const float *restrict magnitude,
+                          double mu, double band, uint8_t *restrict codes, int64_t *restrict listed) {
+    float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1], stored[16];
+    uint32_t candidate[16]; /* the candidates' scales in format `kind` (room for fp32) */
     const Mulaw m = mulaw(COMPAND_AFTER, mu, band);
     int64_t count = 0;
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
@@ -423,8 +454,9 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         int best = 0;
         float best_err = 0.0f;
         for (int r = 0; r < ratios; r++) {
-            thresholds(&m, divisor[b * ratios + r], mid, hi, lo);
-            for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * scale[b * ratios + r];
+            stored[r] = store_up(candidate, kind, r, absmax[b] * ratio[r]);
+            thresholds(&m, stored[r] > 0.0f ? stored[r] : 1.0f, mid, hi, lo);
+            for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];
             float err = block_error(xb, whole, mid, dec);
             if (whole < len) err += block_error(tail, CHUNK, mid, dec);
             if (r == 0 || err < best_err) {
@@ -432,8 +464,10 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
                 best_err = err;
             }
         }
-        choice[b] = (uint8_t)best;
-        thresholds(&m, divisor[b * ratios + best], NULL, hi, lo);
+        if (kind == SCALE_F32) ((float *)scale)[b] = stored[best];
+        else ((uint16_t *)scale)[b] = ((const uint16_t *)candidate)[best];
+        divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
+        thresholds(&m, divisor[b], NULL, hi, lo);
         for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
             if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2))
                 listed[count++] = (b0 + c0) / CHUNK;

@@ -40,7 +40,7 @@ _SIGNATURES = {  # name: (argument types, result type)
                          _I64),
     "mq_redo_args": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR), None),
     "mq_redo_codes": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _FLT, _PTR, _I64, _PTR, _PTR), None),
-    "mq_search4_blocks": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _PTR, _PTR), _I64),
+    "mq_search4_blocks": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _DBL, _DBL, _PTR, _PTR), _I64),
     "mq_encode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT, _PTR, _PTR), None),
     "mq_absmax": ((_PTR, _I64, _I64, _I64, _FLT, _PTR), _INT),
     "mq_decode4_grid": ((_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR), None),

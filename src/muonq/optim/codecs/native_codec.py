@@ -145,20 +145,20 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...])
     absmax = _group_absmax(codec, x, shape)
     if absmax is None:
         return None
-    # one column per ratio: the same fp32 products absmax x ratio the PyTorch search makes
-    scales, divisors = codec._scale(absmax.view(-1, 1) * torch.tensor(SEARCH_RATIOS, dtype=torch.float32))
+    assert len(SEARCH_RATIOS) <= 16, "native.c's search keeps 16 candidates at most"
+    ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
     magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
-    choice = torch.empty(absmax.numel(), dtype=torch.uint8)
+    scale, divisor = torch.empty(absmax.numel(), dtype=codec.scale_dtype), torch.empty(absmax.numel())
     codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
     listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
-    count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), divisors.contiguous(),
-                        scales.float().contiguous(), magnitudes, codec.value_map.mu, BAND, choice, codes, listed)
-    chosen = choice.long().view(-1, 1)
+    count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios, absmax,
+                        native.SCALE_KINDS[codec.scale_dtype], scale, divisor, magnitudes, codec.value_map.mu, BAND,
+                        codes, listed)
     chunks = _listed(count, listed)
     if chunks is not None:
-        _redo_listed(codec, x, shape, codes, chunks, divisors.gather(1, chosen))
-    return {"codes": codes, "scale": scales.gather(1, chosen).view(-1)}
+        _redo_listed(codec, x, shape, codes, chunks, divisor)
+    return {"codes": codes, "scale": scale}
 
 
 def _encode_linear(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
