@@ -1,7 +1,7 @@
-/* The CPU inner loops of the 4-bit codecs (native.py compiles this file, native_codec.py calls it).
+/* The CPU inner loops of the codecs (native.py compiles this file, native_codec.py calls it).
  *
- * Codes are level + 8, levels in [-7, 7], two per byte (element 2i in the low nibble; an odd count
- * leaves the last high nibble zero).
+ * 4-bit codes are level + 8, levels in [-7, 7], two per byte (element 2i in the low nibble; an odd
+ * count leaves the last high nibble zero); 8-bit linear codes are level + 128, one per byte.
  *
  * Mu-law levels (companded before or after the scale) come from thresholds instead of log1p: the
  * level of |x| is the number of its group's seven thresholds it reaches, threshold k being the
@@ -11,8 +11,9 @@
  * arithmetic (mq_redo_args, torch's log1p, mq_redo_codes). Every other element gets the level the
  * PyTorch encoder gives it.
  *
- * Linear levels on grid scales are the PyTorch arithmetic itself (divide, clamp, multiply, round
- * half to even): IEEE operations, compiled without contraction into fused multiply-adds.
+ * Linear levels are the PyTorch arithmetic itself (divide, clamp, multiply, round half to even),
+ * and so is every decoder's: IEEE operations, compiled without contraction into fused
+ * multiply-adds. Scales are rounded into their format here by the rules of codecs/scales.py.
  */
 #include <math.h>
 #include <stdint.h>

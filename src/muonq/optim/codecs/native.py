@@ -1,10 +1,11 @@
-"""The 4-bit codecs' CPU inner loops in C (``native.c``), compiled on first use.
+"""The codecs' CPU inner loops in C (``native.c``), compiled on first use.
 
 PyTorch runs a codec's encode as a dozen elementwise passes over the matrix (abs, compand, max,
 sign, divide, round, convert, shift, pack), each through memory; the C loops make one pass that
-keeps every element in registers. They serve :class:`~muonq.optim.codecs.quant.QuantCodec` on CPU
-tensors and give the PyTorch encoder's bytes (mu-law codes: see ``native.c`` for how; the scale
-search: see :mod:`~muonq.optim.codecs.native_codec`).
+keeps every element in registers, and make the scales too. They serve
+:class:`~muonq.optim.codecs.quant.QuantCodec` on CPU tensors and give the PyTorch encoder's bytes
+and decoder's values (mu-law codes: see ``native.c`` for how; the scale search: see
+:mod:`~muonq.optim.codecs.native_codec`).
 
 The library is built once per machine with the system C compiler (``$CC``, else ``cc``) for the
 machine's own instruction set (``-march=native``, dropped where the compiler refuses it), into

@@ -4,9 +4,9 @@ codecs (the reference).
 ``optimizer_params.kernels``:
 
 - ``auto``: Triton on CUDA tensors when ``triton`` imports and the store's codecs have kernels;
-  the codecs everywhere else. On the CPU the codecs encode 4-bit codes in C loops (compiled on
+  the codecs everywhere else. On the CPU the codecs encode and decode in C loops (compiled on
   first use, see :mod:`muonq.optim.codecs.native`) where those apply, with the PyTorch codecs'
-  bytes (the scale search: up to ties in fp32 rounding), and in PyTorch otherwise.
+  bytes and values (the scale search: up to ties in fp32 rounding), and in PyTorch otherwise.
 - ``triton``: always Triton. A store whose codecs have no kernel (e.g. stochastic rounding) is
   refused when it is built, and so is a missing ``triton``; CPU tensors are refused at the first
   step unless ``TRITON_INTERPRET=1`` (Triton's interpreter) was set before the kernels were imported.
