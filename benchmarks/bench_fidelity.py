@@ -102,11 +102,14 @@ CANDIDATES: list[tuple[str, str, dict]] = [
      {**_AFTER_SCALE, "mu": 15.0, "rank": 32, "residual_block_size": 256}),
 ]
 
-# muonq-hifi (rank/20, 256-element residual blocks, scale search, mu-law mu 3 after the scale)
-# against the paper's layout, one change at a time, and its nearest rivals at no more bytes.
+# muonq-hifi (rank/20, 256-element residual blocks, scale search, mu-law mu 3 after the scale, a
+# quarter of the factors' rounding error in the residual) against the paper's layout, one change at
+# a time, and its nearest rivals at no more bytes.
 HIFI: list[tuple[str, str, dict]] = [
     ("muonq (default)", "muonq", {}),
     ("muonq-hifi", "muonq-hifi", {}),
+    ("muonq-hifi without the factor error share", "muonq-hifi", {"factor_error_share": 0.0}),
+    ("muonq-hifi with half the factor error", "muonq-hifi", {"factor_error_share": 0.5}),
     ("muonq-hifi without scale search", "muonq-hifi", {"residual_scale_search": False}),
     ("muonq-hifi, linear codes", "muonq-hifi", {"quant": "linear"}),
     ("muonq-hifi, mu 7 after the scale", "muonq-hifi", {"mu": 7.0}),

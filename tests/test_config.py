@@ -129,6 +129,16 @@ def test_residual_scale_search_reaches_only_the_residual_and_needs_a_decompositi
         preset("muon", residual_scale_search=True)
 
 
+def test_factor_error_share_reaches_the_decomposed_store_and_needs_one() -> None:
+    assert preset("muonq").muon.store.factor_error_share == 0.0
+    assert preset("muonq", factor_error_share=0.25).muon.store.factor_error_share == 0.25
+    for value in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"^optimizer_params\.args\.factor_error_share: must be in \[0, 1\]"):
+            preset("muonq", factor_error_share=value)
+    with pytest.raises(ConfigError, match=r"optimizer_params\.args\.factor_error_share: .*rank > 0"):
+        preset("muon8bit", factor_error_share=0.25)
+
+
 @pytest.mark.parametrize("optimizer", ["muonq", "adamw"])
 def test_adamw_bits_takes_32_8_or_4(optimizer: str) -> None:
     """The AdamW side of every optimizer (Muon family and adamw family alike) in 32, 8 or 4 bits;

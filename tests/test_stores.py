@@ -13,7 +13,7 @@ from muonq.optim.momentum import FullPrecisionStore
 from muonq.optim.muon import Muon, update_scale
 from muonq.optim.newton_schulz import zeropower_via_newtonschulz
 from muonq.optim.stores import DecomposedStore, QuantizedStore, preserve_state_dtypes
-from muonq.optim.subspace import initial_basis, power_iteration_step
+from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
 from muonq.optim.precision import fast_matmul_dtype
 from muonq.config import VARIANTS, preset
 from muonq.optim.selection import store_selector
@@ -218,6 +218,41 @@ def test_decomposed_store_load_reconstructs_the_momentum():
         muonq.save(state, b)
     residual = muonq.residual_codec.decode({"codes": state["E.codes"], "scale": state["E.scale"]}, b.shape)
     assert residual.norm() < 0.75 * b.norm()
+
+
+def test_factor_error_share_leaves_that_share_of_the_factors_rounding_out_of_the_error():
+    """With a lossless residual, the stored momentum misses B by exactly (1 - s) (P' R'^T - P R^T):
+    P, R the power iteration's factors and P', R' their 4-bit decodings (written here from the
+    definition: the residual holds B - P R^T - s (P' R'^T - P R^T))."""
+    b = low_rank_plus_noise(192, 160)
+    factor = make_codec(4, "mulaw-after-scale", "column", mu=3.0)
+    basis = initial_basis(160, 10, seed=shape_seed((192, 160), 10, 0))
+    stored_basis = factor.decode(factor.encode(basis), basis.shape)
+    p, r = power_iteration_step(b, stored_basis, matmul_dtype=torch.float32)
+    factor_error = factor.decode(factor.encode(p), p.shape) @ factor.decode(factor.encode(r), r.shape).mT - p @ r.mT
+    assert factor_error.norm() > 1e-3 * b.norm()
+    for share in (0.0, 0.25, 1.0):
+        store = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=RawCodec(),
+                                factor_error_share=share)
+        assert store.rank == 10
+        state = {}
+        store.init(state, b)
+        store.save(state, b, matmul_dtype=torch.float32)
+        torch.testing.assert_close(store.load(state) - b, (1.0 - share) * factor_error, atol=2e-6, rtol=0)
+    plain = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=make_codec(4))
+    zero = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=make_codec(4),
+                           factor_error_share=0.0)
+    states = [{}, {}]
+    for store, state in zip((plain, zero), states):
+        store.init(state, b)
+        store.save(state, b)
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    assert zero.kernels.unfusable is None  # no fused kernel for the share: the codecs run it
+    shared = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=make_codec(4),
+                             factor_error_share=0.25)
+    assert shared.kernels.unfusable == "factor_error_share > 0" and not shared.kernels.applies(b)
+    with pytest.raises(ValueError, match="factor_error_share"):
+        DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=RawCodec(), factor_error_share=1.5)
 
 
 def test_stores_reject_a_parameter_of_another_shape():

@@ -110,6 +110,7 @@ class OptimizerArgs:
     residual_block_size: int = 0  # MuonQ residual: 0 = one scale per tensor, else per block
     factor_bits: int = 4  # bits of the decomposition factors P and R
     residual_scale_search: bool = False  # residual scales: absmax x the ratio in 1 ... 0.5 of least squared error
+    factor_error_share: float = 0.0  # the share (0..1) of the factors' rounding error the residual also stores
     # GRASP
     grid: bool = False  # grid scales (min of row and column absmax) on the residual
     tile_size: int = 128
@@ -421,6 +422,11 @@ def _check_optimizer_values(opt: OptimizerParams) -> None:
                "searches the scales of the decomposition's residual and needs rank > 0 and qbit 4 or 8")
         _check(not args.grid and not args.stochastic, _ARGS + "residual_scale_search",
                "needs deterministic rounding (stochastic=false) and tensor or block residual scales (grid=false)")
+    _check(0.0 <= args.factor_error_share <= 1.0, _ARGS + "factor_error_share",
+           f"must be in [0, 1], got {args.factor_error_share}")
+    if args.factor_error_share:
+        _check(args.qbit != 32 and args.rank > 0, _ARGS + "factor_error_share",
+               "shares the factors' rounding error with the decomposition's residual and needs rank > 0 and qbit 4 or 8")
     _check_choice(args.equilibrate, _ARGS + "equilibrate", EQUILIBRATE_MODES)
     _check(args.phase is None or args.phase >= 0, _ARGS + "phase", f"must be >= 0, got {args.phase}")
     _check(args.eq_clip is None or args.eq_clip >= 1, _ARGS + "eq_clip", f"must be >= 1, got {args.eq_clip}")
@@ -436,7 +442,8 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
     (MuonQ's quantizer); with ``rank`` > 0 the MuonQ / GRASP
     decomposition: factors of ``factor_bits`` bits with one scale per column, the residual with
     ``grid`` scales (``tile_size``), else one per ``residual_block_size`` block when > 0, else one
-    per tensor (scales of least squared error with ``residual_scale_search``); matrices too
+    per tensor (scales of least squared error with ``residual_scale_search``; holding also the
+    ``factor_error_share`` of the factors' rounding error); matrices too
     narrow for the rank, and every matrix without ``rank``, use scales per ``gran`` (per
     ``tile_size`` grid when ``grid``). 8-bit codes keep fp32 scales, 4-bit fp16.
     """
@@ -465,7 +472,7 @@ def optimizer_spec(opt: OptimizerParams | Any) -> OptimizerSpec:
                 a.rank, factor=codec(a.factor_bits, "column"),
                 residual=codec(a.qbit, residual_gran, block_size=a.residual_block_size or a.block_size,
                                scale_search=a.residual_scale_search),
-                narrow=store,
+                narrow=store, factor_error_share=float(a.factor_error_share),
             )
     equilibrate = None
     if a.equilibrate != "none":

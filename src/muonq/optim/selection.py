@@ -56,7 +56,8 @@ def store_selector(
         if decomposed and min(param.shape) // decomposed.rank_divisor >= 1:
             return DecomposedStore(
                 param.shape, rank_divisor=decomposed.rank_divisor, factor_codec=factor, residual_codec=residual,
-                generator=generator, kernels=kernels, scratch=scratch,
+                factor_error_share=decomposed.factor_error_share, generator=generator, kernels=kernels,
+                scratch=scratch,
             )
         if plain_spec.codec.granularity == "block" and param.numel() % plain_spec.codec.block_size:
             return full

@@ -64,13 +64,16 @@ class QuantizedMomentum:
 @dataclass(frozen=True)
 class DecomposedMomentum:
     """MuonQ / GRASP: a rank k = min(m, n) // ``rank_divisor`` factorisation P R^T (tracked by
-    power iteration, factors stored with ``factor``) plus the residual stored with ``residual``.
-    Matrices too narrow for k >= 1 use ``narrow``, whose ``min_numel`` applies to every matrix."""
+    power iteration, factors stored with ``factor``) plus the residual stored with ``residual``,
+    which also holds ``factor_error_share`` of the factors' rounding error (see
+    :class:`~muonq.optim.stores.DecomposedStore`). Matrices too narrow for k >= 1 use ``narrow``,
+    whose ``min_numel`` applies to every matrix."""
 
     rank_divisor: int
     factor: CodecSpec
     residual: CodecSpec
     narrow: QuantizedMomentum
+    factor_error_share: float = 0.0
 
 
 MomentumSpec = Union[FullPrecisionMomentum, QuantizedMomentum, DecomposedMomentum]

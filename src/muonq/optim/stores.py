@@ -181,6 +181,12 @@ class DecomposedStore(_ShapeBound):
     R (n x k) with ``factor_codec`` and E = B - P R^T (m x n) with ``residual_codec``. Quantization
     error in the factors then mostly perturbs singular values instead of rotating the dominant
     directions.
+
+    With ``factor_error_share`` s > 0 the residual also stores that share of the factors' rounding
+    error: E = B - P R^T - s (P' R'^T - P R^T), P' and R' the decoded factors, so the stored
+    momentum misses B by (1 - s) of that error (plus E's own rounding). That error barely shows in
+    one save, but it is nearly the same at every step, so it builds up along the momentum's
+    recursion; the residual's wider range is the price. (No fused kernel: the codecs run it.)
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class DecomposedStore(_ShapeBound):
         rank_divisor: int,
         factor_codec: Codec,
         residual_codec: Codec,
+        factor_error_share: float = 0.0,
         seed: int = 0,
         generator: torch.Generator | None = None,
         kernels: KernelMode = "auto",
@@ -204,11 +211,16 @@ class DecomposedStore(_ShapeBound):
         self.rank = min(rows, cols) // rank_divisor
         if self.rank < 1:
             raise ValueError(f"rank divisor {rank_divisor} leaves no rank for a {rows} x {cols} matrix")
+        if not 0.0 <= factor_error_share <= 1.0:
+            raise ValueError(f"factor_error_share must be in [0, 1], got {factor_error_share}")
         self.factor_codec = factor_codec
         self.residual_codec = residual_codec
+        self.factor_error_share = factor_error_share
         self.seed = shape_seed(self.shape, self.rank, seed)
-        self.name = f"decomposed[k={self.rank}, factors={factor_codec!r}, residual={residual_codec!r}]"
-        self.kernels = choose_kernels(kernels, [factor_codec, residual_codec])
+        share = f", factor_error_share={factor_error_share}" if factor_error_share else ""
+        self.name = f"decomposed[k={self.rank}, factors={factor_codec!r}, residual={residual_codec!r}{share}]"
+        self.kernels = choose_kernels(kernels, [factor_codec, residual_codec],
+                                      "factor_error_share > 0" if factor_error_share else None)
 
     @property
     def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -239,12 +251,20 @@ class DecomposedStore(_ShapeBound):
         momentum = momentum.float()
         basis = loaded if loaded is not None else self._factor(state, "R")
         p, r = power_iteration_step(momentum, basis, matmul_dtype=matmul_dtype, cast=cast)
+        encoded_p = self.factor_codec.encode(p, generator=self.generator)
+        encoded_r = self.factor_codec.encode(r, generator=self.generator)
+        low_p, low_r = p, r
+        if self.factor_error_share:  # P R^T + s (P' R'^T - P R^T) = [P, P'] [(1 - s) R, s R']^T
+            p_shape, r_shape = self.factor_shapes
+            share = self.factor_error_share
+            low_p = torch.cat([p, self.factor_codec.decode(encoded_p, p_shape)], dim=1)
+            low_r = torch.cat([r * (1.0 - share), self.factor_codec.decode(encoded_r, r_shape).mul_(share)], dim=1)
         # B - P R^T as one BLAS call with the subtraction in its epilogue (no product matrix written
         # and read back), into a scratch buffer
         buffer = self.scratch.get("residual", momentum)
-        residual = torch.addmm(momentum, p, r.mT, alpha=-1.0, **({} if buffer is None else {"out": buffer}))
-        _write(state, "P", self.factor_codec.encode(p, generator=self.generator))
-        _write(state, "R", self.factor_codec.encode(r, generator=self.generator))
+        residual = torch.addmm(momentum, low_p, low_r.mT, alpha=-1.0, **({} if buffer is None else {"out": buffer}))
+        _write(state, "P", encoded_p)
+        _write(state, "R", encoded_r)
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))
 
     def _fused(self, state: StateDict, grad: torch.Tensor, **kwargs) -> torch.Tensor:

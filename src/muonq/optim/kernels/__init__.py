@@ -74,11 +74,12 @@ class KernelChoice:
         )
 
 
-def choose_kernels(mode: str, codecs: Sequence[Codec]) -> KernelChoice:
-    """The kernel choice of a store whose state is encoded with ``codecs``."""
+def choose_kernels(mode: str, codecs: Sequence[Codec], unfusable: str | None = None) -> KernelChoice:
+    """The kernel choice of a store whose state is encoded with ``codecs``; ``unfusable``: why the
+    store itself has no fused kernel, if it has none."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"optimizer_params.kernels must be one of {KERNEL_MODES}, got {mode!r}")
-    reasons = [reason for codec in codecs if (reason := unfusable_reason(codec))]
+    reasons = ([unfusable] if unfusable else []) + [reason for codec in codecs if (reason := unfusable_reason(codec))]
     if mode == "triton":
         if not triton_available():
             raise ValueError(
