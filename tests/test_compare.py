@@ -119,6 +119,25 @@ def test_rerun_reuses_finished_runs(report) -> None:
     assert proc.stdout.count("reused") == len(OPTIMIZERS)
 
 
+def test_a_finished_run_is_reused_only_with_the_same_composed_config(tmp_path) -> None:
+    """An edited preset YAML changes the composed config but not the overrides: that run retrains."""
+    from muonq.compare.orchestrate import Planned, finished_same
+
+    run_dir = tmp_path / "muonq"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    run = Planned("muonq", run_dir, ["optimizer_params=muonq"], {"optimizer_params": {"args": {"rank": 16}}})
+    marker = {"optimizer": "muonq", "overrides": run.overrides, "threads": 1, "nproc": 1, "config": run.config}
+    (run_dir / "compare_args.json").write_text(json.dumps(marker))
+    assert finished_same(run_dir, run, 1, 1)
+    edited = Planned("muonq", run_dir, run.overrides, {"optimizer_params": {"args": {"rank": 20}}})
+    assert not finished_same(run_dir, edited, 1, 1)
+    assert not finished_same(run_dir, run, 2, 1)
+    del marker["config"]  # written before the config was recorded
+    (run_dir / "compare_args.json").write_text(json.dumps(marker))
+    assert not finished_same(run_dir, run, 1, 1)
+
+
 def test_load_run_reads_a_cluster_run_layout(report) -> None:
     """A run folder is read from its own files: the label comes from the run name in .hydra."""
     result = load_run(report["out"] / "runs" / "muon")

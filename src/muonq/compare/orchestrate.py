@@ -1,6 +1,6 @@
 """Training the runs of a comparison: plan them (each config composed and validated before any
 training), launch each as a subprocess of run_hydra.py, and reuse a run that finished earlier with
-the same arguments."""
+the same arguments and the same composed config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from omegaconf import OmegaConf
 
 from muonq.cli import UsageError
 from muonq.commands import entry_command
@@ -20,13 +22,23 @@ from muonq.compare.table import fmt
 from muonq.errors import UserError
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One run of a comparison: its optimizer, folder, Hydra overrides and composed config."""
+
+    optimizer: str
+    run_dir: Path
+    overrides: list[str]
+    config: dict
+
+
 def _given(overrides: list[str], key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
 def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list[str], runs_root: Path,
-              *, world_size: int = 1) -> list[tuple[str, Path, list[str]]]:
-    """(optimizer, run folder, overrides) for each run; the config of each is composed and validated."""
+              *, world_size: int = 1) -> list[Planned]:
+    """Each run of the comparison; the config of each is composed and validated."""
     from muonq.config import ConfigError, compose_config, validate
     from muonq.data import check_dataset, dataset_dir, resolve_data_dir
     from muonq.train.schedule import budget_steps, total_steps
@@ -65,23 +77,26 @@ def plan_runs(recipe: str, optimizers: list[str], steps: int | None, extra: list
             validate(cfg, world_size=world_size)
         except ConfigError as err:
             raise UserError(f"{opt}: {err}") from err
-        planned.append((opt, runs_root / opt, overrides))
+        planned.append(Planned(opt, runs_root / opt, overrides, OmegaConf.to_container(cfg, resolve=True)))
     return planned
 
 
-def finished_same(run_dir: Path, overrides: list[str], threads: int | None, nproc: int) -> bool:
+def finished_same(run_dir: Path, run: Planned, threads: int | None, nproc: int) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``run``: the same overrides and launch, and the
+    same composed config (an edited preset or recipe YAML retrains)."""
     marker = run_dir / "compare_args.json"
     if not (run_dir / "summary.json").is_file() or not marker.is_file():
         return False
     recorded = json.loads(marker.read_text())
-    same = recorded.get("overrides") == overrides and recorded.get("threads") == threads
-    return same and recorded.get("nproc", 1) == nproc
+    same = recorded.get("overrides") == run.overrides and recorded.get("config") == run.config
+    return same and recorded.get("threads") == threads and recorded.get("nproc", 1) == nproc
 
 
-def run_one(opt: str, run_dir: Path, overrides: list[str], *, verbose: bool, threads: int | None = None,
-            nproc: int = 1) -> float:
+def run_one(run: Planned, *, verbose: bool, threads: int | None = None, nproc: int = 1) -> float:
     """Train one run in a subprocess; returns its wall time. Raises RuntimeError on failure."""
     import shutil
+
+    opt, run_dir, overrides = run.optimizer, run.run_dir, run.overrides
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished or different earlier run: metrics.jsonl would append
@@ -107,22 +122,24 @@ def run_one(opt: str, run_dir: Path, overrides: list[str], *, verbose: bool, thr
     if code != 0:
         tail = (run_dir / "console.log").read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"exit {code}: " + " / ".join(line.strip() for line in tail))
-    marker = {"optimizer": opt, "overrides": overrides, "threads": threads, "nproc": nproc, "wall_s": round(elapsed, 1)}
+    marker = {"optimizer": opt, "overrides": overrides, "threads": threads, "nproc": nproc, "wall_s": round(elapsed, 1),
+              "config": run.config}
     (run_dir / "compare_args.json").write_text(json.dumps(marker, indent=1))
     return elapsed
 
 
-def run_all(planned: list[tuple[str, Path, list[str]]], *, rerun: bool, verbose: bool, threads: int | None,
+def run_all(planned: list[Planned], *, rerun: bool, verbose: bool, threads: int | None,
             nproc: int) -> tuple[list[RunResult], dict[str, str]]:
     """Train (or reuse) each planned run in order; returns the finished runs and, per failed one, why."""
     results, failed = [], {}
-    for i, (opt, run_dir, overrides) in enumerate(planned, 1):
-        if not rerun and finished_same(run_dir, overrides, threads, nproc):
+    for i, run in enumerate(planned, 1):
+        opt, run_dir = run.optimizer, run.run_dir
+        if not rerun and finished_same(run_dir, run, threads, nproc):
             print(f"[{i}/{len(planned)}] {opt}: finished earlier in {run_dir}, reused (rerun=true to train again)")
         else:
             print(f"[{i}/{len(planned)}] {opt}: training in {run_dir} ...", flush=True)
             try:
-                run_one(opt, run_dir, overrides, verbose=verbose, threads=threads, nproc=nproc)
+                run_one(run, verbose=verbose, threads=threads, nproc=nproc)
             except RuntimeError as err:
                 failed[opt] = str(err)
                 print(f"[{i}/{len(planned)}] {opt}: FAILED ({err}); log: {run_dir / 'console.log'}", file=sys.stderr)
