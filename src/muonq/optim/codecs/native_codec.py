@@ -107,9 +107,21 @@ def _redo_listed(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...], cod
     native.call("mq_redo_codes", *head, compander.inv_log1p_mu, listed, listed.numel(), logs, codes)
 
 
-def _listed(count: int, listed: torch.Tensor) -> torch.Tensor | None:
+def _outputs(codec: QuantCodec, groups: int, numel: int) -> tuple[torch.Tensor, ...]:
+    """Fresh (scale, divisor, codes, listed) for a mu-law encoder of ``native.c``."""
+    return (torch.empty(groups, dtype=codec.scale_dtype), torch.empty(groups),
+            torch.empty(packed_numel(numel, 4), dtype=torch.uint8),
+            torch.empty(-(-numel // native.CHUNK), dtype=torch.int64))
+
+
+def _redone(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...], count: int, outputs: tuple[torch.Tensor, ...]
+            ) -> Encoded:
+    """The encoding in ``outputs`` once the ``count`` chunks the C encoder listed are encoded again."""
+    scale, divisor, codes, listed = outputs
     assert count >= 0, "the C encoder ran out of memory"
-    return listed[:count] if count else None
+    if count:
+        _redo_listed(codec, x, shape, codes, listed[:count], divisor)
+    return {"codes": codes, "scale": scale}
 
 
 def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
@@ -125,17 +137,11 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
         return None
     if first:
         torch.log1p(v, out=v)
-    numel = math.prod(shape)
-    scale, divisor = torch.empty(groups, dtype=codec.scale_dtype), torch.empty(groups)
-    codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
-    listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
+    outputs = _outputs(codec, groups, math.prod(shape))
     count = native.call("mq_encode4_mulaw", x, *_layout(codec, shape), v, compander.inv_log1p_mu,
-                        native.SCALE_KINDS[codec.scale_dtype], STEP_FLOOR, scale, divisor, mode, compander.mu,
-                        BAND, codes, listed)
-    chunks = _listed(count, listed)
-    if chunks is not None:
-        _redo_listed(codec, x, shape, codes, chunks, divisor)
-    return {"codes": codes, "scale": scale}
+                        native.SCALE_KINDS[codec.scale_dtype], STEP_FLOOR, *outputs[:2], mode, compander.mu,
+                        BAND, *outputs[2:])
+    return _redone(codec, x, shape, count, outputs)
 
 
 def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
@@ -149,16 +155,11 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...])
     ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
     magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
-    scale, divisor = torch.empty(absmax.numel(), dtype=codec.scale_dtype), torch.empty(absmax.numel())
-    codes = torch.empty(packed_numel(numel, 4), dtype=torch.uint8)
-    listed = torch.empty(-(-numel // native.CHUNK), dtype=torch.int64)
+    outputs = _outputs(codec, absmax.numel(), numel)
     count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios, absmax,
-                        native.SCALE_KINDS[codec.scale_dtype], scale, divisor, magnitudes, codec.value_map.mu, BAND,
-                        codes, listed)
-    chunks = _listed(count, listed)
-    if chunks is not None:
-        _redo_listed(codec, x, shape, codes, chunks, divisor)
-    return {"codes": codes, "scale": scale}
+                        native.SCALE_KINDS[codec.scale_dtype], *outputs[:2], magnitudes, codec.value_map.mu, BAND,
+                        *outputs[2:])
+    return _redone(codec, x, shape, count, outputs)
 
 
 def _encode_linear(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
