@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,9 @@ def _matrices() -> list[torch.Tensor]:
     return captured + synthetic + [wide]
 
 
-@pytest.mark.parametrize(("name", "band"), [(name, native_codec.BAND) for name in CODECS] + [
-    pytest.param(name, 0.5, id=f"{name}-most chunks redone") for name in CODECS if _is_mulaw(CODECS[name])])
-def test_c_loops_give_the_pytorch_codecs_bytes(name, band, monkeypatch):
-    monkeypatch.setattr(native_codec, "BAND", band)  # 0.5: the redo's arithmetic on most elements
+def _assert_c_loops_match_pytorch(name: str, monkeypatch) -> None:
+    """Codec ``name``'s bytes and decoded values with the C loops equal the PyTorch codec's on every
+    test matrix, and the C encoder, decoder and (mu-law) redo ran."""
     fast, reference = _pair(**CODECS[name])
     redone = []
     redo = native_codec._redo_listed
@@ -87,6 +87,13 @@ def test_c_loops_give_the_pytorch_codecs_bytes(name, band, monkeypatch):
     assert decoded >= 6 or "fp32" in name and fast.compander is not None, "the C decoder did not run"
     if mulaw and "row" not in name:  # some chunks had an element too close to a threshold
         assert redone
+
+
+@pytest.mark.parametrize(("name", "band"), [(name, native_codec.BAND) for name in CODECS] + [
+    pytest.param(name, 0.5, id=f"{name}-most chunks redone") for name in CODECS if _is_mulaw(CODECS[name])])
+def test_c_loops_give_the_pytorch_codecs_bytes(name, band, monkeypatch):
+    monkeypatch.setattr(native_codec, "BAND", band)  # 0.5: the redo's arithmetic on most elements
+    _assert_c_loops_match_pytorch(name, monkeypatch)
 
 
 def _errors(codec, encoded, x) -> torch.Tensor:
@@ -180,6 +187,17 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch, fresh_libra
     native.library.cache_clear()
     assert native.library() is not None
     assert [p.stat().st_mtime_ns for p in (tmp_path / "muonq" / "native").glob("*")] == [stamp]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels")
+def test_c_loops_built_without_avx512_give_the_same_bytes(tmp_path, monkeypatch, fresh_library):
+    """The plain C twins of the AVX-512 loops, which CPUs without AVX-512 run: the library built for
+    x86-64-v3 (AVX2; generic x86-64 where the compiler does not know that level)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_NATIVE_ISA", "-march=x86-64-v3")
+    assert native.library() is not None
+    for name in CODECS:
+        _assert_c_loops_match_pytorch(name, monkeypatch)
 
 
 def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fresh_library):
