@@ -30,7 +30,7 @@ import torch
 from muonq.optim.codecs import native
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.codecs.linear import LinearMap
-from muonq.optim.codecs.mulaw import VECTOR, MuLawCompander, MuLawMap, on_whole_vectors
+from muonq.optim.codecs.mulaw import VECTOR, MuLawCompander, MuLawMap
 from muonq.optim.codecs.packing import packed_numel
 from muonq.optim.codecs.scales import STEP_FLOOR
 
@@ -131,7 +131,7 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
     first = mode == native.COMPAND_FIRST
     groups = _group_count(codec, shape)
     # before the scale, what the companding of the absmax gives log1p: min(absmax, 1) x mu, padded
-    # with zeros to whole vectors (see on_whole_vectors)
+    # with zeros to whole vectors (see mulaw.on_whole_vectors)
     v = torch.zeros(groups + (-groups % VECTOR)) if first else torch.empty(groups)
     if native.call("mq_absmax", x, *_layout(codec, shape), compander.mu if first else 0.0, v):
         return None
@@ -259,15 +259,13 @@ _EXPANDED: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
 
 def _expanded_table(codec: QuantCodec) -> torch.Tensor:
-    """The decoded values of the 16 codes (rows of 16) under every 16-bit scale pattern (65536 rows,
-    4 MiB) of a codec companded before the scale: expand(level x scale), each computed as
-    ``QuantCodec._decode_group_tables`` computes it (the products are exact in fp32), once per mu
-    and scale dtype."""
+    """``QuantCodec._group_tables`` of every 16-bit scale pattern (65536 x 16, flat, 4 MiB) of a codec
+    companded before the scale (the products level x scale are exact in fp32, so each row is what
+    the codec computes for that scale), once per mu and scale dtype."""
     key = (codec.compander.mu, codec.scale_dtype)
     table = _EXPANDED.get(key)
     if table is None:
         patterns = torch.arange(65536, dtype=torch.int32)
         scales = torch.where(patterns >= 32768, patterns - 65536, patterns).to(torch.int16).view(codec.scale_dtype)
-        levels = codec._table(torch.device("cpu"), False)[:16, 0]
-        table = _EXPANDED[key] = on_whole_vectors(codec.compander.expand, (scales.float().view(-1, 1) * levels).view(-1))
+        table = _EXPANDED[key] = codec._group_tables(scales.float()).view(-1)
     return table

@@ -25,7 +25,7 @@ expansion) folded into the table, unless the value map's own decode is cheaper
 (``ValueMap.cheap_decode``); scales multiply in place, and ``out`` takes the result. 4-bit codes
 companded before a column, row or block scale read one table of 16 expanded values per group.
 
-With ``native`` (the default), the 4-bit encoders that have C loops
+With ``native`` (the default), the encoders and decoders that have C loops
 (:mod:`~muonq.optim.codecs.native_codec`) run those first; what they do not take comes here.
 """
 
@@ -428,8 +428,7 @@ class QuantCodec(Codec):
         group reads, instead of expanding every element. (A per-tensor scale is the one-group case of
         :meth:`_values`.)"""
         numel = math.prod(shape)
-        steps = self._table(codes.device, False)[:16, 0]  # the levels of codes 0..15 (bytes 0..15's low nibble)
-        tables = on_whole_vectors(self.compander.expand, (scale.view(-1, 1) * steps).view(-1)).view(-1, 16)
+        tables = self._group_tables(scale)
         values = native_codec.decode_tables(self, codes, shape, tables, out) if self.native else None
         if values is not None:
             return values
@@ -446,6 +445,12 @@ class QuantCodec(Codec):
             index[full:].add_(first[-1])  # a ragged last block
         out = torch.empty(numel, dtype=torch.float32, device=codes.device) if out is None else out.view(-1)
         return torch.index_select(tables.view(-1), 0, index.view(-1), out=out)
+
+    def _group_tables(self, scale: torch.Tensor) -> torch.Tensor:
+        """groups x 16: the decoded value of codes 0..15 under each fp32 ``scale`` of a codec
+        companded before the scale, expand(level x scale)."""
+        steps = self._table(scale.device, False)[:16, 0]  # the levels of codes 0..15 (bytes 0..15's low nibble)
+        return on_whole_vectors(self.compander.expand, (scale.view(-1, 1) * steps).view(-1)).view(-1, 16)
 
     def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """The value map's values of uint8 codes (in steps when companding)."""
