@@ -173,7 +173,9 @@ def run_store(store, shape, device, *, steps: int, ema: bool, renormalize: bool,
             grad.zero_()  # an all-zero momentum must stay exactly zero
         else:
             grad.view(-1)[:512] = 0.0  # all-zero blocks among live ones
-        momenta.append(store.accumulate(state, grad, beta=0.95, ema=ema, renormalize=renormalize).clone())
+        # fp32 matmuls: the fused path keeps the decomposition's low-rank products in fp32
+        momenta.append(store.accumulate(state, grad, beta=0.95, ema=ema, renormalize=renormalize,
+                                        matmul_dtype=torch.float32).clone())
     return state, momenta
 
 

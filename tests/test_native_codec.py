@@ -13,6 +13,7 @@ from muonq.config import preset
 from muonq.optim.build import build_optimizer
 from muonq.optim.codecs import make_codec, native, native_codec
 from muonq.optim.codecs.quant import SEARCH_RATIOS
+from muonq.optim.subspace import add_low_rank
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler to build the codecs' C loops")
 
@@ -198,6 +199,11 @@ def test_c_loops_built_without_avx512_give_the_same_bytes(tmp_path, monkeypatch,
     assert native.library() is not None
     for name in CODECS:
         _assert_c_loops_match_pytorch(name, monkeypatch)
+    # no AVX512-BF16 in this build: the low-rank product takes torch's bf16 matmul
+    assert native.call("mq_has_bf16_dot") == 0
+    base, p, r = torch.randn(40, 24), torch.randn(40, 6), torch.randn(24, 6)
+    expected = base + (p.bfloat16() @ r.bfloat16().mT).float()
+    assert torch.equal(add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16), expected)
 
 
 def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fresh_library):
@@ -212,9 +218,11 @@ def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fr
 
 
 def _run(name: str, kernels: str, steps: int = 4):
+    """Steps with the optimizer's matmuls pinned to fp32: in bf16, the decomposition's low-rank
+    product differs by design between the C loops and PyTorch (tested on its own below)."""
     g = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02) for shape in [(192, 128), (128, 320)]]
-    spec = dataclasses.replace(preset(name), kernels=kernels)
+    spec = dataclasses.replace(preset(name, matmul_dtype="float32"), kernels=kernels)
     muon = build_optimizer(spec, hidden=params, others=[]).optimizers["muon"]
     for _ in range(steps):
         for p in params:
@@ -238,3 +246,38 @@ def test_muonq_hifi_steps_match_the_pytorch_codecs_up_to_search_ties():
     reference, _ = _run("muonq-hifi", "reference")
     for a, b in zip(fast, reference):
         assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+
+
+def _exact_low_rank(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, alpha: float):
+    """base + alpha P R^T in fp64 from the bf16-rounded factors, and a bound on an fp32 evaluation's
+    error: each of the k/2 pair sums and the final scale and add rounds once (2^-24 relative), on
+    magnitudes at most |base| + sum |p_t r_t|."""
+    p64, r64 = p.bfloat16().double(), r.bfloat16().double()
+    exact = base.double() + alpha * (p64 @ r64.mT)
+    size = base.double().abs() + abs(alpha) * (p64.abs() @ r64.abs().mT)
+    return exact, (p.shape[1] // 2 + 3) * 2.0**-24 * size
+
+
+@pytest.mark.skipif(not (native.available() and native.call("mq_has_bf16_dot")), reason="no AVX512-BF16 build")
+@pytest.mark.parametrize(("rows", "cols", "k"), [(512, 512, 32), (1376, 512, 25), (37, 67, 5), (3, 17, 1), (129, 80, 50)])
+def test_bf16_low_rank_product_in_c_sums_exact_pair_products_in_fp32(rows, cols, k):
+    """Row counts off the 4-row blocks, column counts off the 64-column blocks and odd k (padded)."""
+    g = torch.Generator().manual_seed(rows * cols + k)
+    base, p, r = (torch.randn(shape, generator=g) for shape in [(rows, cols), (rows, k), (cols, k)])
+    for alpha in (1.0, -1.0, 0.5):
+        exact, bound = _exact_low_rank(base, p, r, alpha)
+        out = add_low_rank(base, p, r, alpha=alpha, dtype=torch.bfloat16)
+        assert ((out.double() - exact).abs() <= bound).all()
+        in_place = base.clone()
+        assert add_low_rank(in_place, p, r, alpha=alpha, dtype=torch.bfloat16, out=in_place) is in_place
+        assert torch.equal(in_place, out)
+    # the momentum update in the same pass rounds as the separate operations do
+    grad = torch.randn(rows, cols, generator=g)
+    updated = add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16, update=(0.95, grad))
+    assert torch.equal(updated, add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16).mul_(0.95).add_(grad))
+    # torch's bf16 matmul (kernels=reference, or builds without AVX512-BF16) rounds the product to bf16
+    torch_path = add_low_rank(base, p, r, alpha=-1.0, dtype=torch.bfloat16, native_loops=False)
+    assert torch.equal(torch_path, base - (p.bfloat16() @ r.bfloat16().mT).float())
+    exact, _ = _exact_low_rank(base, p, r, -1.0)
+    in_c = add_low_rank(base, p, r, alpha=-1.0, dtype=torch.bfloat16)
+    assert (in_c.double() - exact).abs().max() < (torch_path.double() - exact).abs().max()

@@ -238,7 +238,7 @@ def test_factor_error_share_leaves_that_share_of_the_factors_rounding_out_of_the
         state = {}
         store.init(state, b)
         store.save(state, b, matmul_dtype=torch.float32)
-        torch.testing.assert_close(store.load(state) - b, (1.0 - share) * factor_error, atol=2e-6, rtol=0)
+        torch.testing.assert_close(store.load(state, matmul_dtype=torch.float32) - b, (1.0 - share) * factor_error, atol=2e-6, rtol=0)
     plain = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=make_codec(4))
     zero = DecomposedStore(b.shape, rank_divisor=16, factor_codec=factor, residual_codec=make_codec(4),
                            factor_error_share=0.0)

@@ -29,8 +29,9 @@ class MomentumStore(ABC):
         """Create the stored form of a zero momentum for ``param`` inside ``state``."""
 
     @abstractmethod
-    def load(self, state: StateDict) -> torch.Tensor:
-        """Return the stored momentum as an fp32 tensor of the parameter's shape."""
+    def load(self, state: StateDict, *, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Return the stored momentum as an fp32 tensor of the parameter's shape. ``matmul_dtype``:
+        as in :meth:`save` (the decomposition's low-rank product)."""
 
     @abstractmethod
     def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
@@ -55,7 +56,7 @@ class MomentumStore(ABC):
         Stores B and returns it unquantized: Newton–Schulz runs on this step's exact momentum and
         quantization only affects what is carried to the next step. Fused kernels override this.
         """
-        momentum = accumulate_into(self.load(state), grad, beta, ema)
+        momentum = accumulate_into(self.load(state, matmul_dtype=matmul_dtype), grad, beta, ema)
         if renormalize:
             momentum.div_(momentum.norm().clamp_min(eps))
         self.save(state, momentum, matmul_dtype=matmul_dtype)
@@ -95,7 +96,7 @@ class FullPrecisionStore(MomentumStore):
     def init(self, state: StateDict, param: torch.Tensor) -> None:
         state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
 
-    def load(self, state: StateDict) -> torch.Tensor:
+    def load(self, state: StateDict, *, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         return state["momentum_buffer"].clone()
 
     def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:

@@ -22,7 +22,7 @@ from muonq.optim.codecs.base import Encoded
 from muonq.optim.kernels import KernelChoice, KernelMode, choose_kernels
 from muonq.optim.momentum import MomentumStore, StateDict, accumulate_into
 from muonq.optim.precision import fast_matmul_dtype
-from muonq.optim.subspace import initial_basis, power_iteration_step, shape_seed
+from muonq.optim.subspace import add_low_rank, initial_basis, power_iteration_step, shape_seed
 
 
 def _write(state: StateDict, part: str, encoded: Encoded) -> None:
@@ -85,15 +85,24 @@ class _ShapeBound(MomentumStore):
         self.generator = generator
         self.scratch = scratch if scratch is not None else Scratch()
 
-    def load(self, state: StateDict) -> torch.Tensor:
-        return self._load(state)[0]
+    def load(self, state: StateDict, *, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._load(state, matmul_dtype=matmul_dtype)[0]
 
     def save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None) -> None:
         self._save(state, momentum, matmul_dtype=matmul_dtype)
 
-    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
-        """The stored momentum (fp32; in ``out`` when given) and what :meth:`_save` may reuse."""
+    def _load(self, state: StateDict, out: torch.Tensor | None = None,
+              matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, object]:
+        """The stored momentum (fp32; in ``out`` when given) and what :meth:`_save` may reuse.
+        ``matmul_dtype``: as in :meth:`save`."""
         raise NotImplementedError
+
+    def _load_accumulated(self, state: StateDict, grad: torch.Tensor, *, beta: float, ema: bool,
+                          out: torch.Tensor | None, matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, object]:
+        """:meth:`_load`, then the momentum update (``accumulate_into``) in place; a store may
+        fold the update into its load."""
+        momentum, loaded = self._load(state, out=out, matmul_dtype=matmul_dtype)
+        return accumulate_into(momentum, grad, beta, ema), loaded
 
     def _save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None,
               loaded: object = None, cast: torch.Tensor | None = None) -> None:
@@ -117,8 +126,8 @@ class _ShapeBound(MomentumStore):
         # one cast of B serves NS and the power iteration.
         matmul_dtype = matmul_dtype or fast_matmul_dtype(grad.device)
         is_b = not nesterov and dtype == torch.float32
-        momentum, loaded = self._load(state, out=None if is_b else self.scratch.get("momentum", grad))
-        momentum = accumulate_into(momentum, grad, beta, ema)
+        momentum, loaded = self._load_accumulated(state, grad, beta=beta, ema=ema, matmul_dtype=matmul_dtype,
+                                                  out=None if is_b else self.scratch.get("momentum", grad))
         if renormalize:
             momentum.div_(momentum.norm().clamp_min(eps))
         update = None if nesterov else momentum.to(dtype)
@@ -161,7 +170,8 @@ class QuantizedStore(_ShapeBound):
         self._check_param(param)
         _write(state, "momentum", self.codec.zeros(self.shape, param.device))
 
-    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+    def _load(self, state: StateDict, out: torch.Tensor | None = None,
+              matmul_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, object]:
         return self.codec.decode(_read(state, "momentum", self.codec), self.shape, out=out), None
 
     def _save(self, state, momentum, *, matmul_dtype=None, loaded=None, cast=None) -> None:
@@ -181,6 +191,11 @@ class DecomposedStore(_ShapeBound):
     R (n x k) with ``factor_codec`` and E = B - P R^T (m x n) with ``residual_codec``. Quantization
     error in the factors then mostly perturbs singular values instead of rotating the dominant
     directions.
+
+    The products P R^T (in the load and in the residual) run in the matmul dtype, like the power
+    iteration (see :func:`~muonq.optim.subspace.add_low_rank`): in bf16 they cost the CPU a
+    fraction of the fp32 product, and the factors' rounding to bf16 (2^-9) is far below the 4-bit
+    error they are stored with. The fused CUDA kernels keep them in fp32.
 
     With ``factor_error_share`` s > 0 the residual also stores that share of the factors' rounding
     error: E = B - P R^T - s (P' R'^T - P R^T), P' and R' the decoded factors, so the stored
@@ -227,6 +242,11 @@ class DecomposedStore(_ShapeBound):
         rows, cols = self.shape
         return (rows, self.rank), (cols, self.rank)
 
+    @property
+    def _native_loops(self) -> bool:
+        """Whether the low-rank products may take the C loops (off with ``kernels=reference``)."""
+        return self.kernels.mode != "reference"
+
     def init(self, state: StateDict, param: torch.Tensor) -> None:
         self._check_param(param)
         p_shape, _ = self.factor_shapes
@@ -242,10 +262,19 @@ class DecomposedStore(_ShapeBound):
         p_shape, r_shape = self.factor_shapes
         return self.factor_codec.decode(_read(state, part, self.factor_codec), p_shape if part == "P" else r_shape)
 
-    def _load(self, state: StateDict, out: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+    def _load(self, state: StateDict, out: torch.Tensor | None = None,
+              matmul_dtype: torch.dtype | None = None, update: tuple[float, torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, object]:
         r = self._factor(state, "R")
         residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape, out=out)
-        return residual.addmm_(self._factor(state, "P"), r.mT), r
+        dtype = matmul_dtype or fast_matmul_dtype(residual.device)
+        return add_low_rank(residual, self._factor(state, "P"), r, alpha=1.0, dtype=dtype, out=residual,
+                            native_loops=self._native_loops, update=update), r
+
+    def _load_accumulated(self, state, grad, *, beta, ema, out, matmul_dtype):
+        if ema:
+            return super()._load_accumulated(state, grad, beta=beta, ema=ema, out=out, matmul_dtype=matmul_dtype)
+        return self._load(state, out=out, matmul_dtype=matmul_dtype, update=(beta, grad))
 
     def _save(self, state, momentum, *, matmul_dtype=None, loaded=None, cast=None) -> None:
         momentum = momentum.float()
@@ -259,10 +288,10 @@ class DecomposedStore(_ShapeBound):
             share = self.factor_error_share
             low_p = torch.cat([p, self.factor_codec.decode(encoded_p, p_shape)], dim=1)
             low_r = torch.cat([r * (1.0 - share), self.factor_codec.decode(encoded_r, r_shape).mul_(share)], dim=1)
-        # B - P R^T as one BLAS call with the subtraction in its epilogue (no product matrix written
-        # and read back), into a scratch buffer
-        buffer = self.scratch.get("residual", momentum)
-        residual = torch.addmm(momentum, low_p, low_r.mT, alpha=-1.0, **({} if buffer is None else {"out": buffer}))
+        # B - P R^T, into a scratch buffer
+        residual = add_low_rank(momentum, low_p, low_r, alpha=-1.0,
+                                dtype=matmul_dtype or fast_matmul_dtype(momentum.device),
+                                out=self.scratch.get("residual", momentum), native_loops=self._native_loops)
         _write(state, "P", encoded_p)
         _write(state, "R", encoded_r)
         _write(state, "E", self.residual_codec.encode(residual, generator=self.generator))

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from muonq.optim.codecs import native
+from muonq.optim.momentum import accumulate_into
 from muonq.optim.precision import fast_matmul_dtype
 
 
@@ -65,3 +67,56 @@ def power_iteration_step(
     low = matrix.to(dtype) if cast is None else cast
     p, _ = torch.linalg.qr((low @ q.to(dtype)).float(), mode="reduced")
     return p, (low.mT @ p.to(dtype)).float()
+
+
+def add_low_rank(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha: float, dtype: torch.dtype,
+                 out: torch.Tensor | None = None, native_loops: bool = True,
+                 update: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+    """base + alpha P R^T (base: m x n fp32, P: m x k, R: n x k), into ``out`` (may be ``base``)
+    when given, with the product in ``dtype``; with ``update`` = (beta, G) the momentum update
+    follows: (base + alpha P R^T) x beta + G, rounded as those separate operations round.
+
+    fp32: one BLAS call with the sum in its epilogue. bf16 on a CPU whose C loops were built for
+    AVX512-BF16 (unless ``native_loops`` is off): one C pass whose pair products are exact and
+    summed in fp32 straight into the result, the update included (the thin inner dimension k keeps
+    BLAS far from its peak, and no m x n product is written and read back); elsewhere the product
+    is a bf16 matmul rounded to bf16, added in fp32.
+    """
+    written = (base,) if out is None else (base, out)
+    if (dtype == torch.bfloat16 and native_loops and _bf16_dot_available()
+            and all(type(t) is torch.Tensor and t.device.type == "cpu"
+                    for t in (*written, p, r, *(() if update is None else (update[1],))))
+            and all(t.is_contiguous() for t in written)):
+        return _add_low_rank_native(base, p, r, alpha=alpha, out=out, update=update)
+    into = {} if out is None else {"out": out}
+    if dtype == torch.float32:
+        result = base.addmm_(p, r.mT, alpha=alpha) if out is base else torch.addmm(base, p, r.mT, alpha=alpha, **into)
+    else:
+        product = p.to(dtype) @ r.to(dtype).mT
+        result = base.add_(product, alpha=alpha) if out is base else torch.add(base, product, alpha=alpha, **into)
+    return result if update is None else accumulate_into(result, update[1], update[0], ema=False)
+
+
+def _bf16_dot_available() -> bool:
+    return native.available() and bool(native.call("mq_has_bf16_dot"))
+
+
+def _bf16_pairs(factor: torch.Tensor) -> torch.Tensor:
+    """``factor`` (rows x k) in bf16 with k padded to even, as rows x k/2 words of two bf16."""
+    padded = torch.nn.functional.pad(factor, (0, factor.shape[1] % 2)).to(torch.bfloat16)
+    return padded.contiguous().view(torch.int32)
+
+
+def _add_low_rank_native(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha: float,
+                         out: torch.Tensor | None, update: tuple[float, torch.Tensor] | None) -> torch.Tensor:
+    assert base.dtype == torch.float32 and base.ndim == 2 and p.shape[1] == r.shape[1], (base.dtype, p.shape, r.shape)
+    assert update is None or (update[1].dtype == torch.float32 and update[1].shape == base.shape), update[1].shape
+    if out is None:
+        out = torch.empty_like(base)
+    pairs = _bf16_pairs(p)
+    rows, cols = base.shape
+    beta, grad = (update[0], update[1].contiguous()) if update is not None else (1.0, None)
+    result = native.call("mq_add_low_rank_bf16", base, out, pairs, _bf16_pairs(r).mT.contiguous(),
+                         rows, cols, pairs.shape[1], alpha, grad, beta)
+    assert result == 0, result
+    return out

@@ -1,4 +1,5 @@
-/* The CPU inner loops of the codecs (native.py compiles this file, native_codec.py calls it).
+/* The CPU inner loops of the codecs (native.py compiles this file, native_codec.py calls it), and
+ * the decomposition's bf16 low-rank product (mq_add_low_rank_bf16, called by optim/subspace.py).
  *
  * 4-bit codes are level + 8, levels in [-7, 7], two per byte (element 2i in the low nibble; an odd
  * count leaves the last high nibble zero); 8-bit linear codes are level + 128, one per byte.
@@ -676,4 +677,78 @@ int mq_decode8_linear(const uint8_t *restrict codes, int64_t rows, int64_t cols,
         for (int64_t j = 0; j < cols; j++) out[i * cols + j] = ((float)codes[i * cols + j] - 128.0f) / 127.0f * s[j];
     free(s);
     return 0;
+}
+
+/* Whether this build has mq_add_low_rank_bf16 (the compiler targeted AVX512-BF16). */
+int mq_has_bf16_dot(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#ifndef LR_ROWS
+#define LR_ROWS 4 /* output rows per register block */
+#endif
+#ifndef LR_VECS
+#define LR_VECS 4 /* 16-column vectors per register block: LR_ROWS x LR_VECS accumulators */
+#endif
+
+/* One block of nrows <= LR_ROWS rows from row0 x up to 16 LR_VECS columns from col0 (masks of the
+ * vectors in mask). Always inlined with a constant nrows, so that the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void low_rank_block(
+        const float *base, float *out, const uint32_t *restrict p, const uint32_t *restrict r, int64_t n,
+        int64_t pairs, int64_t row0, int nrows, int64_t col0, const __mmask16 *mask, __m512 alpha,
+        const float *grad, __m512 beta) {
+    __m512 acc[LR_ROWS][LR_VECS];
+    for (int a = 0; a < LR_ROWS; a++)
+        for (int v = 0; v < LR_VECS; v++) acc[a][v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < pairs; t++) {
+        __m512i rv[LR_VECS];
+        for (int v = 0; v < LR_VECS; v++) rv[v] = _mm512_maskz_loadu_epi32(mask[v], r + t * n + col0 + 16 * v);
+        for (int a = 0; a < nrows; a++) {
+            const __m512i pa = _mm512_set1_epi32((int)p[(row0 + a) * pairs + t]);
+            for (int v = 0; v < LR_VECS; v++) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)pa, (__m512bh)rv[v]);
+        }
+    }
+    for (int a = 0; a < nrows; a++)
+        for (int v = 0; v < LR_VECS; v++) {
+            const int64_t e = (row0 + a) * n + col0 + 16 * v;
+            __m512 y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], base + e), _mm512_mul_ps(alpha, acc[a][v]));
+            if (grad) y = _mm512_add_ps(_mm512_mul_ps(y, beta), _mm512_maskz_loadu_ps(mask[v], grad + e));
+            _mm512_mask_storeu_ps(out + e, mask[v], y);
+        }
+}
+#endif
+
+/* out = base + alpha x P R^T for an m x n matrix (out may be base), P (m x 2 pairs) and R (n x 2 pairs)
+ * in bf16: p holds P's rows as `pairs` words of two bf16 (element 2t in the low half), r holds R^T
+ * packed the same way, word (t, j) = R[j, 2t..2t+1] at r[t * n + j]. Each pair's two products are
+ * exact in fp32 and summed into an fp32 accumulator (VDPBF16PS), then scaled by alpha and added to
+ * base: no rounding to bf16 on the way out. With `grad` (m x n, may be NULL) the momentum update
+ * follows in the same pass: out = (base + alpha x P R^T) x beta + grad, rounded after each
+ * operation as the separate PyTorch operations round. Returns -1 if this build lacks AVX512-BF16
+ * (nothing written; see mq_has_bf16_dot), else 0. */
+int mq_add_low_rank_bf16(const float *base, float *out, const uint32_t *restrict p, const uint32_t *restrict r,
+                         int64_t m, int64_t n, int64_t pairs, float alpha, const float *grad, float beta) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
+    for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
+        __mmask16 mask[LR_VECS];
+        for (int v = 0; v < LR_VECS; v++) {
+            const int64_t left = n - j - 16 * v;
+            mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        }
+        int64_t i = 0;
+        for (; i + LR_ROWS <= m; i += LR_ROWS) low_rank_block(base, out, p, r, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
+        for (; i < m; i++) low_rank_block(base, out, p, r, n, pairs, i, 1, j, mask, a, grad, b);
+    }
+    return 0;
+#else
+    (void)base; (void)out; (void)p; (void)r; (void)m; (void)n; (void)pairs; (void)alpha; (void)grad; (void)beta;
+    return -1;
+#endif
 }

@@ -1,4 +1,6 @@
-"""The codecs' CPU inner loops in C (``native.c``), compiled on first use.
+"""The codecs' CPU inner loops in C (``native.c``), compiled on first use; the same library holds
+the decomposition's bf16 low-rank product (:func:`muonq.optim.subspace.add_low_rank`) for CPUs
+with AVX512-BF16.
 
 PyTorch runs a codec's encode as a dozen elementwise passes over the matrix (abs, compand, max,
 sign, divide, round, convert, shift, pack), each through memory; the C loops make one pass that
@@ -50,6 +52,8 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mq_decode8_linear": ((_PTR, _I64, _I64, _I64, _PTR, _INT, _PTR), _INT),
     "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
+    "mq_has_bf16_dot": ((), _INT),
+    "mq_add_low_rank_bf16": ((_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _FLT, _PTR, _FLT), _INT),
 }
 COMPAND_FIRST, COMPAND_AFTER = 0, 1  # native.c's modes of mq_encode4_mulaw
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # native.c's stored scale formats
