@@ -88,7 +88,7 @@ class OptimizerArgs:
     ns_batch_size: int = 1  # same-shape matrices stacked into one batched Newton–Schulz call (1 = per matrix)
     scale_mode: str = "match_rms_adamw"  # or "original"
     momentum_form: str = "sum"  # or "ema" (torch.optim.Muon's form)
-    matmul_dtype: str = "auto"  # NS + power iteration: auto (bf16 where native, else fp32) | bfloat16 | float32
+    matmul_dtype: str = "auto"  # NS, power iteration, low-rank products: auto (bf16 where native, else fp32) | bfloat16 | float32
     split_qkv: bool = True  # Muon: a fused QKV weight (GPT) is three matrices, as in the original; false: one
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8

@@ -1,5 +1,5 @@
-"""The dtype of the optimizer's matmuls (Newton–Schulz, the decomposition's power iteration, the
-NS input the stores write): bf16 where the machine multiplies bf16 natively, fp32 where bf16 is
+"""The dtype of the optimizer's matmuls (Newton–Schulz, the decomposition's power iteration and
+low-rank products, the NS input the stores write): bf16 where the machine multiplies bf16 natively, fp32 where bf16 is
 emulated (there a bf16 matmul is several times *slower* than an fp32 one).
 
 - CUDA: bf16.

@@ -104,7 +104,7 @@ class MuonSpec:
     normalize: bool  # MuonQ's pre-quantization normalization of gradient and momentum
     store: MomentumSpec
     equilibrate: EquilibrateSpec | None = None
-    matmul_dtype: str = "auto"  # Newton–Schulz, power iteration and NS input: one of MATMUL_DTYPES
+    matmul_dtype: str = "auto"  # Newton–Schulz, power iteration, low-rank products, NS input: one of MATMUL_DTYPES
     # A fused QKV weight (GPT) as its three matrices: momentum, normalisation, Newton–Schulz, rank
     # and update scale per block, as the original MuonQ does; False: one matrix.
     split_qkv: bool = True
