@@ -84,7 +84,7 @@ def add_low_rank(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha:
     """
     written = (base,) if out is None else (base, out)
     if (dtype == torch.bfloat16 and native_loops and _bf16_dot_available()
-            and all(type(t) is torch.Tensor and t.device.type == "cpu"
+            and all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
                     for t in (*written, p, r, *(() if update is None else (update[1],))))
             and all(t.is_contiguous() for t in written)):
         return _add_low_rank_native(base, p, r, alpha=alpha, out=out, update=update)
@@ -101,22 +101,18 @@ def _bf16_dot_available() -> bool:
     return native.available() and bool(native.call("mq_has_bf16_dot"))
 
 
-def _bf16_pairs(factor: torch.Tensor) -> torch.Tensor:
-    """``factor`` (rows x k) in bf16 with k padded to even, as rows x k/2 words of two bf16."""
-    padded = torch.nn.functional.pad(factor, (0, factor.shape[1] % 2)).to(torch.bfloat16)
-    return padded.contiguous().view(torch.int32)
-
-
 def _add_low_rank_native(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha: float,
                          out: torch.Tensor | None, update: tuple[float, torch.Tensor] | None) -> torch.Tensor:
-    assert base.dtype == torch.float32 and base.ndim == 2 and p.shape[1] == r.shape[1], (base.dtype, p.shape, r.shape)
+    assert base.dtype == p.dtype == r.dtype == torch.float32 and base.ndim == 2, (base.dtype, p.dtype, r.dtype)
+    assert p.shape[1] == r.shape[1] and (p.shape[0], r.shape[0]) == tuple(base.shape), (base.shape, p.shape, r.shape)
     assert update is None or (update[1].dtype == torch.float32 and update[1].shape == base.shape), update[1].shape
     if out is None:
         out = torch.empty_like(base)
-    pairs = _bf16_pairs(p)
-    rows, cols = base.shape
     beta, grad = (update[0], update[1].contiguous()) if update is not None else (1.0, None)
-    result = native.call("mq_add_low_rank_bf16", base, out, pairs, _bf16_pairs(r).mT.contiguous(),
-                         rows, cols, pairs.shape[1], alpha, grad, beta)
+    rows, cols = base.shape
+    result = native.call("mq_add_low_rank_bf16", base, out, p.data_ptr(), *p.stride(), r.data_ptr(), *r.stride(),
+                         rows, cols, p.shape[1], alpha, grad, beta)
+    if result == -1:
+        raise MemoryError("out of memory packing the low-rank factors")
     assert result == 0, result
     return out

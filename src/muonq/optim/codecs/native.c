@@ -724,17 +724,41 @@ static inline __attribute__((always_inline)) void low_rank_block(
 }
 #endif
 
-/* out = base + alpha x P R^T for an m x n matrix (out may be base), P (m x 2 pairs) and R (n x 2 pairs)
- * in bf16: p holds P's rows as `pairs` words of two bf16 (element 2t in the low half), r holds R^T
- * packed the same way, word (t, j) = R[j, 2t..2t+1] at r[t * n + j]. Each pair's two products are
- * exact in fp32 and summed into an fp32 accumulator (VDPBF16PS), then scaled by alpha and added to
- * base: no rounding to bf16 on the way out. With `grad` (m x n, may be NULL) the momentum update
- * follows in the same pass: out = (base + alpha x P R^T) x beta + grad, rounded after each
- * operation as the separate PyTorch operations round. Returns -1 if this build lacks AVX512-BF16
- * (nothing written; see mq_has_bf16_dot), else 0. */
-int mq_add_low_rank_bf16(const float *base, float *out, const uint32_t *restrict p, const uint32_t *restrict r,
-                         int64_t m, int64_t n, int64_t pairs, float alpha, const float *grad, float beta) {
+/* The bits of two fp32 values as one word of two bf16 (lo in the low half), each rounded to nearest
+ * even as torch's .to(bfloat16) rounds (a NaN stays a quiet NaN). */
+static inline uint32_t bf16_pair(float lo, float hi) {
+    const uint32_t a = to_bits(lo), b = to_bits(hi);
+    const uint32_t la = (a & 0x7fffffffu) > 0x7f800000u ? (a >> 16) | 0x40u : (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
+    const uint32_t lb = (b & 0x7fffffffu) > 0x7f800000u ? (b >> 16) | 0x40u : (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    return (la & 0xffffu) | (lb << 16);
+}
+
+/* out = base + alpha x P R^T for an m x n matrix (out may be base), P (m x k) and R (n x k) fp32 with
+ * any strides (element (i, c) of P at p[i * p_row + c * p_col]). The factors are rounded to bf16
+ * and packed in pairs along k (an odd k padded with a zero); each pair's two products are exact in
+ * fp32 and summed into an fp32 accumulator (VDPBF16PS), then scaled by alpha and added to base: no
+ * rounding to bf16 on the way out. With `grad` (m x n, may be NULL) the momentum update follows in
+ * the same pass: out = (base + alpha x P R^T) x beta + grad, rounded after each operation as the
+ * separate PyTorch operations round. Returns -2 if this build lacks AVX512-BF16 (nothing written;
+ * see mq_has_bf16_dot), -1 if out of memory, else 0. */
+int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p, int64_t p_row, int64_t p_col,
+                         const float *restrict r, int64_t r_row, int64_t r_col, int64_t m, int64_t n, int64_t k,
+                         float alpha, const float *grad, float beta) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const int64_t pairs = (k + 1) / 2;
+    uint32_t *pp = malloc(sizeof(uint32_t) * (size_t)(m * pairs)), *rp = malloc(sizeof(uint32_t) * (size_t)(n * pairs));
+    if (!pp || !rp) {
+        free(pp);
+        free(rp);
+        return -1;
+    }
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t t = 0; t < pairs; t++)
+            pp[i * pairs + t] = bf16_pair(p[i * p_row + 2 * t * p_col],
+                                          2 * t + 1 < k ? p[i * p_row + (2 * t + 1) * p_col] : 0.0f);
+    for (int64_t t = 0; t < pairs; t++) /* R^T: word (t, j) holds R[j, 2t..2t+1] */
+        for (int64_t j = 0; j < n; j++)
+            rp[t * n + j] = bf16_pair(r[j * r_row + 2 * t * r_col], 2 * t + 1 < k ? r[j * r_row + (2 * t + 1) * r_col] : 0.0f);
     const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
     for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
         __mmask16 mask[LR_VECS];
@@ -743,12 +767,15 @@ int mq_add_low_rank_bf16(const float *base, float *out, const uint32_t *restrict
             mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
         }
         int64_t i = 0;
-        for (; i + LR_ROWS <= m; i += LR_ROWS) low_rank_block(base, out, p, r, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
-        for (; i < m; i++) low_rank_block(base, out, p, r, n, pairs, i, 1, j, mask, a, grad, b);
+        for (; i + LR_ROWS <= m; i += LR_ROWS) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
+        for (; i < m; i++) low_rank_block(base, out, pp, rp, n, pairs, i, 1, j, mask, a, grad, b);
     }
+    free(pp);
+    free(rp);
     return 0;
 #else
-    (void)base; (void)out; (void)p; (void)r; (void)m; (void)n; (void)pairs; (void)alpha; (void)grad; (void)beta;
-    return -1;
+    (void)base; (void)out; (void)p; (void)p_row; (void)p_col; (void)r; (void)r_row; (void)r_col; (void)m; (void)n;
+    (void)k; (void)alpha; (void)grad; (void)beta;
+    return -2;
 #endif
 }
