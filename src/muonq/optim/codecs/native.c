@@ -121,9 +121,11 @@ static float half_value(uint16_t h) {
     return from_bits(sign | (e == 31 ? 0x7f800000u : (e + 112u) << 23) | (m << 13));
 }
 
-/* fp32 -> bf16 bits, rounded to nearest even (finite inputs below bf16's max, as callers give). */
-static uint16_t bf16_bits(float f) {
+/* fp32 -> bf16 bits, finite values rounded to nearest even as torch's .to(bfloat16) rounds them
+ * (beyond bf16's max: to inf); a NaN stays a (quiet) NaN. */
+static inline uint16_t bf16_bits(float f) {
     const uint32_t x = to_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
     return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
@@ -724,13 +726,9 @@ static inline __attribute__((always_inline)) void low_rank_block(
 }
 #endif
 
-/* The bits of two fp32 values as one word of two bf16 (lo in the low half), each rounded to nearest
- * even as torch's .to(bfloat16) rounds (a NaN stays a quiet NaN). */
+/* Two fp32 values as one word of two bf16 (lo in the low half), as VDPBF16PS reads pairs. */
 static inline uint32_t bf16_pair(float lo, float hi) {
-    const uint32_t a = to_bits(lo), b = to_bits(hi);
-    const uint32_t la = (a & 0x7fffffffu) > 0x7f800000u ? (a >> 16) | 0x40u : (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
-    const uint32_t lb = (b & 0x7fffffffu) > 0x7f800000u ? (b >> 16) | 0x40u : (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    return (la & 0xffffu) | (lb << 16);
+    return (uint32_t)bf16_bits(lo) | ((uint32_t)bf16_bits(hi) << 16);
 }
 
 /* out = base + alpha x P R^T for an m x n matrix (out may be base), P (m x k) and R (n x k) fp32 with
