@@ -691,12 +691,8 @@ int mq_has_bf16_dot(void) {
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#ifndef LR_ROWS
 #define LR_ROWS 4 /* output rows per register block */
-#endif
-#ifndef LR_VECS
 #define LR_VECS 4 /* 16-column vectors per register block: LR_ROWS x LR_VECS accumulators */
-#endif
 
 /* One block of nrows <= LR_ROWS rows from row0 x up to 16 LR_VECS columns from col0 (masks of the
  * vectors in mask). Always inlined with a constant nrows, so that the accumulators stay in
