@@ -1,6 +1,7 @@
 """The dtype of the optimizer's matmuls (Newton–Schulz, the decomposition's power iteration and
-low-rank products, the NS input the stores write): bf16 where the machine multiplies bf16 natively, fp32 where bf16 is
-emulated (there a bf16 matmul is several times *slower* than an fp32 one).
+low-rank products, the NS input the stores write): bf16 where the machine multiplies bf16
+natively, fp32 where bf16 is emulated (there a bf16 matmul is several times *slower* than an fp32
+one).
 
 - CUDA: bf16.
 - x86 CPUs: bf16 when the CPU has AMX-BF16 or AVX512-BF16 (the ``amx_bf16`` / ``avx512_bf16``
