@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from muonq.config import preset
 from muonq.optim.build import build_optimizer
 from muonq.optim.codecs import make_codec, native, native_codec
 from muonq.optim.codecs.quant import SEARCH_RATIOS
+from muonq.optim.codecs.scales import store_scale
 from muonq.optim.subspace import add_low_rank
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler to build the codecs' C loops")
@@ -204,6 +206,49 @@ def test_c_loops_built_without_avx512_give_the_same_bytes(tmp_path, monkeypatch,
     base, p, r = torch.randn(40, 24), torch.randn(40, 6), torch.randn(24, 6)
     expected = base + (p.bfloat16() @ r.bfloat16().mT).float()
     assert torch.equal(add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16), expected)
+
+
+def _threshold_blocks(scale_dtype: torch.dtype) -> torch.Tensor:
+    """Blocks of 256 of absmax 1 (then 2^-10) whose other elements lie on, and one ulp either side
+    of, every search candidate's seven thresholds and sixteen cell ends (j / 16 of its scale): the
+    thresholds written from the mu-law definition, the scale as the search stores it."""
+    mu = 3.0
+    fracs = [math.expm1((k + 0.5) / 7 * math.log1p(mu)) / mu for k in range(7)]
+    points = []
+    for ratio in SEARCH_RATIOS:
+        s = float(store_scale(torch.tensor([ratio]), scale_dtype).float())
+        points += [s * f for f in fracs] + [s * j / 16 for j in range(1, 17)]
+    at = torch.tensor(points, dtype=torch.float64).float()  # fp32 nearest, as C rounds its fp64 products
+    values = torch.cat([at, torch.nextafter(at, torch.zeros(())), torch.nextafter(at, torch.full((), math.inf))])
+    values = torch.cat([values, torch.zeros(-values.numel() % 255)]).view(-1, 255)
+    blocks = torch.cat([torch.ones(values.shape[0], 1), values], dim=1)
+    blocks = torch.cat([blocks, blocks * 2.0**-10])
+    return blocks * (torch.randint(0, 2, blocks.shape, generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels")
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="no AVX-512: one build only")
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_scale_search_vector_loops_count_the_levels_of_the_plain_loop(scale_dtype, tmp_path, monkeypatch,
+                                                                       fresh_library):
+    """The search's AVX-512 loops (levels by cells of the scale, or by binary search) give every
+    candidate's error bit for bit as the plain C loop does, on elements at and next to each
+    threshold and cell end; hence the same scales and codes."""
+    codec = make_codec(4, value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True,
+                       scale_dtype=scale_dtype)
+    x = _threshold_blocks(scale_dtype)
+    runs = []
+    for isa in (native._NATIVE_ISA, "-march=x86-64-v3"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / isa))
+        monkeypatch.setattr(native, "_NATIVE_ISA", isa)
+        native.library.cache_clear()
+        errors = torch.full((x.shape[0], len(SEARCH_RATIOS)), math.nan)
+        runs.append((native_codec._encode_searched(codec, x.reshape(-1), (x.numel(),), errors=errors), errors))
+    (vector, vector_errors), (plain, plain_errors) = runs
+    assert not vector_errors.isnan().any() and (vector_errors != vector_errors[:, :1]).any()
+    assert torch.equal(vector_errors, plain_errors)
+    for field in plain:
+        assert torch.equal(vector[field], plain[field])
 
 
 def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fresh_library):

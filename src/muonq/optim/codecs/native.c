@@ -248,10 +248,48 @@ static inline void pack_chunk(const uint8_t *q8, int64_t m, uint8_t *codes, int6
     if (m % 2) out[pairs] = q8[m - 1];
 }
 
+#ifdef __AVX512F__
+/* The level of each of 16 magnitudes a (the number of the seven thresholds, non-decreasing in lanes
+ * 0..6 of t, that it reaches, as level_of counts them) by binary search: three comparisons. */
+static inline __m512i levels16(__m512 a, __m512 t) {
+    const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
+    __m512i q = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(_mm512_set1_epi32(3), t),
+                                                          _CMP_GE_OQ), _mm512_set1_epi32(4));
+    q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(_mm512_add_epi32(q, one), t), _CMP_GE_OQ),
+                              q, two);
+    return _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(q, t), _CMP_GE_OQ), q, one);
+}
+
+/* Lanes 0..6 of a vector from the seven thresholds at t. */
+static inline __m512 thresholds16(const float *t) { return _mm512_maskz_loadu_ps((__mmask16)0x7f, t); }
+#endif
+
 /* Encodes the m <= CHUNK elements of x from `first` with one set of thresholds; returns whether
  * one of them is near a threshold. */
 static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m, const float *hi, const float *lo,
                                int clamp_one, uint8_t *restrict codes) {
+#ifdef __AVX512F__
+    /* 16 elements at a time: their two codes per 64-bit lane folded into its low byte and stored
+     * (lanes past m hold code 0, so an odd m leaves the last high nibble zero) */
+    const __m512 h = thresholds16(hi), l = thresholds16(lo), one = _mm512_set1_ps(1.0f);
+    const __m512i eight = _mm512_set1_epi32(8);
+    __mmask16 near = 0;
+    for (int64_t i = 0; i < m; i += 16) {
+        const __mmask16 in = m - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - i)) - 1u);
+        const __m512 v = _mm512_maskz_loadu_ps(in, x + first + i);
+        __m512 a = _mm512_abs_ps(v);
+        if (clamp_one) a = _mm512_min_ps(one, a); /* min(1, NaN) stays NaN, as in level_of's caller */
+        const __m512i up = levels16(a, h);
+        near |= _mm512_mask_cmpneq_epi32_mask(in, up, levels16(a, l));
+        const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512i code = _mm512_maskz_mov_epi32(in, _mm512_mask_sub_epi32(_mm512_add_epi32(eight, up), negative,
+                                                                               eight, up));
+        const __mmask8 bytes = (__mmask8)((1u << ((m - i + 1) / 2 < 8 ? (m - i + 1) / 2 : 8)) - 1u);
+        _mm512_mask_cvtepi64_storeu_epi8(codes + (first + i) / 2, bytes,
+                                         _mm512_or_si512(code, _mm512_srli_epi64(code, 28)));
+    }
+    return near != 0;
+#else
     uint8_t q8[CHUNK];
     int near = 0;
     for (int64_t i = 0; i < m; i++) {
@@ -262,6 +300,7 @@ static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m
     }
     pack_chunk(q8, m, codes, first);
     return near;
+#endif
 }
 
 /* Mu-law 4-bit codes of a rows x cols matrix with one scale per group of `group` consecutive
@@ -409,12 +448,74 @@ void mq_redo_codes(const float *restrict x, int64_t n, int64_t cols, int64_t gro
         }
 }
 
-/* The squared error sum((dec[level] - |x|)^2) of m (a multiple of 16) elements at thresholds h:
- * sixteen running sums, one per vector lane, added at the end. */
-static float block_error(const float *restrict x, int64_t m, const float *restrict h, const float *restrict d) {
-    const float h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4], h5 = h[5], h6 = h[6];
-    const float d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], d4 = d[4], d5 = d[5], d6 = d[6], d7 = d[7];
-    float acc[16] = {0};
+/* The search's level lookup by cells: with the scale d, cell j of the magnitudes is
+ * [j d / CELLS, (j + 1) d / CELLS) (the last one open above). Where each of the seven thresholds
+ * d frac[k] lies in a cell of its own, at least CELL_MARGIN (in cell widths) from the cell's ends,
+ * an element's level is the count of thresholds below its cell plus one comparison with its
+ * cell's threshold, whatever the roundings of a x CELLS / d and of the thresholds (each 2^-24
+ * relative) do near the cells' ends. The same for every d: computed once per call. */
+#define CELLS 16
+#define CELL_MARGIN 1e-3
+typedef struct {
+    int usable;
+    int32_t index[CELLS];  /* the threshold in cell j, or LEVELS where there is none */
+    int32_t below[CELLS];  /* the thresholds below cell j */
+} Cells;
+
+static Cells cells_of(const Mulaw *m) {
+    Cells c = {m->mode == COMPAND_AFTER, {0}, {0}};
+    for (int j = 0; j < CELLS; j++) c.index[j] = LEVELS;
+    for (int k = 0; k < LEVELS; k++) {
+        const double u = m->frac[k] * CELLS;
+        const int j = (int)floor(u);
+        if (j < 0 || j >= CELLS || u - j < CELL_MARGIN || j + 1 - u < CELL_MARGIN || c.index[j] != LEVELS) c.usable = 0;
+        else c.index[j] = k;
+        for (int i = j + 1; i < CELLS; i++) c.below[i] += i > j;
+    }
+    return c;
+}
+
+/* The squared errors (dec[level] - |x|)^2 of m (a multiple of 16) elements at the thresholds mid of
+ * divisor d, summed into sixteen running sums acc, one per vector lane (lane_sum adds them). */
+static void block_lanes(const float *restrict x, int64_t m, const float *restrict mid, const float *restrict dec,
+                        const Cells *cells, float d, float *restrict acc) {
+#ifdef __AVX512F__
+    const __m512 table = _mm512_maskz_loadu_ps((__mmask16)0xff, dec);
+    __m512 sum = _mm512_setzero_ps();
+    if (cells->usable && d >= 1e-30f && d <= 1e30f) { /* CELLS / d and the thresholds stay normal */
+        const __m512i index = _mm512_loadu_si512(cells->index), below = _mm512_loadu_si512(cells->below);
+        const __m512 ts = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, mid);
+        const __m512 thr = _mm512_permutexvar_ps(index, ts), low = _mm512_permutexvar_ps(below, table);
+        /* a cell without a threshold compares with +inf and decodes to `low` either way */
+        const __m512 high = _mm512_permutexvar_ps(
+            _mm512_mask_add_epi32(below, _mm512_cmpneq_epi32_mask(index, _mm512_set1_epi32(LEVELS)), below,
+                                  _mm512_set1_epi32(1)), table);
+        const __m512 inv = _mm512_set1_ps((float)CELLS / d), last = _mm512_set1_ps((float)(CELLS - 1));
+        for (int64_t i = 0; i < m; i += 16) {
+            const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+            /* min(last, NaN) is NaN, which converts to lane 0's index: level 0, as below */
+            const __m512i cell = _mm512_cvttps_epi32(_mm512_min_ps(last, _mm512_mul_ps(a, inv)));
+            const __m512 v = _mm512_mask_permutexvar_ps(
+                _mm512_permutexvar_ps(cell, low),
+                _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, thr), _CMP_GE_OQ), cell, high);
+            const __m512 e = _mm512_sub_ps(v, a);
+            sum = _mm512_add_ps(sum, _mm512_mul_ps(e, e));
+        }
+    } else {
+        const __m512 t = thresholds16(mid);
+        for (int64_t i = 0; i < m; i += 16) {
+            const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+            const __m512 e = _mm512_sub_ps(_mm512_permutexvar_ps(levels16(a, t), table), a);
+            sum = _mm512_add_ps(sum, _mm512_mul_ps(e, e));
+        }
+    }
+    _mm512_storeu_ps(acc, sum);
+#else
+    (void)cells;
+    (void)d;
+    for (int l = 0; l < 16; l++) acc[l] = 0.0f;
+    const float h0 = mid[0], h1 = mid[1], h2 = mid[2], h3 = mid[3], h4 = mid[4], h5 = mid[5], h6 = mid[6];
+    const float d0 = dec[0], d1 = dec[1], d2 = dec[2], d3 = dec[3], d4 = dec[4], d5 = dec[5], d6 = dec[6], d7 = dec[7];
     for (int64_t i = 0; i < m; i += 16) {
         for (int l = 0; l < 16; l++) {
             const float a = fabsf(x[i + l]);
@@ -429,9 +530,15 @@ static float block_error(const float *restrict x, int64_t m, const float *restri
             acc[l] += e * e;
         }
     }
-    float err = 0.0f;
-    for (int l = 0; l < 16; l++) err += acc[l];
-    return err;
+#endif
+}
+
+/* The sums of `count` sets of sixteen lanes (lanes[c][0..15]), each added lane after lane from 0;
+ * the sets interleaved, so that their chains of additions overlap. */
+static void lane_sums(const float (*lanes)[16], int count, float *restrict sum) {
+    for (int c = 0; c < count; c++) sum[c] = 0.0f;
+    for (int l = 0; l < 16; l++)
+        for (int c = 0; c < count; c++) sum[c] += lanes[c][l];
 }
 
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
@@ -441,33 +548,43 @@ static float block_error(const float *restrict x, int64_t m, const float *restri
  * goes to scale[b] and its divisor to divisor[b], and the block is encoded with it (at most 16
  * candidates). The errors take levels from the thresholds themselves, so only an element within
  * fp32 rounding of one can count at another level than PyTorch's. Chunks to redo: as
- * mq_encode4_mulaw. */
+ * mq_encode4_mulaw. Where `errors` is not NULL, the candidates' errors go there too (blocks x
+ * ratios): what tests compare between the vector loops and the plain ones. */
 int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int64_t ratios,
                           const float *restrict ratio, const float *restrict absmax, int kind,
                           void *restrict scale, float *restrict divisor, const float *restrict magnitude,
-                          double mu, double band, uint8_t *restrict codes, int64_t *restrict listed) {
+                          double mu, double band, uint8_t *restrict codes, int64_t *restrict listed,
+                          float *restrict errors) {
     float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1], stored[16];
+    float lanes[16][16], tail_lanes[16][16], err[16], tail_err[16];
     uint32_t candidate[16]; /* the candidates' scales in format `kind` (room for fp32) */
     const Mulaw m = mulaw(COMPAND_AFTER, mu, band);
+    const Cells cells = cells_of(&m);
     int64_t count = 0;
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
         const int64_t len = n - b0 < block ? n - b0 : block;
         const float *xb = x + b0;
         const int64_t whole = len / CHUNK * CHUNK;
-        for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
-        int best = 0;
-        float best_err = 0.0f;
+        if (whole < len)
+            for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
         for (int r = 0; r < ratios; r++) {
             stored[r] = store_up(candidate, kind, r, absmax[b] * ratio[r]);
-            thresholds(&m, stored[r] > 0.0f ? stored[r] : 1.0f, mid, hi, lo);
+            const float d = stored[r] > 0.0f ? stored[r] : 1.0f;
+            for (int k = 0; k < LEVELS; k++) mid[k] = (float)(d * m.frac[k]); /* thresholds()' mid, after the scale */
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];
-            float err = block_error(xb, whole, mid, dec);
-            if (whole < len) err += block_error(tail, CHUNK, mid, dec);
-            if (r == 0 || err < best_err) {
-                best = r;
-                best_err = err;
-            }
+            block_lanes(xb, whole, mid, dec, &cells, d, lanes[r]);
+            if (whole < len) block_lanes(tail, CHUNK, mid, dec, &cells, d, tail_lanes[r]);
         }
+        lane_sums((const float (*)[16])lanes, (int)ratios, err);
+        if (whole < len) {
+            lane_sums((const float (*)[16])tail_lanes, (int)ratios, tail_err);
+            for (int r = 0; r < ratios; r++) err[r] += tail_err[r];
+        }
+        if (errors)
+            for (int r = 0; r < ratios; r++) errors[b * ratios + r] = err[r];
+        int best = 0;
+        for (int r = 1; r < ratios; r++)
+            if (err[r] < err[best]) best = r;
         if (kind == SCALE_F32) ((float *)scale)[b] = stored[best];
         else ((uint16_t *)scale)[b] = ((const uint16_t *)candidate)[best];
         divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
@@ -754,15 +871,18 @@ int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p,
         for (int64_t j = 0; j < n; j++)
             rp[t * n + j] = bf16_pair(r[j * r_row + 2 * t * r_col], 2 * t + 1 < k ? r[j * r_row + (2 * t + 1) * r_col] : 0.0f);
     const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
-    for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
-        __mmask16 mask[LR_VECS];
-        for (int v = 0; v < LR_VECS; v++) {
-            const int64_t left = n - j - 16 * v;
-            mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+    /* rows outer: the matrices stream through memory row by row, which the prefetchers follow */
+    for (int64_t i = 0; i < m; i += LR_ROWS) {
+        for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
+            __mmask16 mask[LR_VECS];
+            for (int v = 0; v < LR_VECS; v++) {
+                const int64_t left = n - j - 16 * v;
+                mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+            }
+            if (i + LR_ROWS <= m) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
+            else
+                for (int64_t row = i; row < m; row++) low_rank_block(base, out, pp, rp, n, pairs, row, 1, j, mask, a, grad, b);
         }
-        int64_t i = 0;
-        for (; i + LR_ROWS <= m; i += LR_ROWS) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
-        for (; i < m; i++) low_rank_block(base, out, pp, rp, n, pairs, i, 1, j, mask, a, grad, b);
     }
     free(pp);
     free(rp);

@@ -144,21 +144,24 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
     return _redone(codec, x, shape, count, outputs)
 
 
-def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
-    """The scale search (see ``QuantCodec``) of mu-law-after-the-scale blocks."""
+def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...],
+                     errors: torch.Tensor | None = None) -> Encoded | None:
+    """The scale search (see ``QuantCodec``) of mu-law-after-the-scale blocks; ``errors`` (fp32,
+    blocks x candidates), when given, receives each candidate's squared error."""
     from muonq.optim.codecs.quant import SEARCH_RATIOS
 
     absmax = _group_absmax(codec, x, shape)
     if absmax is None:
         return None
     assert len(SEARCH_RATIOS) <= 16, "native.c's search keeps 16 candidates at most"
+    assert errors is None or (errors.dtype == torch.float32 and errors.shape == (absmax.numel(), len(SEARCH_RATIOS)))
     ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
     magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
     outputs = _outputs(codec, absmax.numel(), numel)
     count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios, absmax,
                         native.SCALE_KINDS[codec.scale_dtype], *outputs[:2], magnitudes, codec.value_map.mu, BAND,
-                        *outputs[2:])
+                        *outputs[2:], errors)
     return _redone(codec, x, shape, count, outputs)
 
 
