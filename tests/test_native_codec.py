@@ -316,10 +316,17 @@ def test_bf16_low_rank_product_in_c_sums_exact_pair_products_in_fp32(rows, cols,
         in_place = base.clone()
         assert add_low_rank(in_place, p, r, alpha=alpha, dtype=torch.bfloat16, out=in_place) is in_place
         assert torch.equal(in_place, out)
-    # the momentum update in the same pass rounds as the separate operations do
-    grad = torch.randn(rows, cols, generator=g)
+    # the momentum update in the same pass rounds as the separate operations do, the gradient's
+    # division (MuonQ's normalisation) included; so does the torch path's
+    grad = torch.randn(rows, cols, generator=g) * 3.0
     updated = add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16, update=(0.95, grad))
     assert torch.equal(updated, add_low_rank(base, p, r, alpha=1.0, dtype=torch.bfloat16).mul_(0.95).add_(grad))
+    norm = grad.norm()
+    for dtype, native_loops in [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)]:
+        divided = add_low_rank(base, p, r, alpha=1.0, dtype=dtype, native_loops=native_loops, update=(0.95, grad),
+                               grad_divisor=norm)
+        separate = add_low_rank(base, p, r, alpha=1.0, dtype=dtype, native_loops=native_loops)
+        assert torch.equal(divided, separate.mul_(0.95).add_(grad / norm)), (dtype, native_loops)
     # torch's bf16 matmul (kernels=reference, or builds without AVX512-BF16) rounds the product to bf16
     torch_path = add_low_rank(base, p, r, alpha=-1.0, dtype=torch.bfloat16, native_loops=False)
     assert torch.equal(torch_path, base - (p.bfloat16() @ r.bfloat16().mT).float())

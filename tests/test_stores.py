@@ -384,6 +384,31 @@ def test_quantized_updates_follow_fp32_muon():
     assert cos["grasp"] > cos["muon4"] + 0.2, cos
 
 
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("name", "nesterov"), [("muonq", False), ("muonq-hifi", False), ("muonq", True)])
+def test_normalised_gradient_divided_in_the_load_gives_the_same_steps(name, nesterov, matmul_dtype):
+    """The decomposition divides the gradient by its norm where its load reads it (in the C pass
+    of the low-rank product where there is one): the same steps, bit for bit, as the division in
+    a pass of its own first; with Nesterov, whose input needs the divided gradient, too."""
+    runs = []
+    for folds in (True, False):
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in [(192, 128), (128, 320)]]
+        args = preset(name).muon
+        opt = Muon(params, lr=0.02, store=store_selector(args.store), normalize=True, nesterov=nesterov,
+                   matmul_dtype=matmul_dtype)
+        assert all(opt.store_for(p).folds_grad_division for p in params)
+        for p in params:
+            opt.store_for(p).folds_grad_division = folds
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 7.0
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 

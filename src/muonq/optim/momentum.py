@@ -15,14 +15,22 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool) -> torch.Tensor:
-    return buf.lerp_(grad, 1.0 - beta) if ema else buf.mul_(beta).add_(grad)
+def accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: bool,
+                    divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """buf <- beta buf + G, or lerp(buf, G, 1 - beta) if ``ema``, in place; G is ``grad``, or
+    grad / ``divisor`` (a 0-dim tensor) rounded as that division rounds."""
+    if divisor is None:
+        return buf.lerp_(grad, 1.0 - beta) if ema else buf.mul_(beta).add_(grad)
+    return buf.lerp_(grad / divisor, 1.0 - beta) if ema else buf.mul_(beta).addcdiv_(grad, divisor)
 
 
 class MomentumStore(ABC):
     """Reads and writes the momentum buffer B of one m x n matrix."""
 
     name: str = "abstract"
+    # Whether ns_input folds a gradient's division (grad_divisor) into its own pass over the
+    # gradient; the optimizer divides beforehand for stores that do not.
+    folds_grad_division: bool = False
 
     @abstractmethod
     def init(self, state: StateDict, param: torch.Tensor) -> None:
@@ -74,13 +82,17 @@ class MomentumStore(ABC):
         dtype: torch.dtype,
         eps: float = 1e-12,
         matmul_dtype: torch.dtype | None = None,
+        grad_divisor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`accumulate`, then Newton–Schulz's input U in ``dtype``: the new momentum B, or
         with ``nesterov`` grad + beta B (EMA form: lerp(grad, B, beta)).
 
-        U may alias the stored buffer: callers must not write into it. Fused kernels override this
-        to produce U in the same pass as the update.
+        ``grad_divisor`` (a 0-dim tensor): the gradient is grad / grad_divisor (see
+        ``folds_grad_division``). U may alias the stored buffer: callers must not write into it.
+        Fused kernels override this to produce U in the same pass as the update.
         """
+        if grad_divisor is not None:
+            grad = grad / grad_divisor
         momentum = self.accumulate(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
                                    matmul_dtype=matmul_dtype)
         if nesterov:

@@ -216,15 +216,19 @@ class Muon(torch.optim.Optimizer):
     def _block_ns_input(self, state: dict, store: MomentumStore, grad: torch.Tensor, group: dict,
                         step: torch.Tensor) -> torch.Tensor:
         """One matrix's momentum update through ``store`` and its Newton–Schulz input."""
+        divisor = None
         if self.normalize:
             norm = grad.norm().clamp_min(group["eps"])
-            buffer = self._scratch.get("grad", grad)
-            grad = grad / norm if buffer is None else torch.div(grad, norm, out=buffer)
+            if store.folds_grad_division:
+                divisor = norm
+            else:
+                buffer = self._scratch.get("grad", grad)
+                grad = grad / norm if buffer is None else torch.div(grad, norm, out=buffer)
         matmul_dtype = self.resolved_matmul_dtype(grad.device)
         update = store.ns_input(
             state, grad, beta=group["momentum"], ema=self.momentum_form == "ema", renormalize=self.normalize,
             nesterov=group["nesterov"], dtype=matmul_dtype if self.pre_ns is None else torch.float32,
-            matmul_dtype=matmul_dtype,
+            matmul_dtype=matmul_dtype, grad_divisor=divisor,
         )
         if self.pre_ns is not None:
             update = self.pre_ns(update, int(step.item())).to(matmul_dtype)

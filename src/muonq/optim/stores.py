@@ -98,11 +98,12 @@ class _ShapeBound(MomentumStore):
         raise NotImplementedError
 
     def _load_accumulated(self, state: StateDict, grad: torch.Tensor, *, beta: float, ema: bool,
-                          out: torch.Tensor | None, matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, object]:
-        """:meth:`_load`, then the momentum update (``accumulate_into``) in place; a store may
-        fold the update into its load."""
+                          out: torch.Tensor | None, matmul_dtype: torch.dtype | None,
+                          grad_divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        """:meth:`_load`, then the momentum update (``accumulate_into``, of grad / ``grad_divisor``
+        when given) in place; a store may fold the update into its load."""
         momentum, loaded = self._load(state, out=out, matmul_dtype=matmul_dtype)
-        return accumulate_into(momentum, grad, beta, ema), loaded
+        return accumulate_into(momentum, grad, beta, ema, divisor=grad_divisor), loaded
 
     def _save(self, state: StateDict, momentum: torch.Tensor, *, matmul_dtype: torch.dtype | None = None,
               loaded: object = None, cast: torch.Tensor | None = None) -> None:
@@ -117,7 +118,12 @@ class _ShapeBound(MomentumStore):
         return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps,
                            matmul_dtype=matmul_dtype)
 
-    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12, matmul_dtype=None):
+    def ns_input(self, state, grad, *, beta, ema, renormalize, nesterov, dtype, eps=1e-12, matmul_dtype=None,
+                 grad_divisor=None):
+        if grad_divisor is not None and (nesterov or self.kernels.applies(grad)):
+            # NS's input needs the divided gradient itself, or the fused kernels take it divided
+            divided = self.scratch.get("grad", grad)
+            grad, grad_divisor = torch.div(grad, grad_divisor, **({} if divided is None else {"out": divided})), None
         if self.kernels.applies(grad):
             return self._fused(state, grad, beta=beta, ema=ema, renormalize=renormalize, eps=eps, nesterov=nesterov,
                                dtype=dtype, matmul_dtype=matmul_dtype)
@@ -127,7 +133,8 @@ class _ShapeBound(MomentumStore):
         matmul_dtype = matmul_dtype or fast_matmul_dtype(grad.device)
         is_b = not nesterov and dtype == torch.float32
         momentum, loaded = self._load_accumulated(state, grad, beta=beta, ema=ema, matmul_dtype=matmul_dtype,
-                                                  out=None if is_b else self.scratch.get("momentum", grad))
+                                                  out=None if is_b else self.scratch.get("momentum", grad),
+                                                  grad_divisor=grad_divisor)
         if renormalize:
             momentum.div_(momentum.norm().clamp_min(eps))
         update = None if nesterov else momentum.to(dtype)
@@ -204,6 +211,8 @@ class DecomposedStore(_ShapeBound):
     recursion; the residual's wider range is the price. (No fused kernel: the codecs run it.)
     """
 
+    folds_grad_division = True  # into the load's pass over the gradient (the C loops') where it can
+
     def __init__(
         self,
         shape: Sequence[int],
@@ -264,17 +273,18 @@ class DecomposedStore(_ShapeBound):
 
     def _load(self, state: StateDict, out: torch.Tensor | None = None,
               matmul_dtype: torch.dtype | None = None, update: tuple[float, torch.Tensor] | None = None,
-              ) -> tuple[torch.Tensor, object]:
+              grad_divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
         r = self._factor(state, "R")
         residual = self.residual_codec.decode(_read(state, "E", self.residual_codec), self.shape, out=out)
         dtype = matmul_dtype or fast_matmul_dtype(residual.device)
         return add_low_rank(residual, self._factor(state, "P"), r, alpha=1.0, dtype=dtype, out=residual,
-                            native_loops=self._native_loops, update=update), r
+                            native_loops=self._native_loops, update=update, grad_divisor=grad_divisor), r
 
-    def _load_accumulated(self, state, grad, *, beta, ema, out, matmul_dtype):
+    def _load_accumulated(self, state, grad, *, beta, ema, out, matmul_dtype, grad_divisor=None):
         if ema:
-            return super()._load_accumulated(state, grad, beta=beta, ema=ema, out=out, matmul_dtype=matmul_dtype)
-        return self._load(state, out=out, matmul_dtype=matmul_dtype, update=(beta, grad))
+            return super()._load_accumulated(state, grad, beta=beta, ema=ema, out=out, matmul_dtype=matmul_dtype,
+                                             grad_divisor=grad_divisor)
+        return self._load(state, out=out, matmul_dtype=matmul_dtype, update=(beta, grad), grad_divisor=grad_divisor)
 
     def _save(self, state, momentum, *, matmul_dtype=None, loaded=None, cast=None) -> None:
         momentum = momentum.float()

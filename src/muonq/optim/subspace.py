@@ -71,10 +71,12 @@ def power_iteration_step(
 
 def add_low_rank(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha: float, dtype: torch.dtype,
                  out: torch.Tensor | None = None, native_loops: bool = True,
-                 update: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
+                 update: tuple[float, torch.Tensor] | None = None,
+                 grad_divisor: torch.Tensor | None = None) -> torch.Tensor:
     """base + alpha P R^T (base: m x n fp32, P: m x k, R: n x k), into ``out`` (may be ``base``)
     when given, with the product in ``dtype``; with ``update`` = (beta, G) the momentum update
-    follows: (base + alpha P R^T) x beta + G, rounded as those separate operations round.
+    follows: (base + alpha P R^T) x beta + G (G / ``grad_divisor`` with a 0-dim divisor), rounded
+    as those separate operations round.
 
     fp32: one BLAS call with the sum in its epilogue. bf16 on a CPU whose C loops were built for
     AVX512-BF16 (unless ``native_loops`` is off): one C pass whose pair products are exact and
@@ -87,14 +89,14 @@ def add_low_rank(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha:
             and all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
                     for t in (*written, p, r, *(() if update is None else (update[1],))))
             and all(t.is_contiguous() for t in written)):
-        return _add_low_rank_native(base, p, r, alpha=alpha, out=out, update=update)
+        return _add_low_rank_native(base, p, r, alpha=alpha, out=out, update=update, grad_divisor=grad_divisor)
     into = {} if out is None else {"out": out}
     if dtype == torch.float32:
         result = base.addmm_(p, r.mT, alpha=alpha) if out is base else torch.addmm(base, p, r.mT, alpha=alpha, **into)
     else:
         product = p.to(dtype) @ r.to(dtype).mT
         result = base.add_(product, alpha=alpha) if out is base else torch.add(base, product, alpha=alpha, **into)
-    return result if update is None else accumulate_into(result, update[1], update[0], ema=False)
+    return result if update is None else accumulate_into(result, update[1], update[0], ema=False, divisor=grad_divisor)
 
 
 def _bf16_dot_available() -> bool:
@@ -102,7 +104,8 @@ def _bf16_dot_available() -> bool:
 
 
 def _add_low_rank_native(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *, alpha: float,
-                         out: torch.Tensor | None, update: tuple[float, torch.Tensor] | None) -> torch.Tensor:
+                         out: torch.Tensor | None, update: tuple[float, torch.Tensor] | None,
+                         grad_divisor: torch.Tensor | None) -> torch.Tensor:
     assert base.dtype == p.dtype == r.dtype == torch.float32 and base.ndim == 2, (base.dtype, p.dtype, r.dtype)
     assert p.shape[1] == r.shape[1] and (p.shape[0], r.shape[0]) == tuple(base.shape), (base.shape, p.shape, r.shape)
     assert update is None or (update[1].dtype == torch.float32 and update[1].shape == base.shape), update[1].shape
@@ -111,7 +114,8 @@ def _add_low_rank_native(base: torch.Tensor, p: torch.Tensor, r: torch.Tensor, *
     beta, grad = (update[0], update[1].contiguous()) if update is not None else (1.0, None)
     rows, cols = base.shape
     result = native.call("mq_add_low_rank_bf16", base, out, p.data_ptr(), *p.stride(), r.data_ptr(), *r.stride(),
-                         rows, cols, p.shape[1], alpha, grad, beta)
+                         rows, cols, p.shape[1], alpha, grad, beta,
+                         1.0 if grad_divisor is None else float(grad_divisor))
     if result == -1:
         raise MemoryError("out of memory packing the low-rank factors")
     assert result == 0, result

@@ -817,7 +817,7 @@ int mq_has_bf16_dot(void) {
 static inline __attribute__((always_inline)) void low_rank_block(
         const float *base, float *out, const uint32_t *restrict p, const uint32_t *restrict r, int64_t n,
         int64_t pairs, int64_t row0, int nrows, int64_t col0, const __mmask16 *mask, __m512 alpha,
-        const float *grad, __m512 beta) {
+        const float *grad, __m512 beta, int divide, __m512 divisor) {
     __m512 acc[LR_ROWS][LR_VECS];
     for (int a = 0; a < LR_ROWS; a++)
         for (int v = 0; v < LR_VECS; v++) acc[a][v] = _mm512_setzero_ps();
@@ -833,7 +833,11 @@ static inline __attribute__((always_inline)) void low_rank_block(
         for (int v = 0; v < LR_VECS; v++) {
             const int64_t e = (row0 + a) * n + col0 + 16 * v;
             __m512 y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], base + e), _mm512_mul_ps(alpha, acc[a][v]));
-            if (grad) y = _mm512_add_ps(_mm512_mul_ps(y, beta), _mm512_maskz_loadu_ps(mask[v], grad + e));
+            if (grad) {
+                __m512 g = _mm512_maskz_loadu_ps(mask[v], grad + e);
+                if (divide) g = _mm512_div_ps(g, divisor);
+                y = _mm512_add_ps(_mm512_mul_ps(y, beta), g);
+            }
             _mm512_mask_storeu_ps(out + e, mask[v], y);
         }
 }
@@ -849,12 +853,13 @@ static inline uint32_t bf16_pair(float lo, float hi) {
  * and packed in pairs along k (an odd k padded with a zero); each pair's two products are exact in
  * fp32 and summed into an fp32 accumulator (VDPBF16PS), then scaled by alpha and added to base: no
  * rounding to bf16 on the way out. With `grad` (m x n, may be NULL) the momentum update follows in
- * the same pass: out = (base + alpha x P R^T) x beta + grad, rounded after each operation as the
+ * the same pass: out = (base + alpha x P R^T) x beta + grad / grad_divisor (no division where the
+ * divisor is 1, which changes nothing), rounded after each operation as the
  * separate PyTorch operations round. Returns -2 if this build lacks AVX512-BF16 (nothing written;
  * see mq_has_bf16_dot), -1 if out of memory, else 0. */
 int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p, int64_t p_row, int64_t p_col,
                          const float *restrict r, int64_t r_row, int64_t r_col, int64_t m, int64_t n, int64_t k,
-                         float alpha, const float *grad, float beta) {
+                         float alpha, const float *grad, float beta, float grad_divisor) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     const int64_t pairs = (k + 1) / 2;
     uint32_t *pp = malloc(sizeof(uint32_t) * (size_t)(m * pairs)), *rp = malloc(sizeof(uint32_t) * (size_t)(n * pairs));
@@ -870,7 +875,8 @@ int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p,
     for (int64_t t = 0; t < pairs; t++) /* R^T: word (t, j) holds R[j, 2t..2t+1] */
         for (int64_t j = 0; j < n; j++)
             rp[t * n + j] = bf16_pair(r[j * r_row + 2 * t * r_col], 2 * t + 1 < k ? r[j * r_row + (2 * t + 1) * r_col] : 0.0f);
-    const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta);
+    const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta), dv = _mm512_set1_ps(grad_divisor);
+    const int divide = grad_divisor != 1.0f;
     /* rows outer: the matrices stream through memory row by row, which the prefetchers follow */
     for (int64_t i = 0; i < m; i += LR_ROWS) {
         for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
@@ -879,9 +885,10 @@ int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p,
                 const int64_t left = n - j - 16 * v;
                 mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
             }
-            if (i + LR_ROWS <= m) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b);
+            if (i + LR_ROWS <= m) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b, divide, dv);
             else
-                for (int64_t row = i; row < m; row++) low_rank_block(base, out, pp, rp, n, pairs, row, 1, j, mask, a, grad, b);
+                for (int64_t row = i; row < m; row++) low_rank_block(base, out, pp, rp, n, pairs, row, 1, j, mask, a, grad, b, divide,
+                                                                   dv);
         }
     }
     free(pp);
@@ -889,7 +896,7 @@ int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p,
     return 0;
 #else
     (void)base; (void)out; (void)p; (void)p_row; (void)p_col; (void)r; (void)r_row; (void)r_col; (void)m; (void)n;
-    (void)k; (void)alpha; (void)grad; (void)beta;
+    (void)k; (void)alpha; (void)grad; (void)beta; (void)grad_divisor;
     return -2;
 #endif
 }

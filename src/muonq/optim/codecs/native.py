@@ -54,7 +54,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "mq_chunk": ((), _I64),
     "mq_grid_absmax": ((_PTR, _I64, _I64, _I64, _PTR, _PTR), _INT),
     "mq_has_bf16_dot": ((), _INT),
-    "mq_add_low_rank_bf16": ((_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _FLT, _PTR, _FLT),
+    "mq_add_low_rank_bf16": ((_PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _FLT, _PTR, _FLT, _FLT),
                              _INT),
 }
 COMPAND_FIRST, COMPAND_AFTER = 0, 1  # native.c's modes of mq_encode4_mulaw
