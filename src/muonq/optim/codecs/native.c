@@ -841,6 +841,27 @@ static inline __attribute__((always_inline)) void low_rank_block(
             _mm512_mask_storeu_ps(out + e, mask[v], y);
         }
 }
+
+/* mq_add_low_rank_bf16's blocks, rows outer: the matrices stream through memory row by row, which
+ * the prefetchers follow. */
+static inline __attribute__((always_inline)) void low_rank_rows(
+        const float *base, float *out, const uint32_t *restrict p, const uint32_t *restrict r, int64_t m, int64_t n,
+        int64_t pairs, __m512 alpha, const float *grad, __m512 beta, int divide, __m512 divisor) {
+    for (int64_t i = 0; i < m; i += LR_ROWS) {
+        for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
+            __mmask16 mask[LR_VECS];
+            for (int v = 0; v < LR_VECS; v++) {
+                const int64_t left = n - j - 16 * v;
+                mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+            }
+            if (i + LR_ROWS <= m)
+                low_rank_block(base, out, p, r, n, pairs, i, LR_ROWS, j, mask, alpha, grad, beta, divide, divisor);
+            else
+                for (int64_t row = i; row < m; row++)
+                    low_rank_block(base, out, p, r, n, pairs, row, 1, j, mask, alpha, grad, beta, divide, divisor);
+        }
+    }
+}
 #endif
 
 /* Two fp32 values as one word of two bf16 (lo in the low half), as VDPBF16PS reads pairs. */
@@ -876,21 +897,10 @@ int mq_add_low_rank_bf16(const float *base, float *out, const float *restrict p,
         for (int64_t j = 0; j < n; j++)
             rp[t * n + j] = bf16_pair(r[j * r_row + 2 * t * r_col], 2 * t + 1 < k ? r[j * r_row + (2 * t + 1) * r_col] : 0.0f);
     const __m512 a = _mm512_set1_ps(alpha), b = _mm512_set1_ps(beta), dv = _mm512_set1_ps(grad_divisor);
-    const int divide = grad_divisor != 1.0f;
-    /* rows outer: the matrices stream through memory row by row, which the prefetchers follow */
-    for (int64_t i = 0; i < m; i += LR_ROWS) {
-        for (int64_t j = 0; j < n; j += 16 * LR_VECS) {
-            __mmask16 mask[LR_VECS];
-            for (int v = 0; v < LR_VECS; v++) {
-                const int64_t left = n - j - 16 * v;
-                mask[v] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
-            }
-            if (i + LR_ROWS <= m) low_rank_block(base, out, pp, rp, n, pairs, i, LR_ROWS, j, mask, a, grad, b, divide, dv);
-            else
-                for (int64_t row = i; row < m; row++) low_rank_block(base, out, pp, rp, n, pairs, row, 1, j, mask, a, grad, b, divide,
-                                                                   dv);
-        }
-    }
+    /* each case with its constants, so that nothing of the update weighs on the product's registers */
+    if (!grad) low_rank_rows(base, out, pp, rp, m, n, pairs, a, NULL, b, 0, dv);
+    else if (grad_divisor == 1.0f) low_rank_rows(base, out, pp, rp, m, n, pairs, a, grad, b, 0, dv);
+    else low_rank_rows(base, out, pp, rp, m, n, pairs, a, grad, b, 1, dv);
     free(pp);
     free(rp);
     return 0;
