@@ -264,14 +264,67 @@ static inline __m512i levels16(__m512 a, __m512 t) {
 static inline __m512 thresholds16(const float *t) { return _mm512_maskz_loadu_ps((__mmask16)0x7f, t); }
 #endif
 
-/* Encodes the m <= CHUNK elements of x from `first` with one set of thresholds; returns whether
- * one of them is near a threshold. */
+/* Levels by cells, for mu-law after the scale: with the divisor d, cell j of the magnitudes is
+ * [j d / CELLS, (j + 1) d / CELLS) (the last one open above). Where each of the seven thresholds
+ * d frac[k], and its band's ends d frac[k] (1 +- band), lie in a cell of their own, at least
+ * CELL_MARGIN (in cell widths) from the cell's ends, an element's level is the count of thresholds
+ * below its cell plus one comparison with its cell's threshold, whatever the roundings of
+ * a x CELLS / d and of the thresholds (each 2^-24 relative) do near the cells' ends. The same for
+ * every d: computed once per call. */
+#define CELLS 16
+#define CELL_MARGIN 1e-3
+typedef struct {
+    int usable;
+    int32_t index[CELLS];  /* the threshold in cell j, or LEVELS where there is none */
+    int32_t below[CELLS];  /* the thresholds below cell j */
+} Cells;
+
+static Cells cells_of(const Mulaw *m) {
+    Cells c = {m->mode == COMPAND_AFTER, {0}, {0}};
+    for (int j = 0; j < CELLS; j++) c.index[j] = LEVELS;
+    for (int k = 0; k < LEVELS; k++) {
+        const double u = m->frac[k] * CELLS, low = u * (1.0 - m->band), high = u * (1.0 + m->band);
+        const int j = (int)floor(u);
+        if (j < 0 || j >= CELLS || low - j < CELL_MARGIN || j + 1 - high < CELL_MARGIN || c.index[j] != LEVELS) {
+            c.usable = 0;
+            continue;
+        }
+        c.index[j] = k;
+        for (int i = j + 1; i < CELLS; i++) c.below[i]++;
+    }
+    return c;
+}
+
+/* Whether cells give the levels at divisor d (which keeps CELLS / d and the thresholds normal). */
+static inline int cells_apply(const Cells *cells, float d) {
+    return cells && cells->usable && d >= 1e-30f && d <= 1e30f;
+}
+
+#ifdef __AVX512F__
+/* The cell of each of 16 magnitudes at inv = CELLS / d; NaN (min keeps it) converts to lane 0's. */
+static inline __m512i cells16(__m512 a, __m512 inv) {
+    return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_set1_ps((float)(CELLS - 1)), _mm512_mul_ps(a, inv)));
+}
+
+/* Seven thresholds t as the threshold of each cell (+inf in a cell without one). */
+static inline __m512 cell_thresholds(const Cells *cells, const float *t) {
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(cells->index),
+                                 _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, t));
+}
+#endif
+
+/* Encodes the m <= CHUNK elements of x from `first` with one set of thresholds (those of divisor d
+ * by cells where `cells` apply, may be NULL); returns whether one of them is near a threshold. */
 static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m, const float *hi, const float *lo,
-                               int clamp_one, uint8_t *restrict codes) {
+                               int clamp_one, uint8_t *restrict codes, const Cells *cells, float d) {
 #ifdef __AVX512F__
     /* 16 elements at a time: their two codes per 64-bit lane folded into its low byte and stored
      * (lanes past m hold code 0, so an odd m leaves the last high nibble zero) */
-    const __m512 h = thresholds16(hi), l = thresholds16(lo), one = _mm512_set1_ps(1.0f);
+    const int by_cells = cells_apply(cells, d);
+    const __m512 h = by_cells ? cell_thresholds(cells, hi) : thresholds16(hi);
+    const __m512 l = by_cells ? cell_thresholds(cells, lo) : thresholds16(lo);
+    const __m512i below = by_cells ? _mm512_loadu_si512(cells->below) : _mm512_setzero_si512();
+    const __m512 inv = _mm512_set1_ps(by_cells ? (float)CELLS / d : 0.0f), one = _mm512_set1_ps(1.0f);
     const __m512i eight = _mm512_set1_epi32(8);
     __mmask16 near = 0;
     for (int64_t i = 0; i < m; i += 16) {
@@ -279,8 +332,17 @@ static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m
         const __m512 v = _mm512_maskz_loadu_ps(in, x + first + i);
         __m512 a = _mm512_abs_ps(v);
         if (clamp_one) a = _mm512_min_ps(one, a); /* min(1, NaN) stays NaN, as in level_of's caller */
-        const __m512i up = levels16(a, h);
-        near |= _mm512_mask_cmpneq_epi32_mask(in, up, levels16(a, l));
+        __m512i up;
+        if (by_cells) {
+            const __m512i cell = cells16(a, inv);
+            const __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, h), _CMP_GE_OQ);
+            near |= in & (above ^ _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, l), _CMP_GE_OQ));
+            up = _mm512_permutexvar_epi32(cell, below);
+            up = _mm512_mask_add_epi32(up, above, up, _mm512_set1_epi32(1));
+        } else {
+            up = levels16(a, h);
+            near |= _mm512_mask_cmpneq_epi32_mask(in, up, levels16(a, l));
+        }
         const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
         const __m512i code = _mm512_maskz_mov_epi32(in, _mm512_mask_sub_epi32(_mm512_add_epi32(eight, up), negative,
                                                                                eight, up));
@@ -290,6 +352,8 @@ static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m
     }
     return near != 0;
 #else
+    (void)cells;
+    (void)d;
     uint8_t q8[CHUNK];
     int near = 0;
     for (int64_t i = 0; i < m; i++) {
@@ -318,6 +382,7 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     const Mulaw m = mulaw(mode, mu, band);
     int64_t count = 0;
     if (group > 0) {
+        const Cells cells = cells_of(&m);
         float hi[LEVELS] = {0}, lo[LEVELS] = {0}; /* set at the first chunk */
         int64_t current = -1;
         for (int64_t c = 0; c < chunks; c++) {
@@ -326,7 +391,8 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
                 thresholds(&m, divisor[g], NULL, hi, lo);
                 current = g;
             }
-            if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes))
+            if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes, &cells,
+                             divisor[g]))
                 listed[count++] = c;
         }
         return count;
@@ -448,33 +514,6 @@ void mq_redo_codes(const float *restrict x, int64_t n, int64_t cols, int64_t gro
         }
 }
 
-/* The search's level lookup by cells: with the scale d, cell j of the magnitudes is
- * [j d / CELLS, (j + 1) d / CELLS) (the last one open above). Where each of the seven thresholds
- * d frac[k] lies in a cell of its own, at least CELL_MARGIN (in cell widths) from the cell's ends,
- * an element's level is the count of thresholds below its cell plus one comparison with its
- * cell's threshold, whatever the roundings of a x CELLS / d and of the thresholds (each 2^-24
- * relative) do near the cells' ends. The same for every d: computed once per call. */
-#define CELLS 16
-#define CELL_MARGIN 1e-3
-typedef struct {
-    int usable;
-    int32_t index[CELLS];  /* the threshold in cell j, or LEVELS where there is none */
-    int32_t below[CELLS];  /* the thresholds below cell j */
-} Cells;
-
-static Cells cells_of(const Mulaw *m) {
-    Cells c = {m->mode == COMPAND_AFTER, {0}, {0}};
-    for (int j = 0; j < CELLS; j++) c.index[j] = LEVELS;
-    for (int k = 0; k < LEVELS; k++) {
-        const double u = m->frac[k] * CELLS;
-        const int j = (int)floor(u);
-        if (j < 0 || j >= CELLS || u - j < CELL_MARGIN || j + 1 - u < CELL_MARGIN || c.index[j] != LEVELS) c.usable = 0;
-        else c.index[j] = k;
-        for (int i = j + 1; i < CELLS; i++) c.below[i] += i > j;
-    }
-    return c;
-}
-
 /* The squared errors (dec[level] - |x|)^2 of m (a multiple of 16) elements at the thresholds mid of
  * divisor d, summed into sixteen running sums acc, one per vector lane (lane_sum adds them). */
 static void block_lanes(const float *restrict x, int64_t m, const float *restrict mid, const float *restrict dec,
@@ -482,19 +521,17 @@ static void block_lanes(const float *restrict x, int64_t m, const float *restric
 #ifdef __AVX512F__
     const __m512 table = _mm512_maskz_loadu_ps((__mmask16)0xff, dec);
     __m512 sum = _mm512_setzero_ps();
-    if (cells->usable && d >= 1e-30f && d <= 1e30f) { /* CELLS / d and the thresholds stay normal */
+    if (cells_apply(cells, d)) {
         const __m512i index = _mm512_loadu_si512(cells->index), below = _mm512_loadu_si512(cells->below);
-        const __m512 ts = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, mid);
-        const __m512 thr = _mm512_permutexvar_ps(index, ts), low = _mm512_permutexvar_ps(below, table);
+        const __m512 thr = cell_thresholds(cells, mid), low = _mm512_permutexvar_ps(below, table);
         /* a cell without a threshold compares with +inf and decodes to `low` either way */
         const __m512 high = _mm512_permutexvar_ps(
             _mm512_mask_add_epi32(below, _mm512_cmpneq_epi32_mask(index, _mm512_set1_epi32(LEVELS)), below,
                                   _mm512_set1_epi32(1)), table);
-        const __m512 inv = _mm512_set1_ps((float)CELLS / d), last = _mm512_set1_ps((float)(CELLS - 1));
+        const __m512 inv = _mm512_set1_ps((float)CELLS / d);
         for (int64_t i = 0; i < m; i += 16) {
             const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-            /* min(last, NaN) is NaN, which converts to lane 0's index: level 0, as below */
-            const __m512i cell = _mm512_cvttps_epi32(_mm512_min_ps(last, _mm512_mul_ps(a, inv)));
+            const __m512i cell = cells16(a, inv);
             const __m512 v = _mm512_mask_permutexvar_ps(
                 _mm512_permutexvar_ps(cell, low),
                 _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, thr), _CMP_GE_OQ), cell, high);
@@ -590,7 +627,8 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
         thresholds(&m, divisor[b], NULL, hi, lo);
         for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
-            if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2))
+            if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2, &cells,
+                             divisor[b]))
                 listed[count++] = (b0 + c0) / CHUNK;
     }
     return count;

@@ -133,7 +133,7 @@ def available() -> bool:
 
 
 def _ptr(tensor: torch.Tensor) -> int:
-    assert tensor.device.type == "cpu" and tensor.is_contiguous(), (tensor.device, tensor.stride())
+    assert tensor.is_contiguous() and tensor.is_cpu, (tensor.device, tensor.stride())
     return tensor.data_ptr()
 
 
@@ -142,4 +142,4 @@ def call(name: str, *args: object) -> int | None:
     tensors of the dtypes ``native.c`` reads) and numbers as they are; returns its result."""
     lib = library()
     assert lib is not None, "callers check available() first"
-    return getattr(lib, name)(*(_ptr(a) if isinstance(a, torch.Tensor) else a for a in args))
+    return getattr(lib, name)(*[_ptr(a) if isinstance(a, torch.Tensor) else a for a in args])
