@@ -313,57 +313,104 @@ static inline __m512 cell_thresholds(const Cells *cells, const float *t) {
 }
 #endif
 
-/* Encodes the m <= CHUNK elements of x from `first` with one set of thresholds (those of divisor d
- * by cells where `cells` apply, may be NULL); returns whether one of them is near a threshold. */
-static inline int encode_chunk(const float *restrict x, int64_t first, int64_t m, const float *hi, const float *lo,
-                               int clamp_one, uint8_t *restrict codes, const Cells *cells, float d) {
 #ifdef __AVX512F__
-    /* 16 elements at a time: their two codes per 64-bit lane folded into its low byte and stored
-     * (lanes past m hold code 0, so an odd m leaves the last high nibble zero) */
-    const int by_cells = cells_apply(cells, d);
-    const __m512 h = by_cells ? cell_thresholds(cells, hi) : thresholds16(hi);
-    const __m512 l = by_cells ? cell_thresholds(cells, lo) : thresholds16(lo);
-    const __m512i below = by_cells ? _mm512_loadu_si512(cells->below) : _mm512_setzero_si512();
-    const __m512 inv = _mm512_set1_ps(by_cells ? (float)CELLS / d : 0.0f), one = _mm512_set1_ps(1.0f);
-    const __m512i eight = _mm512_set1_epi32(8);
-    __mmask16 near = 0;
-    for (int64_t i = 0; i < m; i += 16) {
-        const __mmask16 in = m - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - i)) - 1u);
-        const __m512 v = _mm512_maskz_loadu_ps(in, x + first + i);
-        __m512 a = _mm512_abs_ps(v);
-        if (clamp_one) a = _mm512_min_ps(one, a); /* min(1, NaN) stays NaN, as in level_of's caller */
-        __m512i up;
-        if (by_cells) {
-            const __m512i cell = cells16(a, inv);
-            const __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, h), _CMP_GE_OQ);
-            near |= in & (above ^ _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, l), _CMP_GE_OQ));
-            up = _mm512_permutexvar_epi32(cell, below);
-            up = _mm512_mask_add_epi32(up, above, up, _mm512_set1_epi32(1));
-        } else {
-            up = levels16(a, h);
-            near |= _mm512_mask_cmpneq_epi32_mask(in, up, levels16(a, l));
-        }
-        const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512i code = _mm512_maskz_mov_epi32(in, _mm512_mask_sub_epi32(_mm512_add_epi32(eight, up), negative,
-                                                                               eight, up));
-        const __mmask8 bytes = (__mmask8)((1u << ((m - i + 1) / 2 < 8 ? (m - i + 1) / 2 : 8)) - 1u);
-        _mm512_mask_cvtepi64_storeu_epi8(codes + (first + i) / 2, bytes,
-                                         _mm512_or_si512(code, _mm512_srli_epi64(code, 28)));
+/* One run's thresholds as encode16 reads them: by cells (h, l: each cell's threshold; below: the
+ * thresholds below each cell), or for the binary search (h, l: lanes 0..6). */
+typedef struct {
+    int clamp_one;
+    __m512 h, l, inv;
+    __m512i below;
+} Run;
+
+/* The codes of the elements of x in lanes `in` into the low bytes of ...codes[0..7] (two per byte;
+ * lanes past `in` give code 0); returns the lanes whose element is near a threshold. */
+static inline __attribute__((always_inline)) __mmask16 encode16(const float *x, __mmask16 in, __mmask8 bytes,
+                                                                const Run *run, int by_cells, uint8_t *codes) {
+    const __m512 v = _mm512_maskz_loadu_ps(in, x);
+    __m512 a = _mm512_abs_ps(v);
+    if (run->clamp_one) a = _mm512_min_ps(_mm512_set1_ps(1.0f), a); /* min(1, NaN) stays NaN, as in level_of's caller */
+    __m512i up;
+    __mmask16 near;
+    if (by_cells) {
+        const __m512i cell = cells16(a, run->inv);
+        const __mmask16 above = _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, run->h), _CMP_GE_OQ);
+        near = in & (above ^ _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, run->l), _CMP_GE_OQ));
+        up = _mm512_permutexvar_epi32(cell, run->below);
+        up = _mm512_mask_add_epi32(up, above, up, _mm512_set1_epi32(1));
+    } else {
+        up = levels16(a, run->h);
+        near = _mm512_mask_cmpneq_epi32_mask(in, up, levels16(a, run->l));
     }
-    return near != 0;
+    const __m512i eight = _mm512_set1_epi32(8);
+    const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512i code = _mm512_maskz_mov_epi32(in, _mm512_mask_sub_epi32(_mm512_add_epi32(eight, up), negative,
+                                                                           eight, up));
+    _mm512_mask_cvtepi64_storeu_epi8(codes, bytes, _mm512_or_si512(code, _mm512_srli_epi64(code, 28)));
+    return near;
+}
+#endif
+
+#ifdef __AVX512F__
+/* encode_run's chunks, with `by_cells` a constant where it is inlined. */
+static inline __attribute__((always_inline)) int64_t encode_chunks(const float *restrict x, int64_t first,
+                                                                   int64_t end, const Run *run, int by_cells,
+                                                                   uint8_t *restrict codes, int64_t *restrict listed,
+                                                                   int64_t count) {
+    int64_t c0 = first;
+    for (; c0 + CHUNK <= end; c0 += CHUNK) { /* whole chunks: every lane in */
+        __mmask16 near = 0;
+        for (int i = 0; i < CHUNK; i += 16)
+            near |= encode16(x + c0 + i, 0xffff, 0xff, run, by_cells, codes + (c0 + i) / 2);
+        if (near) listed[count++] = c0 / CHUNK;
+    }
+    if (c0 < end) { /* the last, shorter chunk: lanes past the end masked */
+        __mmask16 near = 0;
+        for (int64_t i = 0; c0 + i < end; i += 16) {
+            const int64_t left = end - c0 - i;
+            near |= encode16(x + c0 + i, left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u),
+                             (__mmask8)((1u << ((left + 1) / 2 < 8 ? (left + 1) / 2 : 8)) - 1u), run, by_cells,
+                             codes + (c0 + i) / 2);
+        }
+        if (near) listed[count++] = c0 / CHUNK;
+    }
+    return count;
+}
+#endif
+
+/* Encodes elements [first, end) of x (first a multiple of CHUNK) with one set of thresholds, those of
+ * divisor d (by cells where `cells` apply; may be NULL), and lists in listed[count..] each of their
+ * CHUNK-element chunks with an element near a threshold; returns the new count. */
+static int64_t encode_run(const float *restrict x, int64_t first, int64_t end, const float *hi, const float *lo,
+                          int clamp_one, const Cells *cells, float d, uint8_t *restrict codes,
+                          int64_t *restrict listed, int64_t count) {
+#ifdef __AVX512F__
+    const int by_cells = cells_apply(cells, d);
+    Run run = {clamp_one, thresholds16(hi), thresholds16(lo), _mm512_setzero_ps(), _mm512_setzero_si512()};
+    if (by_cells) {
+        run.h = cell_thresholds(cells, hi);
+        run.l = cell_thresholds(cells, lo);
+        run.inv = _mm512_set1_ps((float)CELLS / d);
+        run.below = _mm512_loadu_si512(cells->below);
+        return encode_chunks(x, first, end, &run, 1, codes, listed, count);
+    }
+    return encode_chunks(x, first, end, &run, 0, codes, listed, count);
 #else
     (void)cells;
     (void)d;
     uint8_t q8[CHUNK];
-    int near = 0;
-    for (int64_t i = 0; i < m; i++) {
-        const float v = x[first + i];
-        float a = fabsf(v);
-        if (clamp_one) a = a > 1.0f ? 1.0f : a;
-        q8[i] = code_of(v, level_of(a, hi, lo, &near));
+    for (int64_t c0 = first; c0 < end; c0 += CHUNK) {
+        const int64_t m = end - c0 < CHUNK ? end - c0 : CHUNK;
+        int near = 0;
+        for (int64_t i = 0; i < m; i++) {
+            const float v = x[c0 + i];
+            float a = fabsf(v);
+            if (clamp_one) a = a > 1.0f ? 1.0f : a;
+            q8[i] = code_of(v, level_of(a, hi, lo, &near));
+        }
+        pack_chunk(q8, m, codes, c0);
+        if (near) listed[count++] = c0 / CHUNK;
     }
-    pack_chunk(q8, m, codes, first);
-    return near;
+    return count;
 #endif
 }
 
@@ -383,17 +430,12 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     int64_t count = 0;
     if (group > 0) {
         const Cells cells = cells_of(&m);
-        float hi[LEVELS] = {0}, lo[LEVELS] = {0}; /* set at the first chunk */
-        int64_t current = -1;
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t first = c * CHUNK, g = first / group;
-            if (g != current) {
-                thresholds(&m, divisor[g], NULL, hi, lo);
-                current = g;
-            }
-            if (encode_chunk(x, first, n - first < CHUNK ? n - first : CHUNK, hi, lo, clamp_one, codes, &cells,
-                             divisor[g]))
-                listed[count++] = c;
+        float hi[LEVELS], lo[LEVELS];
+        for (int64_t g0 = 0; g0 < n; g0 += group) {
+            const float d = divisor[g0 / group];
+            thresholds(&m, d, NULL, hi, lo);
+            count = encode_run(x, g0, g0 + group < n ? g0 + group : n, hi, lo, clamp_one, &cells, d, codes, listed,
+                               count);
         }
         return count;
     }
@@ -624,12 +666,9 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
             if (err[r] < err[best]) best = r;
         if (kind == SCALE_F32) ((float *)scale)[b] = stored[best];
         else ((uint16_t *)scale)[b] = ((const uint16_t *)candidate)[best];
-        divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
-        thresholds(&m, divisor[b], NULL, hi, lo);
-        for (int64_t c0 = 0; c0 < len; c0 += CHUNK)
-            if (encode_chunk(xb, c0, len - c0 < CHUNK ? len - c0 : CHUNK, hi, lo, 0, codes + b0 / 2, &cells,
-                             divisor[b]))
-                listed[count++] = (b0 + c0) / CHUNK;
+        const float d = divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
+        thresholds(&m, d, NULL, hi, lo);
+        count = encode_run(x, b0, b0 + len, hi, lo, 0, &cells, d, codes, listed, count);
     }
     return count;
 }
