@@ -165,13 +165,15 @@ def test_search_ratios_are_the_ones_the_c_loop_gets():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_takes_the_pytorch_path(bad):
-    x = torch.randn(256, 64) * 1e-3
-    x[3, 5] = bad
-    for settings in (CODECS["muonq residual"], CODECS["grasp residual"]):
-        fast, reference = _pair(**settings)
-        assert native_codec.encode(fast, x, tuple(x.shape)) is None
-        got, want = fast.encode(x), reference.encode(x)
-        assert all(torch.equal(got[k], want[k]) for k in want)
+    searched = dict(CODECS["mu-law after the scale, blocks"], scale_search=True)
+    for where in [(3, 5), (255, 63)]:  # the search meets the last block's only after encoding the others
+        x = torch.randn(256, 64) * 1e-3
+        x[where] = bad
+        for settings in (CODECS["muonq residual"], CODECS["grasp residual"], searched):
+            fast, reference = _pair(**settings)
+            assert native_codec.encode(fast, x, tuple(x.shape)) is None
+            got, want = fast.encode(x), reference.encode(x)
+            assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.fixture

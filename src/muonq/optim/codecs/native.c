@@ -621,16 +621,18 @@ static void lane_sums(const float (*lanes)[16], int count, float *restrict sum) 
 }
 
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
- * shorter last block is zero-padded, and zeros add no error). Per block, candidate r's scale is
- * store_up(absmax[b] x ratio[r]) (fp32 product); the first candidate with the least squared error
+ * shorter last block is zero-padded, and zeros add no error). Per block b, with a its max |x|,
+ * candidate r's scale is store_up(a x ratio[r]) (fp32 product); the first candidate with the least
+ * squared error
  * between |x| and its decoded magnitude magnitude[level] x scale is kept: its scale (format `kind`)
  * goes to scale[b] and its divisor to divisor[b], and the block is encoded with it (at most 16
  * candidates). The errors take levels from the thresholds themselves, so only an element within
  * fp32 rounding of one can count at another level than PyTorch's. Chunks to redo: as
- * mq_encode4_mulaw. Where `errors` is not NULL, the candidates' errors go there too (blocks x
- * ratios): what tests compare between the vector loops and the plain ones. */
+ * mq_encode4_mulaw; -2 where x holds NaN or inf (the outputs are then not to be used). Where
+ * `errors` is not NULL, the candidates' errors go there too (blocks x ratios): what tests compare
+ * between the vector loops and the plain ones. */
 int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int64_t ratios,
-                          const float *restrict ratio, const float *restrict absmax, int kind,
+                          const float *restrict ratio, int kind,
                           void *restrict scale, float *restrict divisor, const float *restrict magnitude,
                           double mu, double band, uint8_t *restrict codes, int64_t *restrict listed,
                           float *restrict errors) {
@@ -643,11 +645,13 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
         const int64_t len = n - b0 < block ? n - b0 : block;
         const float *xb = x + b0;
+        const uint32_t absmax = absmax_bits(xb, len);
+        if (absmax >= INF_BITS) return -2;
         const int64_t whole = len / CHUNK * CHUNK;
         if (whole < len)
             for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
         for (int r = 0; r < ratios; r++) {
-            stored[r] = store_up(candidate, kind, r, absmax[b] * ratio[r]);
+            stored[r] = store_up(candidate, kind, r, from_bits(absmax) * ratio[r]);
             const float d = stored[r] > 0.0f ? stored[r] : 1.0f;
             for (int k = 0; k < LEVELS; k++) mid[k] = (float)(d * m.frac[k]); /* thresholds()' mid, after the scale */
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];

@@ -150,19 +150,17 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...],
     blocks x candidates), when given, receives each candidate's squared error."""
     from muonq.optim.codecs.quant import SEARCH_RATIOS
 
-    absmax = _group_absmax(codec, x, shape)
-    if absmax is None:
-        return None
     assert len(SEARCH_RATIOS) <= 16, "native.c's search keeps 16 candidates at most"
-    assert errors is None or (errors.dtype == torch.float32 and errors.shape == (absmax.numel(), len(SEARCH_RATIOS)))
+    blocks = _group_count(codec, shape)
+    assert errors is None or (errors.dtype == torch.float32 and errors.shape == (blocks, len(SEARCH_RATIOS)))
     ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
     magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
-    outputs = _outputs(codec, absmax.numel(), numel)
-    count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios, absmax,
+    outputs = _outputs(codec, blocks, numel)
+    count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios,
                         native.SCALE_KINDS[codec.scale_dtype], *outputs[:2], magnitudes, codec.value_map.mu, BAND,
                         *outputs[2:], errors)
-    return _redone(codec, x, shape, count, outputs)
+    return None if count == -2 else _redone(codec, x, shape, count, outputs)  # -2: NaN or inf in x
 
 
 def _encode_linear(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) -> Encoded | None:
