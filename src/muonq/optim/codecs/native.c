@@ -612,12 +612,13 @@ static void block_lanes(const float *restrict x, int64_t m, const float *restric
 #endif
 }
 
-/* The sums of `count` sets of sixteen lanes (lanes[c][0..15]), each added lane after lane from 0;
- * the sets interleaved, so that their chains of additions overlap. */
-static void lane_sums(const float (*lanes)[16], int count, float *restrict sum) {
-    for (int c = 0; c < count; c++) sum[c] = 0.0f;
-    for (int l = 0; l < 16; l++)
-        for (int c = 0; c < count; c++) sum[c] += lanes[c][l];
+/* The sum of sixteen lanes as a tree (lane l with l + 8, then l + 4, l + 2, l + 1): four additions
+ * deep instead of sixteen, the same order in every build. */
+static float lane_sum(const float *restrict lanes) {
+    float s8[8], s4[4];
+    for (int l = 0; l < 8; l++) s8[l] = lanes[l] + lanes[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
@@ -637,7 +638,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
                           double mu, double band, uint8_t *restrict codes, int64_t *restrict listed,
                           float *restrict errors) {
     float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1], stored[16];
-    float lanes[16][16], tail_lanes[16][16], err[16], tail_err[16];
+    float lanes[16][16], tail_lanes[16][16], err[16];
     uint32_t candidate[16]; /* the candidates' scales in format `kind` (room for fp32) */
     const Mulaw m = mulaw(COMPAND_AFTER, mu, band);
     const Cells cells = cells_of(&m);
@@ -658,11 +659,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
             block_lanes(xb, whole, mid, dec, &cells, d, lanes[r]);
             if (whole < len) block_lanes(tail, CHUNK, mid, dec, &cells, d, tail_lanes[r]);
         }
-        lane_sums((const float (*)[16])lanes, (int)ratios, err);
-        if (whole < len) {
-            lane_sums((const float (*)[16])tail_lanes, (int)ratios, tail_err);
-            for (int r = 0; r < ratios; r++) err[r] += tail_err[r];
-        }
+        for (int r = 0; r < ratios; r++) err[r] = lane_sum(lanes[r]) + (whole < len ? lane_sum(tail_lanes[r]) : 0.0f);
         if (errors)
             for (int r = 0; r < ratios; r++) errors[b * ratios + r] = err[r];
         int best = 0;
