@@ -131,6 +131,19 @@ def test_scale_search_agrees_with_pytorch_up_to_ties(band, scale_dtype, monkeypa
     assert differ <= blocks // 2000, f"{differ} of {blocks} blocks chose another scale"
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_scale_search_rounds_candidate_scales_as_store_scale_from_subnormal_to_saturated(scale_dtype):
+    """Blocks whose absmax runs from 1e-12 to 1e6 (fp16: zero, subnormal, normal and saturated
+    scales; the C search rounds fp16 candidates in hardware where F16C is there): the same scale
+    as the PyTorch search in every block."""
+    fast, reference = _pair(value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True,
+                            scale_dtype=scale_dtype)
+    x = torch.randn(2048, 256, generator=torch.Generator().manual_seed(4)) * torch.logspace(-12, 6, 2048).view(-1, 1)
+    assert native_codec.encode(fast, x.view(-1), (x.numel(),)) is not None
+    got, want = fast.encode(x.view(-1)), reference.encode(x.view(-1))
+    assert torch.equal(got["scale"], want["scale"])
+
+
 @pytest.mark.parametrize("settings", [dict(granularity="column"), dict(granularity="row"),
                                       dict(granularity="block", block_size=128)], ids=["column", "row", "block"])
 def test_group_table_decode_is_the_expansion_of_level_times_scale(settings):

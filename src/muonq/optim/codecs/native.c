@@ -621,6 +621,27 @@ static float lane_sum(const float *restrict lanes) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* store_up of absmax x ratio[r] (fp32 product) for the `count` <= 16 candidates r: their bits in
+ * `candidate`, their values in stored. With F16C, fp16 scales round eight at a time in hardware (to
+ * nearest even, subnormal halves included, as half_bits rounds), then step up where below. */
+static void store_candidates(void *candidate, int kind, float absmax, const float *ratio, int count, float *stored) {
+#if defined(__F16C__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (kind == SCALE_F16) {
+        for (int r0 = 0; r0 < count; r0 += 8) {
+            const __mmask8 in = count - r0 >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (count - r0)) - 1u);
+            const __m256 a = _mm256_min_ps(_mm256_mul_ps(_mm256_set1_ps(absmax), _mm256_maskz_loadu_ps(in, ratio + r0)),
+                                           _mm256_set1_ps(65504.0f));
+            __m128i h = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            h = _mm_mask_add_epi16(h, _mm256_cmp_ps_mask(_mm256_cvtph_ps(h), a, _CMP_LT_OQ), h, _mm_set1_epi16(1));
+            _mm_mask_storeu_epi16((uint16_t *)candidate + r0, in, h);
+            _mm256_mask_storeu_ps(stored + r0, in, _mm256_cvtph_ps(h));
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < count; r++) stored[r] = store_up(candidate, kind, r, absmax * ratio[r]);
+}
+
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
  * shorter last block is zero-padded, and zeros add no error). Per block b, with a its max |x|,
  * candidate r's scale is store_up(a x ratio[r]) (fp32 product); the first candidate with the least
@@ -651,8 +672,8 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         const int64_t whole = len / CHUNK * CHUNK;
         if (whole < len)
             for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
+        store_candidates(candidate, kind, from_bits(absmax), ratio, (int)ratios, stored);
         for (int r = 0; r < ratios; r++) {
-            stored[r] = store_up(candidate, kind, r, from_bits(absmax) * ratio[r]);
             const float d = stored[r] > 0.0f ? stored[r] : 1.0f;
             for (int k = 0; k < LEVELS; k++) mid[k] = (float)(d * m.frac[k]); /* thresholds()' mid, after the scale */
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];
