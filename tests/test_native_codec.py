@@ -179,7 +179,7 @@ def test_search_ratios_are_the_ones_the_c_loop_gets():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_takes_the_pytorch_path(bad):
     searched = dict(CODECS["mu-law after the scale, blocks"], scale_search=True)
-    for where in [(3, 5), (255, 63)]:  # the search meets the last block's only after encoding the others
+    for where in [(3, 5), (255, 63)]:  # the search meets a bad value in the last block after encoding the others
         x = torch.randn(256, 64) * 1e-3
         x[where] = bad
         for settings in (CODECS["muonq residual"], CODECS["grasp residual"], searched):
