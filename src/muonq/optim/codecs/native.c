@@ -217,14 +217,17 @@ static Mulaw mulaw(int mode, double mu, double band) {
     return m;
 }
 
-/* mid[k]: threshold k + 1 of divisor d in fp32 (mid may be NULL); hi[k], lo[k]: it times (1 + band)
- * and (1 - band). Before the scale, threshold k + 1 is expm1((k + 1/2) d ln(1 + mu)) / mu. */
+/* mid[k]: threshold k + 1 of divisor d in fp32; hi[k], lo[k]: it times (1 + band) and (1 - band)
+ * (each may be NULL; hi and lo together). Before the scale, threshold k + 1 is
+ * expm1((k + 1/2) d ln(1 + mu)) / mu. */
 static void thresholds(const Mulaw *m, double d, float *mid, float *hi, float *lo) {
     for (int k = 0; k < LEVELS; k++) {
         const double t = m->mode == COMPAND_FIRST ? expm1((k + 0.5) * d * m->ln) / m->mu : d * m->frac[k];
         if (mid) mid[k] = (float)t;
-        hi[k] = (float)(t * (1.0 + m->band));
-        lo[k] = (float)(t * (1.0 - m->band));
+        if (hi) {
+            hi[k] = (float)(t * (1.0 + m->band));
+            lo[k] = (float)(t * (1.0 - m->band));
+        }
     }
 }
 
@@ -311,9 +314,7 @@ static inline __m512 cell_thresholds(const Cells *cells, const float *t) {
     return _mm512_permutexvar_ps(_mm512_loadu_si512(cells->index),
                                  _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, t));
 }
-#endif
 
-#ifdef __AVX512F__
 /* One run's thresholds as encode16 reads them: by cells (h, l: each cell's threshold; below: the
  * thresholds below each cell), or for the binary search (h, l: lanes 0..6). */
 typedef struct {
@@ -348,9 +349,7 @@ static inline __attribute__((always_inline)) __mmask16 encode16(const float *x, 
     _mm512_mask_cvtepi64_storeu_epi8(codes, bytes, _mm512_or_si512(code, _mm512_srli_epi64(code, 28)));
     return near;
 }
-#endif
 
-#ifdef __AVX512F__
 /* encode_run's chunks, with `by_cells` a constant where it is inlined. */
 static inline __attribute__((always_inline)) int64_t encode_chunks(const float *restrict x, int64_t first,
                                                                    int64_t end, const Run *run, int by_cells,
@@ -645,10 +644,9 @@ static void store_candidates(void *candidate, int kind, float absmax, const floa
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
  * shorter last block is zero-padded, and zeros add no error). Per block b, with a its max |x|,
  * candidate r's scale is store_up(a x ratio[r]) (fp32 product); the first candidate with the least
- * squared error
- * between |x| and its decoded magnitude magnitude[level] x scale is kept: its scale (format `kind`)
- * goes to scale[b] and its divisor to divisor[b], and the block is encoded with it (at most 16
- * candidates). The errors take levels from the thresholds themselves, so only an element within
+ * squared error between |x| and its decoded magnitude magnitude[level] x scale is kept: its scale
+ * (format `kind`) goes to scale[b] and its divisor to divisor[b], and the block is encoded with it
+ * (at most 16 candidates). The errors take levels from the thresholds themselves, so only an element within
  * fp32 rounding of one can count at another level than PyTorch's. Chunks to redo: as
  * mq_encode4_mulaw; -2 where x holds NaN or inf (the outputs are then not to be used). Where
  * `errors` is not NULL, the candidates' errors go there too (blocks x ratios): what tests compare
@@ -675,7 +673,7 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
         store_candidates(candidate, kind, from_bits(absmax), ratio, (int)ratios, stored);
         for (int r = 0; r < ratios; r++) {
             const float d = stored[r] > 0.0f ? stored[r] : 1.0f;
-            for (int k = 0; k < LEVELS; k++) mid[k] = (float)(d * m.frac[k]); /* thresholds()' mid, after the scale */
+            thresholds(&m, d, mid, NULL, NULL);
             for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];
             block_lanes(xb, whole, mid, dec, &cells, d, lanes[r]);
             if (whole < len) block_lanes(tail, CHUNK, mid, dec, &cells, d, tail_lanes[r]);
