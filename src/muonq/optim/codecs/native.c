@@ -265,6 +265,33 @@ static inline __m512i levels16(__m512 a, __m512 t) {
 
 /* Lanes 0..6 of a vector from the seven thresholds at t. */
 static inline __m512 thresholds16(const float *t) { return _mm512_maskz_loadu_ps((__mmask16)0x7f, t); }
+
+/* Eight fp64 values rounded to fp32 into lanes 0..6 (lanes 7..15: +inf). */
+static inline __m512 threshold_lanes(__m512d t) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, _mm512_castps256_ps512(_mm512_cvtpd_ps(t)));
+}
+
+/* thresholds() into vectors, lanes 0..6 (lanes 7..15: +inf), the same fp32 values: mu-law after
+ * the scale computes them in registers, because a vector load of the seven floats just stored one
+ * by one waits for the stores to complete (what a block of the scale search paid per candidate). */
+static void threshold_vectors(const Mulaw *m, double d, __m512 *mid, __m512 *hi, __m512 *lo) {
+    if (m->mode == COMPAND_AFTER) {
+        const __m512d t = _mm512_mul_pd(_mm512_maskz_loadu_pd((__mmask8)0x7f, m->frac), _mm512_set1_pd(d));
+        if (mid) *mid = threshold_lanes(t);
+        if (hi) {
+            *hi = threshold_lanes(_mm512_mul_pd(t, _mm512_set1_pd(1.0 + m->band)));
+            *lo = threshold_lanes(_mm512_mul_pd(t, _mm512_set1_pd(1.0 - m->band)));
+        }
+        return;
+    }
+    float tm[LEVELS], th[LEVELS], tl[LEVELS];
+    thresholds(m, d, tm, th, tl);
+    if (mid) *mid = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, tm);
+    if (hi) {
+        *hi = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, th);
+        *lo = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, tl);
+    }
+}
 #endif
 
 /* Levels by cells, for mu-law after the scale: with the divisor d, cell j of the magnitudes is
@@ -309,10 +336,9 @@ static inline __m512i cells16(__m512 a, __m512 inv) {
     return _mm512_cvttps_epi32(_mm512_min_ps(_mm512_set1_ps((float)(CELLS - 1)), _mm512_mul_ps(a, inv)));
 }
 
-/* Seven thresholds t as the threshold of each cell (+inf in a cell without one). */
-static inline __m512 cell_thresholds(const Cells *cells, const float *t) {
-    return _mm512_permutexvar_ps(_mm512_loadu_si512(cells->index),
-                                 _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, t));
+/* Seven thresholds t (lanes 0..6, lane 7 +inf) as the threshold of each cell (+inf in a cell without one). */
+static inline __m512 cell_thresholds(const Cells *cells, __m512 t) {
+    return _mm512_permutexvar_ps(_mm512_loadu_si512(cells->index), t);
 }
 
 /* One run's thresholds as encode16 reads them: by cells (h, l: each cell's threshold; below: the
@@ -379,15 +405,16 @@ static inline __attribute__((always_inline)) int64_t encode_chunks(const float *
 /* Encodes elements [first, end) of x (first a multiple of CHUNK) with one set of thresholds, those of
  * divisor d (by cells where `cells` apply; may be NULL), and lists in listed[count..] each of their
  * CHUNK-element chunks with an element near a threshold; returns the new count. */
-static int64_t encode_run(const float *restrict x, int64_t first, int64_t end, const float *hi, const float *lo,
-                          int clamp_one, const Cells *cells, float d, uint8_t *restrict codes,
-                          int64_t *restrict listed, int64_t count) {
+static int64_t encode_run(const float *restrict x, int64_t first, int64_t end, const Mulaw *m, float d,
+                          const Cells *cells, uint8_t *restrict codes, int64_t *restrict listed, int64_t count) {
+    const int clamp_one = m->mode == COMPAND_FIRST;
 #ifdef __AVX512F__
     const int by_cells = cells_apply(cells, d);
-    Run run = {clamp_one, thresholds16(hi), thresholds16(lo), _mm512_setzero_ps(), _mm512_setzero_si512()};
+    Run run = {clamp_one, _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_si512()};
+    threshold_vectors(m, d, NULL, &run.h, &run.l);
     if (by_cells) {
-        run.h = cell_thresholds(cells, hi);
-        run.l = cell_thresholds(cells, lo);
+        run.h = cell_thresholds(cells, run.h);
+        run.l = cell_thresholds(cells, run.l);
         run.inv = _mm512_set1_ps((float)CELLS / d);
         run.below = _mm512_loadu_si512(cells->below);
         return encode_chunks(x, first, end, &run, 1, codes, listed, count);
@@ -395,7 +422,8 @@ static int64_t encode_run(const float *restrict x, int64_t first, int64_t end, c
     return encode_chunks(x, first, end, &run, 0, codes, listed, count);
 #else
     (void)cells;
-    (void)d;
+    float hi[LEVELS], lo[LEVELS];
+    thresholds(m, d, NULL, hi, lo);
     uint8_t q8[CHUNK];
     for (int64_t c0 = first; c0 < end; c0 += CHUNK) {
         const int64_t m = end - c0 < CHUNK ? end - c0 : CHUNK;
@@ -429,13 +457,9 @@ int64_t mq_encode4_mulaw(const float *restrict x, int64_t rows, int64_t cols, in
     int64_t count = 0;
     if (group > 0) {
         const Cells cells = cells_of(&m);
-        float hi[LEVELS], lo[LEVELS];
-        for (int64_t g0 = 0; g0 < n; g0 += group) {
-            const float d = divisor[g0 / group];
-            thresholds(&m, d, NULL, hi, lo);
-            count = encode_run(x, g0, g0 + group < n ? g0 + group : n, hi, lo, clamp_one, &cells, d, codes, listed,
+        for (int64_t g0 = 0; g0 < n; g0 += group)
+            count = encode_run(x, g0, g0 + group < n ? g0 + group : n, &m, divisor[g0 / group], &cells, codes, listed,
                                count);
-        }
         return count;
     }
     /* Per column: thresholds laid out [level][column], so a row's levels vectorise over columns. */
@@ -555,42 +579,82 @@ void mq_redo_codes(const float *restrict x, int64_t n, int64_t cols, int64_t gro
         }
 }
 
-/* The squared errors (dec[level] - |x|)^2 of m (a multiple of 16) elements at the thresholds mid of
- * divisor d, summed into sixteen running sums acc, one per vector lane (lane_sum adds them). */
+/* The scale search sums squared errors in sixteen running sums, one per vector lane, then adds
+ * them as a tree (lane l with l + 8, then l + 4, l + 2, l + 1): the same order in every build. */
+static float lane_sum(const float *restrict lanes) {
+    float s8[8], s4[4];
+    for (int l = 0; l < 8; l++) s8[l] = lanes[l] + lanes[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+#ifdef __AVX512F__
+/* One candidate's tables for the squared errors by cells: CELLS / d, each cell's threshold, and the
+ * decoded magnitude below and above it. */
+typedef struct {
+    __m512 inv, thr, low, high;
+} CellErrors;
+
+static CellErrors cell_errors(const Mulaw *m, const Cells *cells, float d, const float *restrict magnitude,
+                              float scale) {
+    __m512 mid;
+    threshold_vectors(m, d, &mid, NULL, NULL);
+    const __m512 table = _mm512_mul_ps(_mm512_maskz_loadu_ps((__mmask16)0xff, magnitude), _mm512_set1_ps(scale));
+    const __m512i index = _mm512_loadu_si512(cells->index), below = _mm512_loadu_si512(cells->below);
+    /* a cell without a threshold compares with +inf and decodes to `low` either way */
+    const __m512i above = _mm512_mask_add_epi32(below, _mm512_cmpneq_epi32_mask(index, _mm512_set1_epi32(LEVELS)),
+                                                below, _mm512_set1_epi32(1));
+    return (CellErrors){_mm512_set1_ps((float)CELLS / d), cell_thresholds(cells, mid),
+                        _mm512_permutexvar_ps(below, table), _mm512_permutexvar_ps(above, table)};
+}
+
+/* The squared errors of m (a multiple of 16) elements for `count` candidates (a constant where this
+ * is inlined) in one pass: each candidate sums into its own sixteen lanes acc[r] in element order,
+ * so the sums are those of a pass per candidate, and the candidates' chains of additions overlap. */
+static inline __attribute__((always_inline)) void cell_lanes(const float *restrict x, int64_t m,
+                                                             const CellErrors *tab, int count,
+                                                             float (*restrict acc)[16]) {
+    __m512 sum[4];
+    for (int r = 0; r < count; r++) sum[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < m; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        for (int r = 0; r < count; r++) {
+            const __m512i cell = cells16(a, tab[r].inv);
+            const __m512 v = _mm512_mask_permutexvar_ps(
+                _mm512_permutexvar_ps(cell, tab[r].low),
+                _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, tab[r].thr), _CMP_GE_OQ), cell, tab[r].high);
+            const __m512 e = _mm512_sub_ps(v, a);
+            sum[r] = _mm512_add_ps(sum[r], _mm512_mul_ps(e, e));
+        }
+    }
+    for (int r = 0; r < count; r++) _mm512_storeu_ps(acc[r], sum[r]);
+}
+
+/* cell_lanes for any number of candidates, three at a time. */
+static void cell_lanes_all(const float *restrict x, int64_t m, const CellErrors *tab, int count,
+                           float (*restrict acc)[16]) {
+    int r = 0;
+    for (; r + 3 <= count; r += 3) cell_lanes(x, m, tab + r, 3, acc + r);
+    if (count - r == 2) cell_lanes(x, m, tab + r, 2, acc + r);
+    else if (count - r == 1) cell_lanes(x, m, tab + r, 1, acc + r);
+}
+#endif
+
+/* The squared errors (dec[level] - |x|)^2 of m (a multiple of 16) elements at the thresholds mid, by
+ * binary search, summed into sixteen lanes acc. */
 static void block_lanes(const float *restrict x, int64_t m, const float *restrict mid, const float *restrict dec,
-                        const Cells *cells, float d, float *restrict acc) {
+                        float *restrict acc) {
 #ifdef __AVX512F__
     const __m512 table = _mm512_maskz_loadu_ps((__mmask16)0xff, dec);
+    const __m512 t = thresholds16(mid);
     __m512 sum = _mm512_setzero_ps();
-    if (cells_apply(cells, d)) {
-        const __m512i index = _mm512_loadu_si512(cells->index), below = _mm512_loadu_si512(cells->below);
-        const __m512 thr = cell_thresholds(cells, mid), low = _mm512_permutexvar_ps(below, table);
-        /* a cell without a threshold compares with +inf and decodes to `low` either way */
-        const __m512 high = _mm512_permutexvar_ps(
-            _mm512_mask_add_epi32(below, _mm512_cmpneq_epi32_mask(index, _mm512_set1_epi32(LEVELS)), below,
-                                  _mm512_set1_epi32(1)), table);
-        const __m512 inv = _mm512_set1_ps((float)CELLS / d);
-        for (int64_t i = 0; i < m; i += 16) {
-            const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-            const __m512i cell = cells16(a, inv);
-            const __m512 v = _mm512_mask_permutexvar_ps(
-                _mm512_permutexvar_ps(cell, low),
-                _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(cell, thr), _CMP_GE_OQ), cell, high);
-            const __m512 e = _mm512_sub_ps(v, a);
-            sum = _mm512_add_ps(sum, _mm512_mul_ps(e, e));
-        }
-    } else {
-        const __m512 t = thresholds16(mid);
-        for (int64_t i = 0; i < m; i += 16) {
-            const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
-            const __m512 e = _mm512_sub_ps(_mm512_permutexvar_ps(levels16(a, t), table), a);
-            sum = _mm512_add_ps(sum, _mm512_mul_ps(e, e));
-        }
+    for (int64_t i = 0; i < m; i += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+        const __m512 e = _mm512_sub_ps(_mm512_permutexvar_ps(levels16(a, t), table), a);
+        sum = _mm512_add_ps(sum, _mm512_mul_ps(e, e));
     }
     _mm512_storeu_ps(acc, sum);
 #else
-    (void)cells;
-    (void)d;
     for (int l = 0; l < 16; l++) acc[l] = 0.0f;
     const float h0 = mid[0], h1 = mid[1], h2 = mid[2], h3 = mid[3], h4 = mid[4], h5 = mid[5], h6 = mid[6];
     const float d0 = dec[0], d1 = dec[1], d2 = dec[2], d3 = dec[3], d4 = dec[4], d5 = dec[5], d6 = dec[6], d7 = dec[7];
@@ -611,15 +675,6 @@ static void block_lanes(const float *restrict x, int64_t m, const float *restric
 #endif
 }
 
-/* The sum of sixteen lanes as a tree (lane l with l + 8, then l + 4, l + 2, l + 1): four additions
- * deep instead of sixteen, the same order in every build. */
-static float lane_sum(const float *restrict lanes) {
-    float s8[8], s4[4];
-    for (int l = 0; l < 8; l++) s8[l] = lanes[l] + lanes[l + 8];
-    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
 /* store_up of absmax x ratio[r] (fp32 product) for the `count` <= 16 candidates r: their bits in
  * `candidate`, their values in stored. With F16C, fp16 scales round eight at a time in hardware (to
  * nearest even, subnormal halves included, as half_bits rounds), then step up where below. */
@@ -632,13 +687,51 @@ static void store_candidates(void *candidate, int kind, float absmax, const floa
                                            _mm256_set1_ps(65504.0f));
             __m128i h = _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             h = _mm_mask_add_epi16(h, _mm256_cmp_ps_mask(_mm256_cvtph_ps(h), a, _CMP_LT_OQ), h, _mm_set1_epi16(1));
-            _mm_mask_storeu_epi16((uint16_t *)candidate + r0, in, h);
-            _mm256_mask_storeu_ps(stored + r0, in, _mm256_cvtph_ps(h));
+            /* whole-vector stores (the arrays have room for 16): the scalar loads that follow can take
+             * their values from the store buffer, which they cannot from a masked store */
+            _mm_storeu_si128((__m128i *)((uint16_t *)candidate + r0), h);
+            _mm256_storeu_ps(stored + r0, _mm256_cvtph_ps(h));
         }
         return;
     }
 #endif
     for (int r = 0; r < count; r++) stored[r] = store_up(candidate, kind, r, absmax * ratio[r]);
+}
+
+/* The divisor of a searched scale s (s itself, or 1 where it rounded to zero). */
+static inline float search_divisor(float s) { return s > 0.0f ? s : 1.0f; }
+
+/* One block's candidates in the scale search: their scales (bits in format `kind`, and values) and,
+ * with AVX-512, their tables for the errors by cells where cells apply to every candidate (else
+ * every candidate takes the binary search: the same levels). */
+typedef struct {
+    uint32_t candidate[16]; /* room for fp32 */
+    float stored[16];
+#ifdef __AVX512F__
+    int by_cells;
+    CellErrors tab[16];
+#endif
+} Candidates;
+
+/* The candidates of the `len` elements at xb into *c: 0, or -2 where they hold NaN or inf. */
+static int block_candidates(const float *restrict xb, int64_t len, int ratios, const float *restrict ratio,
+                            int kind, const Mulaw *m, const Cells *cells, const float *restrict magnitude,
+                            Candidates *c) {
+    const uint32_t absmax = absmax_bits(xb, len);
+    if (absmax >= INF_BITS) return -2;
+    store_candidates(c->candidate, kind, from_bits(absmax), ratio, ratios, c->stored);
+#ifdef __AVX512F__
+    c->by_cells = 1;
+    for (int r = 0; r < ratios; r++) c->by_cells &= cells_apply(cells, search_divisor(c->stored[r]));
+    if (c->by_cells)
+        for (int r = 0; r < ratios; r++)
+            c->tab[r] = cell_errors(m, cells, search_divisor(c->stored[r]), magnitude, c->stored[r]);
+#else
+    (void)m;
+    (void)cells;
+    (void)magnitude;
+#endif
+    return 0;
 }
 
 /* The scale search of mu-law-after-the-scale blocks of `block` elements (a multiple of CHUNK; a
@@ -656,39 +749,48 @@ int64_t mq_search4_blocks(const float *restrict x, int64_t n, int64_t block, int
                           void *restrict scale, float *restrict divisor, const float *restrict magnitude,
                           double mu, double band, uint8_t *restrict codes, int64_t *restrict listed,
                           float *restrict errors) {
-    float tail[CHUNK], mid[LEVELS], hi[LEVELS], lo[LEVELS], dec[LEVELS + 1], stored[16];
+    float tail[CHUNK], mid[LEVELS], dec[LEVELS + 1];
     float lanes[16][16], tail_lanes[16][16], err[16];
-    uint32_t candidate[16]; /* the candidates' scales in format `kind` (room for fp32) */
+    Candidates pair[2]; /* this block's and the next one's */
     const Mulaw m = mulaw(COMPAND_AFTER, mu, band);
     const Cells cells = cells_of(&m);
     int64_t count = 0;
+    if (n > 0 && block_candidates(x, n < block ? n : block, (int)ratios, ratio, kind, &m, &cells, magnitude, pair))
+        return -2;
     for (int64_t b0 = 0, b = 0; b0 < n; b0 += block, b++) {
-        const int64_t len = n - b0 < block ? n - b0 : block;
+        const int64_t len = n - b0 < block ? n - b0 : block, next = b0 + block;
         const float *xb = x + b0;
-        const uint32_t absmax = absmax_bits(xb, len);
-        if (absmax >= INF_BITS) return -2;
+        const Candidates *c = &pair[b % 2];
+        /* the next block's candidates first: their chain of dependent steps (absmax, rounding,
+         * division) then runs beside this block's loops instead of before the next one's */
+        if (next < n && block_candidates(x + next, n - next < block ? n - next : block, (int)ratios, ratio, kind, &m,
+                                         &cells, magnitude, &pair[(b + 1) % 2]))
+            return -2;
         const int64_t whole = len / CHUNK * CHUNK;
         if (whole < len)
             for (int64_t i = 0; i < CHUNK; i++) tail[i] = whole + i < len ? xb[whole + i] : 0.0f;
-        store_candidates(candidate, kind, from_bits(absmax), ratio, (int)ratios, stored);
-        for (int r = 0; r < ratios; r++) {
-            const float d = stored[r] > 0.0f ? stored[r] : 1.0f;
-            thresholds(&m, d, mid, NULL, NULL);
-            for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * stored[r];
-            block_lanes(xb, whole, mid, dec, &cells, d, lanes[r]);
-            if (whole < len) block_lanes(tail, CHUNK, mid, dec, &cells, d, tail_lanes[r]);
-        }
+#ifdef __AVX512F__
+        if (c->by_cells) {
+            cell_lanes_all(xb, whole, c->tab, (int)ratios, lanes);
+            if (whole < len) cell_lanes_all(tail, CHUNK, c->tab, (int)ratios, tail_lanes);
+        } else
+#endif
+            for (int r = 0; r < ratios; r++) {
+                thresholds(&m, search_divisor(c->stored[r]), mid, NULL, NULL);
+                for (int k = 0; k <= LEVELS; k++) dec[k] = magnitude[k] * c->stored[r];
+                block_lanes(xb, whole, mid, dec, lanes[r]);
+                if (whole < len) block_lanes(tail, CHUNK, mid, dec, tail_lanes[r]);
+            }
         for (int r = 0; r < ratios; r++) err[r] = lane_sum(lanes[r]) + (whole < len ? lane_sum(tail_lanes[r]) : 0.0f);
         if (errors)
             for (int r = 0; r < ratios; r++) errors[b * ratios + r] = err[r];
         int best = 0;
         for (int r = 1; r < ratios; r++)
             if (err[r] < err[best]) best = r;
-        if (kind == SCALE_F32) ((float *)scale)[b] = stored[best];
-        else ((uint16_t *)scale)[b] = ((const uint16_t *)candidate)[best];
-        const float d = divisor[b] = stored[best] > 0.0f ? stored[best] : 1.0f;
-        thresholds(&m, d, NULL, hi, lo);
-        count = encode_run(x, b0, b0 + len, hi, lo, 0, &cells, d, codes, listed, count);
+        if (kind == SCALE_F32) ((float *)scale)[b] = c->stored[best];
+        else ((uint16_t *)scale)[b] = ((const uint16_t *)c->candidate)[best];
+        const float d = divisor[b] = search_divisor(c->stored[best]);
+        count = encode_run(x, b0, b0 + len, &m, d, &cells, codes, listed, count);
     }
     return count;
 }
