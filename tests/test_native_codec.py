@@ -12,7 +12,7 @@ import torch
 
 from muonq.config import preset
 from muonq.optim.build import build_optimizer
-from muonq.optim.codecs import make_codec, native, native_codec
+from muonq.optim.codecs import make_codec, native, native_codec, quant
 from muonq.optim.codecs.quant import SEARCH_RATIOS
 from muonq.optim.codecs.scales import store_scale
 from muonq.optim.subspace import add_low_rank
@@ -179,7 +179,7 @@ def test_search_ratios_are_the_ones_the_c_loop_gets():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_takes_the_pytorch_path(bad):
     searched = dict(CODECS["mu-law after the scale, blocks"], scale_search=True)
-    for where in [(3, 5), (255, 63)]:  # the search meets a bad value in the last block after encoding the others
+    for where in [(3, 5), (255, 63)]:  # the search's first block, and its last (set up ahead, mid-matrix)
         x = torch.randn(256, 64) * 1e-3
         x[where] = bad
         for settings in (CODECS["muonq residual"], CODECS["grasp residual"], searched):
@@ -246,24 +246,28 @@ def _threshold_blocks(scale_dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 def test_scale_search_vector_loops_count_the_levels_of_the_plain_loop(scale_dtype, tmp_path, monkeypatch,
                                                                        fresh_library):
-    """The search's AVX-512 loops (levels by cells of the scale, or by binary search) give every
-    candidate's error bit for bit as the plain C loop does, on elements at and next to each
-    threshold and cell end; hence the same scales and codes."""
+    """The search's AVX-512 loops (levels by cells of the scale, or by binary search; candidates
+    three at a time in one pass) give every candidate's error bit for bit as the plain C loop does,
+    on elements at and next to each threshold and cell end, for the candidate list and for shorter
+    ones (the passes' remainders of one and two); hence the same scales and codes."""
     codec = make_codec(4, value_map="mulaw-after-scale", granularity="block", mu=3.0, scale_search=True,
                        scale_dtype=scale_dtype)
     x = _threshold_blocks(scale_dtype)
+    counts = (len(SEARCH_RATIOS), 5, 4, 2, 1)
     runs = []
     for isa in (native._NATIVE_ISA, "-march=x86-64-v3"):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / isa))
         monkeypatch.setattr(native, "_NATIVE_ISA", isa)
         native.library.cache_clear()
-        errors = torch.full((x.shape[0], len(SEARCH_RATIOS)), math.nan)
-        runs.append((native_codec._encode_searched(codec, x.reshape(-1), (x.numel(),), errors=errors), errors))
-    (vector, vector_errors), (plain, plain_errors) = runs
-    assert not vector_errors.isnan().any() and (vector_errors != vector_errors[:, :1]).any()
-    assert torch.equal(vector_errors, plain_errors)
-    for field in plain:
-        assert torch.equal(vector[field], plain[field])
+        for count in counts:
+            monkeypatch.setattr(quant, "SEARCH_RATIOS", SEARCH_RATIOS[:count])
+            errors = torch.full((x.shape[0], count), math.nan)
+            runs.append((native_codec._encode_searched(codec, x.reshape(-1), (x.numel(),), errors=errors), errors))
+    for count, (vector, vector_errors), (plain, plain_errors) in zip(counts, runs[: len(counts)], runs[len(counts):]):
+        assert not vector_errors.isnan().any() and (count == 1 or (vector_errors != vector_errors[:, :1]).any())
+        assert torch.equal(vector_errors, plain_errors), count
+        for field in plain:
+            assert torch.equal(vector[field], plain[field]), (count, field)
 
 
 def test_without_a_compiler_the_codecs_stay_in_pytorch(tmp_path, monkeypatch, fresh_library):
