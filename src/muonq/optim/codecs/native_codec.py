@@ -154,7 +154,7 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...],
     blocks = _group_count(codec, shape)
     assert errors is None or (errors.dtype == torch.float32 and errors.shape == (blocks, len(SEARCH_RATIOS)))
     ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
-    magnitudes = codec._table(x.device, False)[8:16, 0].contiguous()  # levels 0..7, decoded, before the scale
+    magnitudes = codec._code_values(x.device)[8:]  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
     outputs = _outputs(codec, blocks, numel)
     count = native.call("mq_search4_blocks", x, numel, codec.block_size, len(SEARCH_RATIOS), ratios,
@@ -218,7 +218,7 @@ def decode(codec: QuantCodec, encoded: Encoded, shape: tuple[int, ...], out: tor
                            native.SCALE_KINDS[scale.dtype], out) == 0, "the C decoder ran out of memory"
         return out
     if codec.compander is None:  # the value map's level of each code times the scale
-        source, table = native.TABLE_SCALED, codec._table(codes.device, False)[:16, 0].contiguous()
+        source, table = native.TABLE_SCALED, codec._code_values(codes.device)
     elif codec.scale_dtype in (torch.float16, torch.bfloat16):
         source, table = native.TABLE_EXPANDED, _expanded_table(codec)
     else:

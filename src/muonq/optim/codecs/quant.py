@@ -101,7 +101,7 @@ class QuantCodec(Codec):
         self.compander = compander
         self.scale_search = scale_search
         self.native = native
-        self._tables: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, bool | str], torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}  # CPU slice buffers of encoding and expansion
 
     @property
@@ -449,7 +449,7 @@ class QuantCodec(Codec):
     def _group_tables(self, scale: torch.Tensor) -> torch.Tensor:
         """groups x 16: the decoded value of codes 0..15 under each fp32 ``scale`` of a codec
         companded before the scale, expand(level x scale)."""
-        steps = self._table(scale.device, False)[:16, 0]  # the levels of codes 0..15 (bytes 0..15's low nibble)
+        steps = self._code_values(scale.device)
         return on_whole_vectors(self.compander.expand, (scale.view(-1, 1) * steps).view(-1)).view(-1, 16)
 
     def _decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -496,6 +496,15 @@ class QuantCodec(Codec):
             codes = torch.stack([(index >> shift) & (2**self.bits - 1) for shift in shifts], dim=-1)
             table = self._tables[(device, wide)] = self._decode_codes(codes.to(torch.uint8)).float().to(device)
         return table
+
+    def _code_values(self, device: torch.device) -> torch.Tensor:
+        """The value of each of the 16 codes of 4 bits before the scale (in steps when companding;
+        bytes 0..15's low nibble), contiguous: what the C decoders and the scale search read, kept
+        instead of sliced and copied at every call."""
+        values = self._tables.get((device, "codes"))
+        if values is None:
+            values = self._tables[(device, "codes")] = self._table(device, False)[:16, 0].contiguous()
+        return values
 
     def _scaled_table(self, device: torch.device, wide: bool, scale: torch.Tensor) -> torch.Tensor:
         """The table times ``scale``, expanded when companding: the same products and expansions
