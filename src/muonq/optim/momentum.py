@@ -24,6 +24,11 @@ def accumulate_into(buf: torch.Tensor, grad: torch.Tensor, beta: float, ema: boo
     return buf.lerp_(grad / divisor, 1.0 - beta) if ema else buf.mul_(beta).addcdiv_(grad, divisor)
 
 
+def renormalize_(momentum: torch.Tensor, eps: float) -> torch.Tensor:
+    """momentum / max(||momentum||_F, eps) in place (MuonQ's normalisation of B)."""
+    return momentum.div_(torch.linalg.vector_norm(momentum).clamp_min(eps))
+
+
 class MomentumStore(ABC):
     """Reads and writes the momentum buffer B of one m x n matrix."""
 
@@ -66,7 +71,7 @@ class MomentumStore(ABC):
         """
         momentum = accumulate_into(self.load(state, matmul_dtype=matmul_dtype), grad, beta, ema)
         if renormalize:
-            momentum.div_(momentum.norm().clamp_min(eps))
+            renormalize_(momentum, eps)
         self.save(state, momentum, matmul_dtype=matmul_dtype)
         return momentum
 
@@ -117,7 +122,7 @@ class FullPrecisionStore(MomentumStore):
     def accumulate(self, state, grad, *, beta, ema, renormalize, eps=1e-12, matmul_dtype=None):
         buf = accumulate_into(state["momentum_buffer"], grad, beta, ema)
         if renormalize:
-            buf.div_(buf.norm().clamp_min(eps))
+            renormalize_(buf, eps)
         return buf
 
 

@@ -218,7 +218,7 @@ class Muon(torch.optim.Optimizer):
         """One matrix's momentum update through ``store`` and its Newton–Schulz input."""
         divisor = None
         if self.normalize:
-            norm = grad.norm().clamp_min(group["eps"])
+            norm = torch.linalg.vector_norm(grad).clamp_min(group["eps"])
             if store.folds_grad_division:
                 divisor = norm
             else:

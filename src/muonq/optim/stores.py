@@ -20,7 +20,7 @@ import torch
 from muonq.optim.codecs import Codec
 from muonq.optim.codecs.base import Encoded
 from muonq.optim.kernels import KernelChoice, KernelMode, choose_kernels
-from muonq.optim.momentum import MomentumStore, StateDict, accumulate_into
+from muonq.optim.momentum import MomentumStore, StateDict, accumulate_into, renormalize_
 from muonq.optim.precision import fast_matmul_dtype
 from muonq.optim.subspace import add_low_rank, initial_basis, power_iteration_step, shape_seed
 
@@ -136,7 +136,7 @@ class _ShapeBound(MomentumStore):
                                                   out=None if is_b else self.scratch.get("momentum", grad),
                                                   grad_divisor=grad_divisor)
         if renormalize:
-            momentum.div_(momentum.norm().clamp_min(eps))
+            renormalize_(momentum, eps)
         update = None if nesterov else momentum.to(dtype)
         self._save(state, momentum, matmul_dtype=matmul_dtype, loaded=loaded,
                    cast=update if update is not None and dtype == matmul_dtype else None)

@@ -63,7 +63,7 @@ def power_iteration_step(
     dtype = matmul_dtype or fast_matmul_dtype(matrix.device)
     if cast is not None and (cast.dtype != dtype or cast.shape != matrix.shape):
         raise ValueError(f"cast must be the matrix in {dtype}, got {cast.dtype} of shape {tuple(cast.shape)}")
-    q = basis / basis.norm(dim=0, keepdim=True).clamp_min(eps)
+    q = basis / torch.linalg.vector_norm(basis, dim=0, keepdim=True).clamp_min(eps)
     low = matrix.to(dtype) if cast is None else cast
     p, _ = torch.linalg.qr((low @ q.to(dtype)).float(), mode="reduced")
     return p, (low.mT @ p.to(dtype)).float()

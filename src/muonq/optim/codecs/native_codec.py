@@ -22,6 +22,7 @@ of a chosen scale are the same.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,12 @@ def _encode_mulaw(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...]) ->
     return _redone(codec, x, shape, count, outputs)
 
 
+@functools.lru_cache(maxsize=4)
+def _ratio_tensor(ratios: tuple[float, ...]) -> torch.Tensor:
+    """The search's candidate ratios as the fp32 tensor C reads (made once, not at every call)."""
+    return torch.tensor(ratios, dtype=torch.float32)
+
+
 def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...],
                      errors: torch.Tensor | None = None) -> Encoded | None:
     """The scale search (see ``QuantCodec``) of mu-law-after-the-scale blocks; ``errors`` (fp32,
@@ -153,7 +160,7 @@ def _encode_searched(codec: QuantCodec, x: torch.Tensor, shape: tuple[int, ...],
     assert len(SEARCH_RATIOS) <= 16, "native.c's search keeps 16 candidates at most"
     blocks = _group_count(codec, shape)
     assert errors is None or (errors.dtype == torch.float32 and errors.shape == (blocks, len(SEARCH_RATIOS)))
-    ratios = torch.tensor(SEARCH_RATIOS, dtype=torch.float32)
+    ratios = _ratio_tensor(SEARCH_RATIOS)
     magnitudes = codec._code_values(x.device)[8:]  # levels 0..7, decoded, before the scale
     numel = math.prod(shape)
     outputs = _outputs(codec, blocks, numel)
