@@ -608,13 +608,13 @@ static CellErrors cell_errors(const Mulaw *m, const Cells *cells, float d, const
                         _mm512_permutexvar_ps(below, table), _mm512_permutexvar_ps(above, table)};
 }
 
-/* The squared errors of m (a multiple of 16) elements for `count` candidates (a constant where this
- * is inlined) in one pass: each candidate sums into its own sixteen lanes acc[r] in element order,
+/* The squared errors of m (a multiple of 16) elements for `count` <= 3 candidates (a constant where
+ * this is inlined) in one pass: each candidate sums into its own sixteen lanes acc[r] in element order,
  * so the sums are those of a pass per candidate, and the candidates' chains of additions overlap. */
 static inline __attribute__((always_inline)) void cell_lanes(const float *restrict x, int64_t m,
                                                              const CellErrors *tab, int count,
                                                              float (*restrict acc)[16]) {
-    __m512 sum[4];
+    __m512 sum[3];
     for (int r = 0; r < count; r++) sum[r] = _mm512_setzero_ps();
     for (int64_t i = 0; i < m; i += 16) {
         const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
