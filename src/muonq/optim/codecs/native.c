@@ -263,8 +263,10 @@ static inline __m512i levels16(__m512 a, __m512 t) {
     return _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask(a, _mm512_permutexvar_ps(q, t), _CMP_GE_OQ), q, one);
 }
 
-/* Lanes 0..6 of a vector from the seven thresholds at t. */
-static inline __m512 thresholds16(const float *t) { return _mm512_maskz_loadu_ps((__mmask16)0x7f, t); }
+/* Lanes 0..6 of a vector from the seven thresholds at t (lanes 7..15: +inf). */
+static inline __m512 thresholds16(const float *t) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, t);
+}
 
 /* Eight fp64 values rounded to fp32 into lanes 0..6 (lanes 7..15: +inf). */
 static inline __m512 threshold_lanes(__m512d t) {
@@ -285,11 +287,11 @@ static void threshold_vectors(const Mulaw *m, double d, __m512 *mid, __m512 *hi,
         return;
     }
     float tm[LEVELS], th[LEVELS], tl[LEVELS];
-    thresholds(m, d, tm, th, tl);
-    if (mid) *mid = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, tm);
+    thresholds(m, d, mid ? tm : NULL, hi ? th : NULL, hi ? tl : NULL);
+    if (mid) *mid = thresholds16(tm);
     if (hi) {
-        *hi = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, th);
-        *lo = _mm512_mask_loadu_ps(_mm512_set1_ps(INFINITY), (__mmask16)0x7f, tl);
+        *hi = thresholds16(th);
+        *lo = thresholds16(tl);
     }
 }
 #endif
